@@ -1,0 +1,350 @@
+"""Generation for GLM: greedy, sampling, beam search, blank filling and the ChatGLM prompt.
+
+Everything GLM generates is a Part-B span: Part A (the text, with the mask being filled) is
+bidirectional context, then [sop] and generated tokens follow causally, positioned by
+`glm.schema.part_b_positions`. Batches are left-padded (padding is segment 0, so it is
+invisible to real tokens) and decoded with the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from glm.model import GLMModel, KVCache
+from glm.schema import SpecialTokens, part_b_positions
+from glm.tokenizer import GLMTokenizer
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings (defaults: greedy, up to 256 new tokens)."""
+
+    max_new_tokens: int = 256
+    """Most tokens generated for one span (a stop token ends it earlier)."""
+    do_sample: bool = False
+    """Sample instead of taking the arg-max."""
+    temperature: float = 1.0
+    """Divides the logits before sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set with this much probability (1.0 = off)."""
+    num_beams: int = 1
+    """Beam search with this many beams when > 1."""
+    length_penalty: float = 1.0
+    """Beam score = log-prob / ((5 + len) / 6) ** length_penalty."""
+    no_repeat_ngram_size: int = 0
+    """Never produce an n-gram already in the sequence (0 = off)."""
+    min_new_tokens: int = 0
+    """Stop tokens are blocked until this many tokens were generated."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra stop tokens beside [eop] and end-of-text."""
+    seed: int | None = None
+    """Seed of the sampling RNG (None: nondeterministic)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.num_beams < 1 or self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
+            raise ValueError("top_k, no_repeat_ngram_size, min_new_tokens must be >= 0 and num_beams >= 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search with sampling is not supported: set do_sample=False or num_beams=1")
+
+
+@dataclass
+class SpanQuery:
+    """Generate the span of one mask: Part A token ids and the index of the mask in it."""
+
+    part_a: list[int]
+    mask_index: int
+    is_gmask: bool
+
+
+# --- logits processing -------------------------------------------------------------------
+
+
+def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `tokens`."""
+    if n <= 0 or len(tokens) < n:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
+
+
+def process_logits(
+    logits: torch.Tensor, histories: list[list[int]], generated: int, stop_ids: list[int],
+    config: GenerationConfig, vocab_limit: int | None,
+) -> torch.Tensor:
+    """Apply vocab limit, min length and no-repeat-ngram to (B, V) fp32 logits, in place."""
+    neg = torch.finfo(logits.dtype).min
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[:, vocab_limit:] = neg  # padded embedding rows are never real tokens
+    if generated < config.min_new_tokens:
+        logits[:, stop_ids] = neg
+    if config.no_repeat_ngram_size:
+        for row, history in enumerate(histories):
+            banned = banned_ngram_tokens(history, config.no_repeat_ngram_size)
+            if banned:
+                logits[row, list(banned)] = neg
+    return logits
+
+
+def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick next tokens (B,) from processed (B, V) fp32 logits: temperature, top-k, top-p."""
+    if not config.do_sample:
+        return logits.argmax(dim=-1)
+    neg = torch.finfo(logits.dtype).min
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, neg)
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= config.top_p  # keep the first token always
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), neg)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+class _Batch:
+    """Left-padded context tensors and the per-row rule for the next Part-B position."""
+
+    def __init__(self, queries: list[SpanQuery], special: SpecialTokens, use_2d: bool, device):
+        self.queries, self.use_2d = queries, use_2d
+        contexts = [q.part_a + [special.sop] for q in queries]
+        L = max(len(c) for c in contexts)
+        B = len(queries)
+        self.input_ids = torch.full((B, L), special.pad, dtype=torch.long)
+        self.position_ids = torch.zeros(B, L, dtype=torch.long)
+        self.block_position_ids = torch.zeros(B, L, dtype=torch.long)
+        self.segment_ids = torch.zeros(B, L, dtype=torch.long)
+        self.prefix_mask = torch.zeros(B, L, dtype=torch.long)
+        for row, (q, ctx) in enumerate(zip(queries, contexts)):
+            n_a, off = len(q.part_a), L - len(ctx)
+            pos, block = self.part_b(row, 0, 1)
+            self.input_ids[row, off:] = torch.tensor(ctx)
+            self.position_ids[row, off:] = torch.tensor(list(range(n_a)) + pos)
+            self.block_position_ids[row, off + n_a:] = torch.tensor(block)
+            self.segment_ids[row, off:] = 1
+            self.prefix_mask[row, off:off + n_a] = 1
+        for name in ("input_ids", "position_ids", "block_position_ids", "segment_ids", "prefix_mask"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def part_b(self, row: int, start: int, count: int) -> tuple[list[int], list[int]]:
+        q = self.queries[row]
+        return part_b_positions(q.mask_index, len(q.part_a), count, is_gmask=q.is_gmask, use_2d=self.use_2d, start=start)
+
+    def step_inputs(self, step: int, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, 1) of the Part-B token number `step` (0 = [sop]) for each row."""
+        rows = range(len(self.queries)) if rows is None else rows
+        pos, block = zip(*(self.part_b(r, step, 1) for r in rows))
+        device = self.input_ids.device
+        return (torch.tensor([p[0] for p in pos], device=device)[:, None],
+                torch.tensor([b[0] for b in block], device=device)[:, None])
+
+
+def _stop_ids(special: SpecialTokens, config: GenerationConfig) -> list[int]:
+    return sorted({special.eop, special.eos, *config.stop_token_ids})
+
+
+@torch.no_grad()
+def generate_spans(
+    model: GLMModel,
+    queries: list[SpanQuery],
+    special: SpecialTokens,
+    config: GenerationConfig,
+    vocab_limit: int | None = None,
+) -> list[list[int]]:
+    """Generate one span per query (greedy or sampled, batched); returns tokens without the stop token."""
+    if config.num_beams > 1:
+        return [beam_search(model, q, special, config, vocab_limit) for q in queries]
+    device = next(model.parameters()).device
+    batch = _Batch(queries, special, model.config.uses_2d_positions, device)
+    stop_ids = _stop_ids(special, config)
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    histories = [q.part_a + [special.sop] for q in queries]
+    outputs: list[list[int]] = [[] for _ in queries]
+    done = [False] * len(queries)
+    segment_ids, prefix_mask = batch.segment_ids, batch.prefix_mask
+    out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, segment_ids, prefix_mask, use_cache=True)
+    for step in range(config.max_new_tokens):
+        logits = process_logits(out.logits[:, -1].float(), histories, step, stop_ids, config, vocab_limit)
+        next_tokens = sample_next(logits, config, generator)
+        for row, token in enumerate(next_tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+            else:
+                outputs[row].append(token)
+                histories[row].append(token)
+        if all(done) or step == config.max_new_tokens - 1:
+            break
+        pos, block = batch.step_inputs(step + 1)
+        ones = torch.ones(len(queries), 1, dtype=segment_ids.dtype, device=device)
+        segment_ids = torch.cat((segment_ids, ones), dim=1)
+        prefix_mask = torch.cat((prefix_mask, torch.zeros_like(ones)), dim=1)
+        out = model(next_tokens[:, None], pos, block, segment_ids, prefix_mask,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return outputs
+
+
+def _length_penalty(length: int, lp: float) -> float:
+    return ((5.0 + length) / 6.0) ** lp
+
+
+@torch.no_grad()
+def beam_search(
+    model: GLMModel, query: SpanQuery, special: SpecialTokens, config: GenerationConfig,
+    vocab_limit: int | None = None,
+) -> list[int]:
+    """Beam search for one span, beams as the batch dimension of one KV cache.
+
+    Scores are cumulative log-probs; a finished hypothesis (ended by a stop token, counted in
+    its length) scores log-prob / ((5 + len) / 6) ** lp. Search stops when no live beam, at
+    the current length, beats the worst of `num_beams` finished hypotheses.
+    """
+    device = next(model.parameters()).device
+    k = config.num_beams
+    batch = _Batch([query], special, model.config.uses_2d_positions, device)
+    stop_ids = _stop_ids(special, config)
+    out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, batch.segment_ids,
+                batch.prefix_mask, use_cache=True)
+    cache: KVCache = out.past_key_values
+    segment_ids, prefix_mask = batch.segment_ids, batch.prefix_mask
+    context = query.part_a + [special.sop]
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]  # (cum log-prob, tokens)
+    finished: list[tuple[float, list[int]]] = []  # (penalised score, tokens)
+    logits = out.logits[:, -1].float()
+    for step in range(config.max_new_tokens):
+        logits = process_logits(logits, [context + b[1] for b in beams], step, stop_ids, config, vocab_limit)
+        logprobs = torch.log_softmax(logits, dim=-1) + torch.tensor([b[0] for b in beams], device=device)[:, None]
+        top = torch.topk(logprobs.view(-1), min(2 * k, logprobs.numel()))
+        vocab = logprobs.shape[-1]
+        next_beams, parents = [], []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist()):
+            parent, token = divmod(flat, vocab)
+            if score == torch.finfo(torch.float32).min:
+                continue
+            tokens = beams[parent][1]
+            if token in stop_ids:
+                finished.append((score / _length_penalty(len(tokens) + 1, config.length_penalty), tokens))
+            else:
+                next_beams.append((score, tokens + [token]))
+                parents.append(parent)
+            if len(next_beams) == k:
+                break
+        finished = sorted(finished, key=lambda f: -f[0])[:k]
+        if not next_beams:
+            break
+        best_live = max(s for s, _ in next_beams) / _length_penalty(step + 1, config.length_penalty)
+        if len(finished) == k and best_live <= finished[-1][0]:
+            break
+        if step == config.max_new_tokens - 1:
+            finished += [(s / _length_penalty(len(t), config.length_penalty), t) for s, t in next_beams]
+            break
+        beams = next_beams
+        index = torch.tensor(parents, device=device)
+        cache = [(kk.index_select(0, index), vv.index_select(0, index)) for kk, vv in cache]
+        n = len(beams)
+        pos, block = batch.step_inputs(step + 1, [0] * n)
+        segment_ids = torch.cat((segment_ids[:1].expand(n, -1), torch.ones(n, 1, dtype=torch.long, device=device)), 1)
+        prefix_mask = torch.cat((prefix_mask[:1].expand(n, -1), torch.zeros(n, 1, dtype=torch.long, device=device)), 1)
+        tokens = torch.tensor([b[1][-1] for b in beams], device=device)[:, None]
+        out = model(tokens, pos, block, segment_ids, prefix_mask, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0])[1]
+
+
+# --- text-level API ----------------------------------------------------------------------
+
+
+@dataclass
+class FillResult:
+    text: str
+    """The input text with every mask replaced by its generated span."""
+    token_ids: list[int]
+    """The same, as token ids."""
+    spans: list[list[int]] = field(default_factory=list)
+    """Generated token ids of each mask, left to right."""
+
+
+def fill_blanks(
+    model: GLMModel, tokenizer: GLMTokenizer, texts: list[str], config: GenerationConfig
+) -> list[FillResult]:
+    """GLM blank filling (GLM_SPEC.md section 5) for a batch of texts.
+
+    A text without [MASK] / [sMASK] / [gMASK] gets [gMASK] appended. Masks are filled one at a
+    time, left to right: Part A = the current text, then [sop] + generation until [eop]; the
+    span is spliced in place of the mask before the next one is filled.
+    """
+    special = tokenizer.special
+    mask_ids = set(special.mask_ids)
+    states = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not mask_ids.intersection(ids):
+            ids.append(special.gmask)
+        states.append(FillResult(text="", token_ids=ids))
+    while True:
+        pending = [(i, next(j for j, t in enumerate(s.token_ids) if t in mask_ids))
+                   for i, s in enumerate(states) if mask_ids.intersection(s.token_ids)]
+        if not pending:
+            break
+        queries = [SpanQuery(states[i].token_ids, j, states[i].token_ids[j] == special.gmask) for i, j in pending]
+        spans = generate_spans(model, queries, special, config, vocab_limit=len(tokenizer))
+        for (i, j), span in zip(pending, spans):
+            s = states[i]
+            s.token_ids = s.token_ids[:j] + span + s.token_ids[j + 1:]
+            s.spans.append(span)
+    for s in states:
+        s.text = tokenizer.decode(s.token_ids)
+    return states
+
+
+def build_chat_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
+    """ChatGLM's multi-round prompt; the first turn without history is the bare query."""
+    if not history:
+        return query
+    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+def chat(
+    model: GLMModel,
+    tokenizer: GLMTokenizer,
+    query: str,
+    history: list[tuple[str, str]] | None = None,
+    config: GenerationConfig | None = None,
+) -> tuple[str, list[tuple[str, str]]]:
+    """One chat turn: returns (response, history with this turn appended).
+
+    The prompt is followed by [gMASK] [sop]; only that final mask is generated, so mask
+    strings a user types stay plain text in Part A. A prompt too long for the context window
+    is cut from the left (oldest rounds first).
+    """
+    config = config or GenerationConfig(max_new_tokens=256)
+    special = tokenizer.special
+    ids = tokenizer.encode(build_chat_prompt(query, history))
+    room = model.config.max_seq_len - config.max_new_tokens - 2
+    if room <= 0:
+        raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room in max_seq_len {model.config.max_seq_len}")
+    ids = ids[-room:] + [special.gmask]
+    [span] = generate_spans(model, [SpanQuery(ids, len(ids) - 1, True)], special, config, vocab_limit=len(tokenizer))
+    response = tokenizer.decode(span).strip()
+    return response, list(history or []) + [(query, response)]

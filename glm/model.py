@@ -1,0 +1,243 @@
+"""The GLM transformer (GLM-130B / ChatGLM-6B family) in plain PyTorch.
+
+- DeepNorm post-LN as in GLM-130B and ChatGLM-6B: each sub-layer normalises its input and
+  adds it back scaled by alpha = (2N)^0.5: y = LN(x); x' = y * alpha + f(y); a final
+  LayerNorm after the last block. Xavier-normal init with gain (2N)^-0.5 on the value,
+  attention-output and FFN weights, gain 1 on query and key.
+- RoPE 1D (GLM-130B) or 2D (ChatGLM: half of each head by position, half by block position).
+- Embedding gradient shrink: emb * a + emb.detach() * (1 - a).
+- Attention through kernels.attention (FP32-softmax scaling in the reference path), with the
+  sample schema's rule as the mask, a KV cache for decoding, and activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from glm.config import GLMConfig
+from glm.schema import IGNORE_INDEX, attention_mask
+from kernels.attention import attention
+from kernels.rope import apply_rope, apply_rope_2d, rope_inv_freq
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v (B, nh, T, hd)
+
+
+@dataclass
+class GLMOutput:
+    logits: torch.Tensor  # (B, T, vocab), fp32 when computing the loss
+    loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_index: int):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h)  # rows: [q; k; v]
+        self.dense = nn.Linear(h, h)
+        # Not a buffer: model.to(bf16) must not round the frequencies, and a model built on
+        # the meta device still gets real values. Moved to the activations' device on use.
+        rotary_dim = config.head_dim // 2 if config.uses_2d_positions else config.head_dim
+        self._inv_freq = rope_inv_freq(rotary_dim, config.rope_base, device="cpu")
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
+
+    def forward(self, x, position_ids, block_position_ids, mask, past: tuple | None):
+        B, T, h = x.shape
+        nh, hd = self.config.num_heads, self.config.head_dim
+        qkv = self.query_key_value(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        inv_freq = self.inv_freq(x.device)
+        if self.config.uses_2d_positions:
+            q = apply_rope_2d(q, position_ids, block_position_ids, inv_freq)
+            k = apply_rope_2d(k, position_ids, block_position_ids, inv_freq)
+        else:
+            q = apply_rope(q, position_ids, inv_freq)
+            k = apply_rope(k, position_ids, inv_freq)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        y = attention(
+            q, k, v, mask,
+            layer_index=self.layer_index,
+            fp32_softmax_scaling=self.config.attention_softmax_fp32_scaling,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, h)
+        return self.dense(y), (k, v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.gated = config.ffn_type == "geglu"
+        inner = config.ffn_hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * inner if self.gated else inner)
+        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size)
+
+    def forward(self, x):
+        x = self.dense_h_to_4h(x)
+        if self.gated:
+            a, gate = x.chunk(2, dim=-1)
+            x = a * F.gelu(gate)
+        else:
+            x = F.gelu(x, approximate="tanh")
+        return self.dense_4h_to_h(x)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, layer_index: int):
+        super().__init__()
+        self.alpha = config.deepnorm_alpha
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.attention = SelfAttention(config, layer_index)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.mlp = FeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x, position_ids, block_position_ids, mask, past=None):
+        y = self.input_layernorm(x)
+        attn, present = self.attention(y, position_ids, block_position_ids, mask, past)
+        x = y * self.alpha + self.dropout(attn)
+        y = self.post_attention_layernorm(x)
+        x = y * self.alpha + self.dropout(self.mlp(y))
+        return x, present
+
+
+class GLMModel(nn.Module):
+    """GLM language model: token ids in, next-token (Part-B target) logits out."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DeepNorm initialisation (GLM_SPEC.md section 3)."""
+        c = self.config
+        beta, h = c.deepnorm_beta, c.hidden_size
+        nn.init.normal_(self.word_embeddings.weight, std=c.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=c.init_std)
+        for block in self.layers:
+            qkv = block.attention.query_key_value.weight  # (3h, h)
+            nn.init.xavier_normal_(qkv[:h], gain=1.0)
+            nn.init.xavier_normal_(qkv[h:2 * h], gain=1.0)
+            nn.init.xavier_normal_(qkv[2 * h:], gain=beta)
+            nn.init.xavier_normal_(block.attention.dense.weight, gain=beta)
+            nn.init.xavier_normal_(block.mlp.dense_h_to_4h.weight, gain=beta)
+            nn.init.xavier_normal_(block.mlp.dense_4h_to_h.weight, gain=beta)
+            for linear in (block.attention.query_key_value, block.attention.dense,
+                           block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h):
+                nn.init.zeros_(linear.bias)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.word_embeddings(input_ids)
+        a = self.config.embedding_grad_shrink
+        if a < 1.0 and torch.is_grad_enabled():
+            emb = emb * a + emb.detach() * (1.0 - a)  # same value, gradient scaled by a
+        return emb
+
+    def output_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        block_position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> GLMOutput:
+        """input_ids, position_ids, block_position_ids, labels: (B, T) for the new tokens.
+
+        segment_ids, prefix_mask: (B, T_past + T), covering cached and new tokens; default is
+        one segment with no prefix (a causal LM). Returns logits for the new tokens.
+        """
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if segment_ids is None:
+            segment_ids = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
+        if prefix_mask is None:
+            prefix_mask = torch.zeros_like(segment_ids)
+        if segment_ids.shape[1] != past_len + T:
+            raise ValueError(
+                f"segment_ids cover {segment_ids.shape[1]} tokens; expected {past_len + T} "
+                f"({past_len} cached + {T} new)"
+            )
+        if block_position_ids is None:
+            block_position_ids = torch.zeros_like(position_ids)
+        mask = attention_mask(segment_ids, prefix_mask, num_queries=T)
+
+        x = self.embedding_dropout(self.embed(input_ids))
+        presents: KVCache = []
+        checkpointing = self.config.activation_checkpointing and self.training and not use_cache
+        for i, block in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values else None
+            if checkpointing:
+                x, present = torch.utils.checkpoint.checkpoint(
+                    block, x, position_ids, block_position_ids, mask, past, use_reentrant=False
+                )
+            else:
+                x, present = block(x, position_ids, block_position_ids, mask, past)
+            if use_cache:
+                presents.append(present)
+        x = self.final_layernorm(x)
+        logits = F.linear(x, self.output_weight())  # (B, T, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=IGNORE_INDEX
+            )
+        return GLMOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None)
+
+
+@dataclass
+class ParameterCount:
+    total: int
+    """Every distinct parameter tensor."""
+    embedding: int
+    """The input embedding table."""
+    output_head: int
+    """A separate (untied) lm_head; 0 when tied."""
+
+    @property
+    def reported(self) -> int:
+        """The convention of the GLM papers: the output projection counted once (as the
+        embedding), so ChatGLM-6B's separate lm_head is not added again (6.2B)."""
+        return self.total - self.output_head
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding - self.output_head
+
+
+def count_parameters(config: GLMConfig) -> ParameterCount:
+    """Count a config's parameters by building the model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GLMModel(config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+    head = model.lm_head.weight.numel() if model.lm_head is not None else 0
+    return ParameterCount(total=total, embedding=model.word_embeddings.weight.numel(), output_head=head)

@@ -1,0 +1,139 @@
+"""SentencePiece unigram tokenizer with GLM's special tokens (the role of GLM-130B's icetk).
+
+Training: `train_tokenizer(texts, vocab_size)` returns a GLMTokenizer; its serialized model
+(`to_bytes`) travels with checkpoints. Encoding is lossless: byte fallback covers any
+character, no normalisation or whitespace collapsing, and newlines, tabs and runs of spaces
+are their own pieces, so code indentation survives encode -> decode.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from glm.schema import SpecialTokens
+
+PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
+MASK, SMASK, GMASK, SOP, EOP = "[MASK]", "[sMASK]", "[gMASK]", "[sop]", "[eop]"
+GLM_SPECIAL = (MASK, SMASK, GMASK, SOP, EOP)
+# SentencePiece stores spaces as U+2581 internally, so runs of spaces are given in that form.
+WHITESPACE_PIECES = ("\n", "\t") + tuple("\u2581" * n for n in (16, 8, 4, 3, 2))
+
+
+def _training_lines(texts: Iterable[str], max_line_bytes: int) -> Iterator[str]:
+    """Split documents into lines SentencePiece accepts (it caps sentence length in bytes)."""
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            data = line.encode("utf-8")
+            while len(data) > max_line_bytes:
+                cut = max_line_bytes
+                while cut > 0 and (data[cut] & 0xC0) == 0x80:  # do not split a UTF-8 character
+                    cut -= 1
+                yield data[:cut].decode("utf-8")
+                data = data[cut:]
+            if data:
+                yield data.decode("utf-8")
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 2_000_000,
+    num_threads: int = 2,
+    seed_sentencepiece_size: int = 1_000_000,
+) -> "GLMTokenizer":
+    """Train a unigram model on `texts` (an iterable of documents). Deterministic for a given input."""
+    import sentencepiece as spm
+
+    max_line_bytes = 8192
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts, max_line_bytes),
+        model_writer=buffer,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(GLM_SPECIAL + WHITESPACE_PIECES),
+        pad_id=0, unk_id=1, eos_id=2, bos_id=-1,
+        pad_piece=PAD, unk_piece=UNK, eos_piece=EOS,
+        max_sentence_length=max_line_bytes,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=False,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    return GLMTokenizer(buffer.getvalue())
+
+
+class GLMTokenizer:
+    """Encode / decode text; knows the ids of GLM's special tokens."""
+
+    MODEL_FILE = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self._proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        ids = {}
+        for piece in (PAD, EOS) + GLM_SPECIAL:
+            i = self.sp.piece_to_id(piece)
+            if i == self.sp.unk_id() or self.sp.id_to_piece(i) != piece:
+                raise ValueError(f"tokenizer model lacks the special token {piece!r}: not a GLM tokenizer")
+            ids[piece] = i
+        self.special = SpecialTokens(
+            mask=ids[MASK], smask=ids[SMASK], gmask=ids[GMASK], sop=ids[SOP], eop=ids[EOP],
+            pad=ids[PAD], eos=ids[EOS],
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GLMTokenizer":
+        """Load from a .model file, or a directory holding tokenizer.model."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.MODEL_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        return cls(path.read_bytes())
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / self.MODEL_FILE
+        path.write_bytes(self._proto)
+        return path
+
+    def to_bytes(self) -> bytes:
+        return self._proto
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; "[MASK]", "[gMASK]" ... in the text become their special ids."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))

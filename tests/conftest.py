@@ -1,0 +1,45 @@
+"""Shared fixtures. Tiers: unit (default), `integration` (a stage end to end on tiny data,
+real Ray / DeepSpeed / MLflow, one shared Ray instance), `gpu` (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import json
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def sample_texts(n_per_file: int = 6) -> list[str]:
+    """A bilingual handful of documents from the shipped sample corpus."""
+    texts = []
+    for path in sorted((SAMPLE / "pretrain").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in itertools.islice(f, n_per_file)]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A small tokenizer trained on the sample corpus (about a second)."""
+    from glm.tokenizer import train_tokenizer
+
+    return train_tokenizer(sample_texts(), vocab_size=3000, character_coverage=0.995)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
