@@ -9,6 +9,7 @@ are their own pieces, so code indentation survives encode -> decode.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,6 +53,23 @@ def train_tokenizer(
 
     max_line_bytes = 8192
     buffer = io.BytesIO()
+    try:
+        _train(spm, texts, buffer, vocab_size, character_coverage, input_sentence_size, num_threads,
+               seed_sentencepiece_size, max_line_bytes)
+    except RuntimeError as e:
+        match = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if match:
+            raise ValueError(
+                f"tokenizer vocab_size {vocab_size} is smaller than the {match.group(2)} pieces needed to cover "
+                f"{character_coverage:.2%} of the corpus's characters (plus special tokens): raise vocab_size "
+                f"or lower character_coverage"
+            ) from None
+        raise ValueError(f"SentencePiece training failed: {e}") from None
+    return GLMTokenizer(buffer.getvalue())
+
+
+def _train(spm, texts, buffer, vocab_size, character_coverage, input_sentence_size, num_threads,
+           seed_sentencepiece_size, max_line_bytes) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(texts, max_line_bytes),
         model_writer=buffer,
@@ -74,7 +92,6 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    return GLMTokenizer(buffer.getvalue())
 
 
 class GLMTokenizer:

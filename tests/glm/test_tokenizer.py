@@ -39,3 +39,11 @@ def test_save_load(tokenizer, tmp_path):
     assert again.special == tokenizer.special
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
         GLMTokenizer.load(tmp_path / "missing")
+
+
+def test_too_small_vocab_is_a_clear_error():
+    from conftest import sample_texts
+    from glm.tokenizer import train_tokenizer
+
+    with pytest.raises(ValueError, match="vocab_size 300 is smaller than the .* pieces needed"):
+        train_tokenizer(sample_texts(), vocab_size=300)
