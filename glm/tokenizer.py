@@ -64,6 +64,12 @@ def train_tokenizer(
                 f"{character_coverage:.2%} of the corpus's characters (plus special tokens): raise vocab_size "
                 f"or lower character_coverage"
             ) from None
+        match = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(e))
+        if match:
+            raise ValueError(
+                f"tokenizer vocab_size {vocab_size} is more than this corpus supports (at most "
+                f"{match.group(2)} pieces): lower vocab_size or train on more text"
+            ) from None
         raise ValueError(f"SentencePiece training failed: {e}") from None
     return GLMTokenizer(buffer.getvalue())
 

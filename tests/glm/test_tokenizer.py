@@ -47,3 +47,10 @@ def test_too_small_vocab_is_a_clear_error():
 
     with pytest.raises(ValueError, match="vocab_size 300 is smaller than the .* pieces needed"):
         train_tokenizer(sample_texts(), vocab_size=300)
+
+
+def test_too_large_vocab_is_a_clear_error():
+    from glm.tokenizer import train_tokenizer
+
+    with pytest.raises(ValueError, match="more than this corpus supports"):
+        train_tokenizer(["tiny corpus, tiny corpus."] * 3, vocab_size=5000)

@@ -1,0 +1,334 @@
+"""The data stage: corpora + MIP sets -> Parquet shards of the sample schema, tokenizer, manifest.
+
+    read + clean (per file) -> de-duplicate (by content hash) -> weights, split, buckets ->
+    tokenizer (trained on a hash-selected sample, or reused) -> tokenize (actor pool) ->
+    blank-infilling rows per bucket; MIP rows per dataset -> mix to the MIP token share ->
+    shards written by global index -> manifest -> output moved into place.
+
+Ray Data runs every per-row and per-group step. The output is byte-identical for the same
+config whatever the number of workers: groups are keyed by content, sorted inside, and each
+sample's randomness comes from its index and the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections import defaultdict
+
+import numpy as np
+
+from glm.schema import COLUMNS
+from glm.tokenizer import GLMTokenizer, train_tokenizer
+from stages import storage
+from stages.data.blank_infilling import KIND_GMASK, KIND_MASK, KIND_MIP
+from stages.data.config import DataConfig
+from stages.data.documents import REASONS
+from stages.data.mix import choose_mip_count, mip_positions, round_robin_rank
+from stages.tracking import stage_run
+
+MANIFEST = "manifest.json"
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.step, self.t0 = total, 0, time.time()
+
+    def __call__(self, message: str) -> None:
+        self.step += 1
+        print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.0f}s] {message}", flush=True)
+
+
+def ensure_ray(workers: int) -> None:
+    """Start a local Ray instance if none is connected (enough logical CPUs for the actor pool
+    plus the read and build tasks, see RAY_NOTES.md on starved pipelines)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 2, workers + 2), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
+def completed_output(cfg: DataConfig) -> dict | None:
+    """The manifest of a complete output for this config, if one exists."""
+    fs, path = storage.resolve(cfg.output)
+    manifest_path = posixpath.join(path, MANIFEST)
+    if not storage.exists(fs, manifest_path):
+        return None
+    manifest = json.loads(storage.read_bytes(fs, manifest_path))
+    return manifest if manifest.get("config_hash") == cfg.fingerprint() else None
+
+
+def run(cfg: DataConfig) -> str:
+    """Build the output for `cfg` (or reuse a complete one); returns the output URI."""
+    if (manifest := completed_output(cfg)) is not None:
+        print(f"[data] complete output for config {manifest['config_hash']} exists at {cfg.output}: reusing it")
+        return cfg.output
+    import ray
+    import ray.data as rd
+    from ray.data import ActorPoolStrategy
+
+    from stages.data import steps
+
+    ensure_ray(cfg.workers)
+    context = rd.DataContext.get_current()
+    # Task-based sort shuffle: the default actor-based shuffle spends most of a small job
+    # starting aggregator actors. Configurable through DataConfig for large clusters.
+    context.shuffle_strategy = cfg.shuffle_strategy
+    progress = _Progress(7)
+    out_fs, out_path = storage.resolve(cfg.output)
+    staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
+    out_fs.create_dir(staging, recursive=True)
+
+    with stage_run(cfg.tracking.enabled, "data", dataclasses.asdict(cfg), cfg.tracking.experiment,
+                   cfg.tracking.tracking_uri) as tracker:
+        # 1. read and clean: one verdict per input row
+        sources = []
+        for s in cfg.sources:
+            fs, files = storage.expand(s.uri)
+            sources.append({"format": s.format, "text_field": s.text_field, "files": files, "fs": fs})
+        reads = [rd.read_binary_files(src["files"], include_paths=True, filesystem=src["fs"]) for src in sources]
+        docs = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+        plain_sources = [{k: v for k, v in s.items() if k != "fs"} for s in sources]
+        docs = docs.map_batches(steps.parse_files, batch_size=1, fn_kwargs={
+            "sources": plain_sources, "clean": dataclasses.asdict(cfg.clean)}).materialize()
+        counts = docs.select_columns(["source", "reason"]).to_pandas().groupby(["source", "reason"]).size().to_dict()
+        rows_read = sum(counts.values())
+        progress(f"read {rows_read:,} rows from {sum(len(s['files']) for s in sources)} files; "
+                 f"rejected {sum(v for (s, r), v in counts.items() if r):,}")
+
+        # 2. exact de-duplication by content hash (first copy in source/path/line order kept),
+        #    then source weights, the validation split and hash buckets
+        partitions = _partitions(cfg)
+        marked = docs.filter(expr="reason == ''").groupby("doc_hash", num_partitions=partitions).map_groups(
+            steps.mark_duplicates, batch_format="pyarrow")
+        placed = marked.map_batches(steps.assign_buckets, batch_format="numpy", fn_kwargs={
+            "weights": [s.weight for s in cfg.sources], "validation_fraction": cfg.validation_fraction,
+            "num_buckets": cfg.num_buckets}).materialize()
+        summary = placed.select_columns(["source", "bucket", "chars"]).to_pandas()
+        duplicates = summary[summary["bucket"] < 0].groupby("source").size().to_dict()
+        placed = placed.filter(expr="bucket >= 0")
+        total_chars = int(summary.loc[summary["bucket"] >= 0, "chars"].sum())
+        progress(f"kept {rows_read - sum(v for (s, r), v in counts.items() if r) - sum(duplicates.values()):,} "
+                 f"documents ({sum(duplicates.values()):,} duplicates); {int((summary['bucket'] >= 0).sum()):,} "
+                 f"after weights, {total_chars / 1e6:.1f}M characters")
+
+        # 3. tokenizer
+        tokenizer = _tokenizer(cfg, placed, total_chars)
+        progress(f"tokenizer: {len(tokenizer):,} pieces ({'reused ' + cfg.tokenizer.path if cfg.tokenizer.path else 'trained'})")
+
+        # 4. tokenize with an actor pool, then cut rows per (split, bucket)
+        tokenized = placed.map_batches(
+            steps.Tokenize, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.workers),
+            fn_constructor_args=(tokenizer.to_bytes(),)).materialize()
+        doc_tokens = tokenized.select_columns(["source", "n_tokens"]).to_pandas().groupby("source")["n_tokens"].sum().to_dict()
+        special = dataclasses.asdict(tokenizer.special)
+        built = tokenized.groupby(["split", "bucket"], num_partitions=partitions).map_groups(
+            steps.build_bucket, batch_format="pyarrow",
+            fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed}
+        ).materialize()
+        progress(f"built {built.count():,} blank-infilling rows from {sum(doc_tokens.values()):,} tokens")
+
+        # 5. MIP rows
+        mip_rows, mip_stats = None, {}
+        if cfg.mip.datasets and cfg.mip.token_share > 0:
+            mip_rows, mip_stats = _mip(cfg, tokenizer, partitions)
+        progress(f"MIP: {sum(s['rows_built'] for s in mip_stats.values()):,} prompted rows from {len(mip_stats)} datasets")
+
+        # 6. mix and write shards in global order
+        meta_cols = ["split", "group", "local", "kind", "tokens", "targets", "samples", "span_count", "span_tokens",
+                     "text_tokens"]
+        meta = built.select_columns(meta_cols).to_pandas()
+        mip_meta = mip_rows.select_columns(meta_cols).to_pandas() if mip_rows is not None else meta.iloc[:0]
+        index, mix = _global_index(meta, mip_meta, cfg)
+        everything = built.union(mip_rows) if mip_rows is not None else built
+        written = everything.map_batches(
+            _attach_index, batch_format="pyarrow", fn_kwargs={"index": ray.put(index), "rows_per_shard": cfg.rows_per_shard}
+        ).filter(expr="index >= 0").groupby(["split", "shard"]).map_groups(
+            _write_shard, batch_format="pyarrow", fn_kwargs={"staging": staging, "fs": out_fs, "seq_len": cfg.objective.seq_len})
+        shards = written.to_pandas()
+        progress(f"wrote {len(shards)} shards: {mix['rows']['train']:,} train and {mix['rows']['validation']:,} "
+                 f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
+
+        # 7. manifest, tokenizer, move into place
+        manifest = _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer)
+        storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
+        storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
+                            json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
+        storage.replace_dir(out_fs, staging, out_path)
+        tracker.log_metrics(_flat_metrics(manifest))
+        tracker.log_dict(manifest, "data/manifest.json")
+        tracker.set_tags({"output": cfg.output})
+        progress(f"output ready: {cfg.output}")
+    return cfg.output
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _partitions(cfg: DataConfig) -> int:
+    """Shuffle partitions for groupby: the cluster's CPUs (Ray's default of 200 swamps small machines)."""
+    import ray
+
+    return max(2, int(ray.cluster_resources().get("CPU", cfg.workers)))
+
+
+def _tokenizer(cfg: DataConfig, placed, total_chars: int) -> GLMTokenizer:
+    if cfg.tokenizer.path:
+        return GLMTokenizer.load(cfg.tokenizer.path)
+    fraction = min(1.0, cfg.tokenizer.sample_chars / max(total_chars, 1))
+    sample = placed.filter(expr=f"draw < {fraction!r}").select_columns(["order", "text"])
+    texts = [t for _, t in sorted((int(r["order"]), r["text"]) for r in sample.iter_rows())]
+    return train_tokenizer(texts, cfg.tokenizer.vocab_size, character_coverage=cfg.tokenizer.character_coverage)
+
+
+def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int):
+    import ray.data as rd
+
+    from stages.data import steps
+
+    datasets, reads = [], []
+    for d in cfg.mip.datasets:
+        fs, files = storage.expand(d.uri)
+        datasets.append({"files": files, "templates": d.templates, "adapter": d.adapter})
+        reads.append(rd.read_binary_files(files, include_paths=True, filesystem=fs))
+    raw = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+    parsed = raw.map_batches(steps.parse_mip_files, batch_size=1,
+                             fn_kwargs={"datasets": datasets, "seed": cfg.seed}).materialize()
+    reasons = parsed.select_columns(["dataset", "reason"]).to_pandas().groupby(["dataset", "reason"]).size().to_dict()
+    built = parsed.filter(expr="reason == ''").groupby("dataset", num_partitions=min(partitions, len(datasets))).map_groups(
+        steps.build_mip, batch_format="pyarrow",
+        fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "caps": [d.cap for d in cfg.mip.datasets],
+                   "tokenizer_bytes": tokenizer.to_bytes()}).materialize()
+    per_dataset = built.select_columns(["group", "samples"]).to_pandas().groupby("group")["samples"].agg(["sum", "size"])
+    stats = {}
+    for i, d in enumerate(cfg.mip.datasets):
+        usable = reasons.get((i, ""), 0)
+        samples = int(per_dataset["sum"].get(i, 0))
+        stats[d.name] = {
+            "rows_read": sum(v for (ds, _), v in reasons.items() if ds == i),
+            "rejected": {r: v for (ds, r), v in reasons.items() if ds == i and r},
+            "over_cap": max(0, usable - d.cap), "answer_too_long": min(usable, d.cap) - samples,
+            "samples": samples, "rows_built": int(per_dataset["size"].get(i, 0)),
+        }
+    return built, stats
+
+
+def _global_index(meta, mip_meta, cfg: DataConfig):
+    """Global position of every row: (split, group, local) -> index; MIP rows placed by `mix`."""
+    index: dict[tuple[str, int, int], int] = {}
+    rows, share = {}, 0.0
+    for split in ("train", "validation"):
+        part = meta[meta["split"] == split]
+        counts = part.groupby("group").size().to_dict()
+        ranks = round_robin_rank(part["group"].to_numpy(), part["local"].to_numpy(), counts) if len(part) else []
+        order = np.argsort(ranks) if len(part) else []
+        keys = list(zip(part["group"].to_numpy()[order].tolist(), part["local"].to_numpy()[order].tolist()))
+        if split == "train" and len(mip_meta):
+            mcounts = mip_meta.groupby("group").size().to_dict()
+            mranks = round_robin_rank(mip_meta["group"].to_numpy(), mip_meta["local"].to_numpy(), mcounts)
+            morder = np.argsort(mranks)
+            mtokens = mip_meta["tokens"].to_numpy()[morder]
+            m = choose_mip_count(int(part["tokens"].sum()), mtokens, cfg.mip.token_share)
+            mkeys = list(zip(mip_meta["group"].to_numpy()[morder].tolist()[:m],
+                             mip_meta["local"].to_numpy()[morder].tolist()[:m]))
+            is_mip = np.zeros(len(keys) + m, dtype=bool)
+            is_mip[mip_positions(len(keys), m, cfg.mip.warmup_rows)] = True
+            ss, mp = iter(keys), iter(mkeys)
+            for pos, flag in enumerate(is_mip):
+                index[("mip", *next(mp)) if flag else (split, *next(ss))] = pos
+            share = float(mtokens[:m].sum() / (part["tokens"].sum() + mtokens[:m].sum())) if m else 0.0
+            rows[split] = len(is_mip)
+            rows["mip"] = m
+        else:
+            for pos, key in enumerate(keys):
+                index[(split, *key)] = pos
+            rows[split] = len(keys)
+    rows.setdefault("mip", 0)
+    return index, {"rows": rows, "mip_token_share": share}
+
+
+def _attach_index(table, index, rows_per_shard: int):
+    import pyarrow as pa
+    import ray
+
+    index = ray.get(index)  # an ObjectRef: the dict is shared through the object store
+    keys = zip(table["split"].to_pylist(), table["group"].to_pylist(), table["local"].to_pylist())
+    positions = [index.get((s, g, l), -1) for s, g, l in keys]
+
+    out_split = ["train" if s == "mip" else s for s in table["split"].to_pylist()]
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(out_split))
+    table = table.append_column("index", pa.array(positions, pa.int64()))
+    return table.append_column("shard", pa.array([p // rows_per_shard if p >= 0 else -1 for p in positions], pa.int64()))
+
+
+def _write_shard(table, staging: str, fs, seq_len: int):
+    """One output file: rows sorted by global index; fixed-length int32 columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = table.sort_by("index")
+    split, shard = table["split"][0].as_py(), table["shard"][0].as_py()
+    columns = {"index": table["index"].combine_chunks(), "kind": table["kind"].combine_chunks()}
+    for c in COLUMNS:
+        flat = pa.array(np.concatenate([np.asarray(v, dtype=np.int32) for v in table[c].to_pylist()]))
+        columns[c] = pa.FixedSizeListArray.from_arrays(flat, seq_len)
+    out = pa.table(columns)
+    buffer = io.BytesIO()
+    pq.write_table(out, buffer, compression="zstd")
+    path = posixpath.join(staging, split, f"part-{shard:05d}.parquet")
+    storage.write_bytes(fs, path, buffer.getvalue())
+    return pa.table({"split": [split], "shard": [shard], "rows": [out.num_rows],
+                     "sha256": [hashlib.sha256(buffer.getvalue()).hexdigest()]})
+
+
+def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer) -> dict:
+    sources = {}
+    for i, s in enumerate(cfg.sources):
+        rejected = {r: counts.get((i, r), 0) for r in REASONS if r != "duplicate"}
+        rejected["duplicate"] = duplicates.get(i, 0)
+        read = sum(v for (src, _), v in counts.items() if src == i)
+        sources[s.name] = {"language": s.language, "weight": s.weight, "rows_read": read,
+                           "kept": read - sum(rejected.values()), "rejected": rejected,
+                           "tokens": doc_tokens.get(i, 0)}
+    train = meta[meta["split"] == "train"]
+    mask_rows = train[train["kind"] == KIND_MASK]
+    text_in_mask = int(mask_rows["text_tokens"].sum())
+    return {
+        "config_hash": cfg.fingerprint(),
+        "seed": cfg.seed,
+        "tokenizer": {"sha256": hashlib.sha256(tokenizer.to_bytes()).hexdigest(), "pieces": len(tokenizer),
+                      "special": dataclasses.asdict(tokenizer.special)},
+        "schema": {"columns": list(COLUMNS), "seq_len": cfg.objective.seq_len,
+                   "position_encoding": cfg.objective.position_encoding, "extra": ["index", "kind"],
+                   "kind": {"gmask": KIND_GMASK, "mask": KIND_MASK, "mip": KIND_MIP}},
+        "sources": sources,
+        "mip": {"datasets": mip_stats, "target_token_share": cfg.mip.token_share,
+                "token_share": mix["mip_token_share"], "rows": mix["rows"]["mip"], "warmup_rows": cfg.mip.warmup_rows},
+        "splits": {split: {"rows": mix["rows"][split],
+                           "shards": sorted(f"{split}/part-{int(r.shard):05d}.parquet" for r in shards.itertuples() if r.split == split),
+                           "tokens": int(meta[meta["split"] == split]["tokens"].sum())}
+                   for split in ("train", "validation")},
+        "objective": {"rows_mask": int((train["kind"] == KIND_MASK).sum()), "rows_gmask": int((train["kind"] == KIND_GMASK).sum()),
+                      "mask_coverage": (int(mask_rows["span_tokens"].sum()) / text_in_mask) if text_in_mask else 0.0,
+                      "mean_span_length": (int(mask_rows["span_tokens"].sum()) / int(mask_rows["span_count"].sum()))
+                      if len(mask_rows) else 0.0},
+        "shard_sha256": {f"{r.split}/part-{int(r.shard):05d}.parquet": r.sha256 for r in shards.itertuples()},
+    }
+
+
+def _flat_metrics(manifest: dict) -> dict[str, float]:
+    out = {"mip_token_share": manifest["mip"]["token_share"], "mip_rows": manifest["mip"]["rows"]}
+    for split, s in manifest["splits"].items():
+        out[f"{split}_rows"], out[f"{split}_tokens"] = s["rows"], s["tokens"]
+    for name, s in manifest["sources"].items():
+        key = "".join(c if c.isalnum() else "_" for c in name)[-60:]
+        out[f"source.{key}.kept"] = s["kept"]
+        out[f"source.{key}.rejected"] = sum(s["rejected"].values())
+    return out

@@ -1,0 +1,165 @@
+"""The per-row and per-group work of the data stage, as functions Ray Data runs on workers.
+
+Each returns a pyarrow Table. None of them depends on how rows were partitioned: groups are
+sorted by a content key before use, and randomness comes from index-seeded RNGs.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from glm.schema import COLUMNS, layout_prompted
+from glm.tokenizer import GLMTokenizer
+from stages.data.blank_infilling import KIND_MIP, BlankInfillingBuilder, pack_prompted, sample_rng
+from stages.data.config import CleanConfig, ObjectiveConfig
+from stages.data.documents import doc_hash, file_format, parse_file
+from stages.data.mip import load_templates, prompted_pair
+
+HASH_SPACE = 1 << 20
+
+
+def _hash_fraction(h: int, salt: int) -> float:
+    """A uniform [0, 1) number from a document hash (independent draws for different salts)."""
+    return ((h >> (salt * 20)) % HASH_SPACE) / HASH_SPACE
+
+
+def parse_files(batch: dict, sources: list[dict], clean: dict) -> pa.Table:
+    """read_binary_files batch (bytes, path) -> one row per input row with its verdict."""
+    cfg = CleanConfig(**clean)
+    rows = []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        source = next(i for i, s in enumerate(sources) if path in s["files"])
+        s = sources[source]
+        rows += parse_file(bytes(data), path, source, file_format(path, s["format"]), s["text_field"], cfg)
+    return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)
+
+
+DOC_SCHEMA = pa.schema([("source", pa.int32()), ("path", pa.string()), ("line", pa.int64()),
+                        ("text", pa.string()), ("reason", pa.string()), ("doc_hash", pa.int64())])
+
+
+def mark_duplicates(group: pa.Table) -> pa.Table:
+    """Within one content hash: the first copy in (source, path, line) order is kept."""
+    order = sorted(range(group.num_rows), key=lambda i: (group["source"][i].as_py(), group["path"][i].as_py(),
+                                                          group["line"][i].as_py()))
+    duplicate = [True] * group.num_rows
+    duplicate[order[0]] = False
+    return group.append_column("duplicate", pa.array(duplicate))
+
+
+def assign_buckets(batch: dict, weights: list[float], validation_fraction: float, num_buckets: int) -> pa.Table:
+    """Apply source weights (copies), the validation split and the bucket, all from the content hash.
+
+    A duplicate keeps one row with bucket -1, so it can be counted and then dropped.
+    """
+    out = {"text": [], "source": [], "split": [], "bucket": [], "order": [], "chars": [], "draw": []}
+    for text, source, h, dup in zip(batch["text"], batch["source"], batch["doc_hash"], batch["duplicate"]):
+        h, w = int(h), weights[int(source)]
+        copies = int(w) + (1 if _hash_fraction(h, 0) < w - int(w) else 0)
+        split = "validation" if _hash_fraction(h, 1) < validation_fraction else "train"
+        if dup:
+            for column, value in zip(out, ("", int(source), split, -1, h, 0, 1.0)):
+                out[column].append(value)
+            continue
+        for copy in range(copies):
+            key = doc_hash(f"{h}:{copy}") if copy else h
+            out["text"].append(str(text))
+            out["source"].append(int(source))
+            out["split"].append(split)
+            out["bucket"].append(key % num_buckets)
+            out["order"].append(key)
+            out["chars"].append(len(text))
+            out["draw"].append(_hash_fraction(key, 2))  # selects the tokenizer's training sample
+    return pa.table(out)
+
+
+class Tokenize:
+    """Actor-pool UDF: holds one SentencePiece processor per worker."""
+
+    def __init__(self, tokenizer_bytes: bytes):
+        self.tokenizer = GLMTokenizer(tokenizer_bytes)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ids = self.tokenizer.encode_batch([str(t) for t in batch["text"]])
+        return pa.table({"source": batch["source"], "split": batch["split"], "bucket": batch["bucket"],
+                         "order": batch["order"], "tokens": pa.array(ids, type=pa.list_(pa.int32())),
+                         "n_tokens": [len(t) for t in ids]})
+
+
+def _rows_table(built: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(built, schema=ROW_SCHEMA)
+
+
+ROW_SCHEMA = pa.schema(
+    [("split", pa.string()), ("group", pa.int32()), ("local", pa.int64()), ("kind", pa.int8()),
+     ("tokens", pa.int64()), ("targets", pa.int64()), ("samples", pa.int32()), ("span_count", pa.int32()), ("span_tokens", pa.int32()),
+     ("text_tokens", pa.int64())]
+    + [(c, pa.list_(pa.int32())) for c in COLUMNS]
+)
+
+
+def build_bucket(group: pa.Table, objective: dict, special: dict, seed: int) -> pa.Table:
+    """One (split, bucket): documents in content-hash order -> one stream -> rows."""
+    from glm.schema import SpecialTokens
+
+    cfg = ObjectiveConfig(**objective)
+    builder = BlankInfillingBuilder(cfg, SpecialTokens(**special), seed)
+    split, bucket = group["split"][0].as_py(), group["bucket"][0].as_py()
+    order = sorted(range(group.num_rows), key=lambda i: group["order"][i].as_py())
+    stream: list[int] = []
+    tokens = group["tokens"]
+    for i in order:
+        stream += tokens[i].as_py() + [special["eos"]]
+    built = []
+    for local, r in enumerate(builder.build_stream(stream, split, bucket)):
+        built.append(_row_dict(split, bucket, local, r.kind, r.row, r.text_tokens, r.spans))
+    return _rows_table(built)
+
+
+def _row_dict(split, group, local, kind, row, text_tokens, spans) -> dict:
+    return {"split": split, "group": group, "local": local, "kind": kind,
+            "tokens": sum(1 for s in row["segment_ids"] if s), "targets": sum(1 for t in row["labels"] if t != -100),
+            "samples": max(row["segment_ids"]), "span_count": len(spans), "span_tokens": sum(spans),
+            "text_tokens": text_tokens, **row}
+
+
+def parse_mip_files(batch: dict, datasets: list[dict], seed: int) -> pa.Table:
+    """MIP JSONL files -> (dataset, path, line, prompt, answer, reason), a template per row by its RNG."""
+    rows = []
+    for data, path in zip(batch["bytes"], batch["path"]):
+        d = next(i for i, ds in enumerate(datasets) if path in ds["files"])
+        templates = load_templates(datasets[d]["templates"])
+        lines = bytes(data).split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                prompt, answer, reason = "", "", "empty"
+            else:
+                prompt, answer, reason = prompted_pair(line, datasets[d]["adapter"], templates,
+                                                       sample_rng(seed, "mip-template", d, path, n))
+            rows.append({"dataset": d, "path": path, "line": n, "prompt": prompt, "answer": answer, "reason": reason})
+    return pa.Table.from_pylist(rows, schema=MIP_SCHEMA)
+
+
+MIP_SCHEMA = pa.schema([("dataset", pa.int32()), ("path", pa.string()), ("line", pa.int64()),
+                        ("prompt", pa.string()), ("answer", pa.string()), ("reason", pa.string())])
+
+
+def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes: bytes) -> pa.Table:
+    """One MIP dataset (usable rows only): the first `cap` rows in file order -> prompted samples -> packed rows."""
+    cfg = ObjectiveConfig(**objective)
+    tok = GLMTokenizer(tokenizer_bytes)
+    d = group["dataset"][0].as_py()
+    order = sorted(range(group.num_rows), key=lambda i: (group["path"][i].as_py(), group["line"][i].as_py()))
+    usable = order[:caps[d]]
+    prompts = tok.encode_batch([group["prompt"][i].as_py() for i in usable])
+    answers = tok.encode_batch([group["answer"][i].as_py() for i in usable])
+    samples = []
+    for p, a in zip(prompts, answers):
+        try:
+            samples.append(layout_prompted(p, a, tok.special, use_2d=cfg.use_2d, max_len=cfg.mask_window))
+        except ValueError:  # the answer alone does not fit a window: skipped (counted), never cut
+            pass
+    rows = pack_prompted(samples, cfg.seq_len, cfg.mask_window, tok.special.pad)
+    return _rows_table([_row_dict("mip", d, local, KIND_MIP, row, 0, []) for local, row in enumerate(rows)])

@@ -1,0 +1,80 @@
+"""MLflow tracking shared by the stages: one run per stage, nested under a pipeline run if one is active.
+
+Default store: MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory
+(the old ./mlruns file store is refused by MLflow 3.x). mlflow is imported only when tracking
+is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists as flat 'a.b.0.c' keys (MLflow params are flat)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, list):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+class StageRun:
+    """Handle given to a stage while its MLflow run is open; every method is a no-op when disabled."""
+
+    def __init__(self, mlflow=None, run=None):
+        self._mlflow, self.run = mlflow, run
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._mlflow:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        if self._mlflow:
+            self._mlflow.log_dict(data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self._mlflow:
+            self._mlflow.log_text(text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow:
+            self._mlflow.set_tags(tags)
+
+
+@contextlib.contextmanager
+def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str = "glm-pipeline",
+              tracking_uri: str = "") -> Iterator[StageRun]:
+    """Open an MLflow run for a stage (nested when a pipeline run is active) and log its params."""
+    if not enabled:
+        yield StageRun()
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    if mlflow.active_run() is None:
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+        params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.set_tag("stage", stage)
+        yield StageRun(mlflow, run)
+
