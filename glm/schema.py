@@ -13,8 +13,10 @@ generation all use them, so there is one definition of where a Part-B token sits
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where the mask is built, so data workers stay light
+    import torch
 
 IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels", "position_ids", "block_position_ids", "segment_ids", "prefix_mask")
@@ -182,13 +184,15 @@ def pack_samples(samples: list[Sample], seq_len: int, pad_id: int) -> dict[str, 
     return row
 
 
-def attention_mask(segment_ids: torch.Tensor, prefix_mask: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+def attention_mask(segment_ids: "torch.Tensor", prefix_mask: "torch.Tensor", num_queries: int | None = None) -> "torch.Tensor":
     """The attention rule as a boolean mask (B, 1, Tq, Tk); True = may attend.
 
     segment_ids, prefix_mask: (B, Tk) for all keys (cached + new). The queries are the last
     `num_queries` tokens (all by default, fewer when decoding with a KV cache). A padding
     query attends only to itself, so its (unused) output stays finite.
     """
+    import torch
+
     B, Tk = segment_ids.shape
     Tq = Tk if num_queries is None else num_queries
     key_idx = torch.arange(Tk, device=segment_ids.device)

@@ -23,6 +23,7 @@ import uuid
 from collections import defaultdict
 
 import numpy as np
+import pandas as pd
 
 from glm.schema import COLUMNS
 from glm.tokenizer import GLMTokenizer, train_tokenizer
@@ -129,30 +130,31 @@ def run(cfg: DataConfig) -> str:
             fn_constructor_args=(tokenizer.to_bytes(),)).materialize()
         doc_tokens = tokenized.select_columns(["source", "n_tokens"]).to_pandas().groupby("source")["n_tokens"].sum().to_dict()
         special = dataclasses.asdict(tokenizer.special)
-        built = tokenized.groupby(["split", "bucket"], num_partitions=partitions).map_groups(
+        rows_dir = f"{staging}/_rows"
+        meta = tokenized.groupby(["split", "bucket"], num_partitions=partitions).map_groups(
             steps.build_bucket, batch_format="pyarrow",
-            fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed}
-        ).materialize()
-        progress(f"built {built.count():,} blank-infilling rows from {sum(doc_tokens.values()):,} tokens")
+            fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed,
+                       "rows_dir": rows_dir, "fs": out_fs}).to_pandas()
+        progress(f"built {len(meta):,} blank-infilling rows from {sum(doc_tokens.values()):,} tokens")
 
         # 5. MIP rows
-        mip_rows, mip_stats = None, {}
+        mip_meta, mip_stats = meta.iloc[:0], {}
         if cfg.mip.datasets and cfg.mip.token_share > 0:
-            mip_rows, mip_stats = _mip(cfg, tokenizer, partitions)
+            mip_meta, mip_stats = _mip(cfg, tokenizer, partitions, rows_dir, out_fs)
         progress(f"MIP: {sum(s['rows_built'] for s in mip_stats.values()):,} prompted rows from {len(mip_stats)} datasets")
 
-        # 6. mix and write shards in global order
-        meta_cols = ["split", "group", "local", "kind", "tokens", "targets", "samples", "span_count", "span_tokens",
-                     "text_tokens"]
-        meta = built.select_columns(meta_cols).to_pandas()
-        mip_meta = mip_rows.select_columns(meta_cols).to_pandas() if mip_rows is not None else meta.iloc[:0]
+        # 6. global order (MIP rows mixed in), then every group's file is stamped and split into shards
         index, mix = _global_index(meta, mip_meta, cfg)
-        everything = built.union(mip_rows) if mip_rows is not None else built
-        written = everything.map_batches(
-            _attach_index, batch_format="pyarrow", fn_kwargs={"index": ray.put(index), "rows_per_shard": cfg.rows_per_shard}
-        ).filter(expr="index >= 0").groupby(["split", "shard"]).map_groups(
-            _write_shard, batch_format="pyarrow", fn_kwargs={"staging": staging, "fs": out_fs, "seq_len": cfg.objective.seq_len})
-        shards = written.to_pandas()
+        items = []
+        for path, rows in pd.concat([meta, mip_meta]).groupby("path", sort=True):
+            rows = rows.sort_values("local")
+            split, group = rows["split"].iloc[0], int(rows["group"].iloc[0])
+            items.append({"path": path, "split": "train" if split == "mip" else split,
+                          "stem": f"mip-d{group:05d}" if split == "mip" else f"b{group:05d}",
+                          "positions": [index.get((split, group, int(local)), -1) for local in rows["local"]]})
+        shards = rd.from_items(items).flat_map(steps.finalize_rows, fn_kwargs={
+            "fs": out_fs, "staging": staging, "rows_per_shard": cfg.rows_per_shard}).to_pandas()
+        out_fs.delete_dir(rows_dir)
         progress(f"wrote {len(shards)} shards: {mix['rows']['train']:,} train and {mix['rows']['validation']:,} "
                  f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
 
@@ -188,7 +190,7 @@ def _tokenizer(cfg: DataConfig, placed, total_chars: int) -> GLMTokenizer:
     return train_tokenizer(texts, cfg.tokenizer.vocab_size, character_coverage=cfg.tokenizer.character_coverage)
 
 
-def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int):
+def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int, rows_dir: str, fs):
     import ray.data as rd
 
     from stages.data import steps
@@ -202,11 +204,11 @@ def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int):
     parsed = raw.map_batches(steps.parse_mip_files, batch_size=1,
                              fn_kwargs={"datasets": datasets, "seed": cfg.seed}).materialize()
     reasons = parsed.select_columns(["dataset", "reason"]).to_pandas().groupby(["dataset", "reason"]).size().to_dict()
-    built = parsed.filter(expr="reason == ''").groupby("dataset", num_partitions=min(partitions, len(datasets))).map_groups(
+    meta = parsed.filter(expr="reason == ''").groupby("dataset", num_partitions=min(partitions, len(datasets))).map_groups(
         steps.build_mip, batch_format="pyarrow",
         fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "caps": [d.cap for d in cfg.mip.datasets],
-                   "tokenizer_bytes": tokenizer.to_bytes()}).materialize()
-    per_dataset = built.select_columns(["group", "samples"]).to_pandas().groupby("group")["samples"].agg(["sum", "size"])
+                   "tokenizer_bytes": tokenizer.to_bytes(), "rows_dir": rows_dir, "fs": fs}).to_pandas()
+    per_dataset = meta.groupby("group")["samples"].agg(["sum", "size"])
     stats = {}
     for i, d in enumerate(cfg.mip.datasets):
         usable = reasons.get((i, ""), 0)
@@ -217,13 +219,13 @@ def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int):
             "over_cap": max(0, usable - d.cap), "answer_too_long": min(usable, d.cap) - samples,
             "samples": samples, "rows_built": int(per_dataset["size"].get(i, 0)),
         }
-    return built, stats
+    return meta, stats
 
 
 def _global_index(meta, mip_meta, cfg: DataConfig):
     """Global position of every row: (split, group, local) -> index; MIP rows placed by `mix`."""
     index: dict[tuple[str, int, int], int] = {}
-    rows, share = {}, 0.0
+    rows, share, mip_tokens = {}, 0.0, 0
     for split in ("train", "validation"):
         part = meta[meta["split"] == split]
         counts = part.groupby("group").size().to_dict()
@@ -244,6 +246,7 @@ def _global_index(meta, mip_meta, cfg: DataConfig):
             for pos, flag in enumerate(is_mip):
                 index[("mip", *next(mp)) if flag else (split, *next(ss))] = pos
             share = float(mtokens[:m].sum() / (part["tokens"].sum() + mtokens[:m].sum())) if m else 0.0
+            mip_tokens = int(mtokens[:m].sum())
             rows[split] = len(is_mip)
             rows["mip"] = m
         else:
@@ -251,41 +254,7 @@ def _global_index(meta, mip_meta, cfg: DataConfig):
                 index[(split, *key)] = pos
             rows[split] = len(keys)
     rows.setdefault("mip", 0)
-    return index, {"rows": rows, "mip_token_share": share}
-
-
-def _attach_index(table, index, rows_per_shard: int):
-    import pyarrow as pa
-    import ray
-
-    index = ray.get(index)  # an ObjectRef: the dict is shared through the object store
-    keys = zip(table["split"].to_pylist(), table["group"].to_pylist(), table["local"].to_pylist())
-    positions = [index.get((s, g, l), -1) for s, g, l in keys]
-
-    out_split = ["train" if s == "mip" else s for s in table["split"].to_pylist()]
-    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(out_split))
-    table = table.append_column("index", pa.array(positions, pa.int64()))
-    return table.append_column("shard", pa.array([p // rows_per_shard if p >= 0 else -1 for p in positions], pa.int64()))
-
-
-def _write_shard(table, staging: str, fs, seq_len: int):
-    """One output file: rows sorted by global index; fixed-length int32 columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = table.sort_by("index")
-    split, shard = table["split"][0].as_py(), table["shard"][0].as_py()
-    columns = {"index": table["index"].combine_chunks(), "kind": table["kind"].combine_chunks()}
-    for c in COLUMNS:
-        flat = pa.array(np.concatenate([np.asarray(v, dtype=np.int32) for v in table[c].to_pylist()]))
-        columns[c] = pa.FixedSizeListArray.from_arrays(flat, seq_len)
-    out = pa.table(columns)
-    buffer = io.BytesIO()
-    pq.write_table(out, buffer, compression="zstd")
-    path = posixpath.join(staging, split, f"part-{shard:05d}.parquet")
-    storage.write_bytes(fs, path, buffer.getvalue())
-    return pa.table({"split": [split], "shard": [shard], "rows": [out.num_rows],
-                     "sha256": [hashlib.sha256(buffer.getvalue()).hexdigest()]})
+    return index, {"rows": rows, "mip_token_share": share, "mip_tokens": mip_tokens}
 
 
 def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer) -> dict:
@@ -312,14 +281,15 @@ def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards,
         "mip": {"datasets": mip_stats, "target_token_share": cfg.mip.token_share,
                 "token_share": mix["mip_token_share"], "rows": mix["rows"]["mip"], "warmup_rows": cfg.mip.warmup_rows},
         "splits": {split: {"rows": mix["rows"][split],
-                           "shards": sorted(f"{split}/part-{int(r.shard):05d}.parquet" for r in shards.itertuples() if r.split == split),
-                           "tokens": int(meta[meta["split"] == split]["tokens"].sum())}
+                           "tokens": int(meta[meta["split"] == split]["tokens"].sum()) + (mix["mip_tokens"] if split == "train" else 0),
+                           "shards": [{"file": r.file, "rows": int(r.rows), "first_index": int(r.first_index),
+                                       "last_index": int(r.last_index), "sha256": r.sha256}
+                                      for r in shards[shards["split"] == split].sort_values("file").itertuples()]}
                    for split in ("train", "validation")},
         "objective": {"rows_mask": int((train["kind"] == KIND_MASK).sum()), "rows_gmask": int((train["kind"] == KIND_GMASK).sum()),
                       "mask_coverage": (int(mask_rows["span_tokens"].sum()) / text_in_mask) if text_in_mask else 0.0,
                       "mean_span_length": (int(mask_rows["span_tokens"].sum()) / int(mask_rows["span_count"].sum()))
                       if len(mask_rows) else 0.0},
-        "shard_sha256": {f"{r.split}/part-{int(r.shard):05d}.parquet": r.sha256 for r in shards.itertuples()},
     }
 
 

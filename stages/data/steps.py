@@ -6,6 +6,9 @@ sorted by a content key before use, and randomness comes from index-seeded RNGs.
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pyarrow as pa
 
 from glm.schema import COLUMNS, layout_prompted
@@ -86,41 +89,54 @@ class Tokenize:
                          "n_tokens": [len(t) for t in ids]})
 
 
-def _rows_table(built: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(built, schema=ROW_SCHEMA)
-
-
-ROW_SCHEMA = pa.schema(
+META_SCHEMA = pa.schema(
     [("split", pa.string()), ("group", pa.int32()), ("local", pa.int64()), ("kind", pa.int8()),
-     ("tokens", pa.int64()), ("targets", pa.int64()), ("samples", pa.int32()), ("span_count", pa.int32()), ("span_tokens", pa.int32()),
-     ("text_tokens", pa.int64())]
-    + [(c, pa.list_(pa.int32())) for c in COLUMNS]
-)
+     ("tokens", pa.int64()), ("targets", pa.int64()), ("samples", pa.int32()), ("span_count", pa.int32()),
+     ("span_tokens", pa.int32()), ("text_tokens", pa.int64()), ("path", pa.string())])
 
 
-def build_bucket(group: pa.Table, objective: dict, special: dict, seed: int) -> pa.Table:
-    """One (split, bucket): documents in content-hash order -> one stream -> rows."""
+def write_rows(rows: list[dict[str, list[int]]], kinds: list[int], path: str, fs, seq_len: int) -> None:
+    """Rows of one group (in local order) as a Parquet file of fixed-length int32 columns."""
+    import pyarrow.parquet as pq
+
+    from stages import storage
+
+    columns = {"local": pa.array(range(len(rows)), pa.int64()), "kind": pa.array(kinds, pa.int8())}
+    for c in COLUMNS:
+        flat = np.fromiter((v for r in rows for v in r[c]), dtype=np.int32, count=len(rows) * seq_len)
+        columns[c] = pa.FixedSizeListArray.from_arrays(pa.array(flat), seq_len)
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd")
+    storage.write_bytes(fs, path, buffer.getvalue())
+
+
+def _meta(split, group, built, path) -> pa.Table:
+    """Per-row bookkeeping (no token arrays): what the driver needs to order and count rows."""
+    return pa.Table.from_pylist([{
+        "split": split, "group": group, "local": local, "kind": kind,
+        "tokens": sum(1 for s in row["segment_ids"] if s), "targets": sum(1 for t in row["labels"] if t != -100),
+        "samples": max(row["segment_ids"]), "span_count": len(spans), "span_tokens": sum(spans),
+        "text_tokens": text_tokens, "path": path,
+    } for local, (row, kind, text_tokens, spans) in enumerate(built)], schema=META_SCHEMA)
+
+
+def build_bucket(group: pa.Table, objective: dict, special: dict, seed: int, rows_dir: str, fs) -> pa.Table:
+    """One (split, bucket): documents in content-hash order -> one stream -> rows, written to
+    rows_dir; returns the rows' metadata."""
     from glm.schema import SpecialTokens
 
     cfg = ObjectiveConfig(**objective)
     builder = BlankInfillingBuilder(cfg, SpecialTokens(**special), seed)
     split, bucket = group["split"][0].as_py(), group["bucket"][0].as_py()
-    order = sorted(range(group.num_rows), key=lambda i: group["order"][i].as_py())
-    stream: list[int] = []
+    order = np.argsort(group["order"].to_numpy(), kind="stable")
     tokens = group["tokens"]
-    for i in order:
+    stream: list[int] = []
+    for i in order.tolist():
         stream += tokens[i].as_py() + [special["eos"]]
-    built = []
-    for local, r in enumerate(builder.build_stream(stream, split, bucket)):
-        built.append(_row_dict(split, bucket, local, r.kind, r.row, r.text_tokens, r.spans))
-    return _rows_table(built)
-
-
-def _row_dict(split, group, local, kind, row, text_tokens, spans) -> dict:
-    return {"split": split, "group": group, "local": local, "kind": kind,
-            "tokens": sum(1 for s in row["segment_ids"] if s), "targets": sum(1 for t in row["labels"] if t != -100),
-            "samples": max(row["segment_ids"]), "span_count": len(spans), "span_tokens": sum(spans),
-            "text_tokens": text_tokens, **row}
+    built = [(r.row, r.kind, r.text_tokens, r.spans) for r in builder.build_stream(stream, split, bucket)]
+    path = f"{rows_dir}/{split}-b{bucket:05d}.parquet"
+    write_rows([b[0] for b in built], [b[1] for b in built], path, fs, cfg.seq_len)
+    return _meta(split, bucket, built, path)
 
 
 def parse_mip_files(batch: dict, datasets: list[dict], seed: int) -> pa.Table:
@@ -146,8 +162,9 @@ MIP_SCHEMA = pa.schema([("dataset", pa.int32()), ("path", pa.string()), ("line",
                         ("prompt", pa.string()), ("answer", pa.string()), ("reason", pa.string())])
 
 
-def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes: bytes) -> pa.Table:
-    """One MIP dataset (usable rows only): the first `cap` rows in file order -> prompted samples -> packed rows."""
+def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes: bytes, rows_dir: str, fs) -> pa.Table:
+    """One MIP dataset (usable rows only): the first `cap` rows in file order -> prompted samples ->
+    packed rows, written to rows_dir; returns the rows' metadata."""
     cfg = ObjectiveConfig(**objective)
     tok = GLMTokenizer(tokenizer_bytes)
     d = group["dataset"][0].as_py()
@@ -162,4 +179,33 @@ def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes
         except ValueError:  # the answer alone does not fit a window: skipped (counted), never cut
             pass
     rows = pack_prompted(samples, cfg.seq_len, cfg.mask_window, tok.special.pad)
-    return _rows_table([_row_dict("mip", d, local, KIND_MIP, row, 0, []) for local, row in enumerate(rows)])
+    path = f"{rows_dir}/mip-d{d:05d}.parquet"
+    write_rows(rows, [KIND_MIP] * len(rows), path, fs, cfg.seq_len)
+    return _meta("mip", d, [(row, KIND_MIP, 0, []) for row in rows], path)
+
+
+def finalize_rows(item: dict, fs, staging: str, rows_per_shard: int) -> list[dict]:
+    """Stamp the global index on one group's rows (-1 = not used), split off the unused ones and
+    write the final shards of at most rows_per_shard rows; returns one record per shard."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from stages import storage
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(fs, item["path"])))
+    index = pa.array(np.asarray(item["positions"], dtype=np.int64))
+    table = table.drop_columns(["local"]).add_column(0, "index", index)
+    table = table.filter(pa.compute.greater_equal(table["index"], 0))
+    out = []
+    for part, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        chunk = table.slice(start, rows_per_shard)
+        buffer = io.BytesIO()
+        pq.write_table(chunk, buffer, compression="zstd")
+        name = f"{item['split']}/{item['stem']}-{part:03d}.parquet"
+        storage.write_bytes(fs, f"{staging}/{name}", buffer.getvalue())
+        out.append({"split": item["split"], "file": name, "rows": chunk.num_rows,
+                    "first_index": pa.compute.min(chunk["index"]).as_py(),
+                    "last_index": pa.compute.max(chunk["index"]).as_py(),
+                    "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
+    return out
