@@ -12,7 +12,7 @@ from glm.schema import IGNORE_INDEX
 from glm.tokenizer import GLMTokenizer
 from stages.data.blank_infilling import KIND_MIP
 from stages.data.config import (CleanConfig, CorpusSource, DataConfig, MIPConfig, MIPDataset, ObjectiveConfig,
-                                TokenizerSettings)
+                                TokenizerSettings, TrackingConfig)
 from stages.data.stage import run
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,11 @@ def built(tmp_path_factory, ray_instance):
     texts = tiny_corpus(tmp / "corpus")
     outputs = {}
     for name, workers in (("a", 2), ("b", 2), ("one_worker", 1)):
-        outputs[name] = Path(run(config(tmp, tmp / "corpus", name, workers=workers)))
+        cfg = config(tmp, tmp / "corpus", name, workers=workers)
+        if name == "b":  # tracked run: MLflow must not change the output
+            cfg.tracking = TrackingConfig(enabled=True, experiment="data-test",
+                                          tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+        outputs[name] = Path(run(cfg))
     return tmp, texts, outputs
 
 
@@ -148,6 +152,20 @@ def split_on(tokens, sep):
         else:
             piece.append(t)
     yield piece
+
+
+def test_tracked_run_is_in_mlflow(built):
+    import mlflow
+
+    tmp, _, out = built
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("data-test").experiment_id])
+    manifest = json.loads((out["b"] / "manifest.json").read_text())
+    assert run.data.params["seed"] == "1234" and run.data.tags["stage"] == "data"
+    assert run.data.metrics["train_rows"] == manifest["splits"]["train"]["rows"]
+    assert abs(run.data.metrics["mip_token_share"] - manifest["mip"]["token_share"]) < 1e-9
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "data")]
+    assert artifacts == ["data/manifest.json"]
 
 
 def test_complete_output_is_reused(built, capsys):
