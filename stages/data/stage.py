@@ -71,6 +71,18 @@ def run(cfg: DataConfig) -> str:
     if (manifest := completed_output(cfg)) is not None:
         print(f"[data] complete output for config {manifest['config_hash']} exists at {cfg.output}: reusing it")
         return cfg.output
+    out_fs, out_path = storage.resolve(cfg.output)
+    staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
+    out_fs.create_dir(staging, recursive=True)
+    try:
+        _build(cfg, out_fs, out_path, staging)
+    finally:
+        if storage.exists(out_fs, staging):  # a failed run leaves no partial output behind
+            out_fs.delete_dir(staging)
+    return cfg.output
+
+
+def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
     import ray
     import ray.data as rd
     from ray.data import ActorPoolStrategy
@@ -83,9 +95,6 @@ def run(cfg: DataConfig) -> str:
     # starting aggregator actors. Configurable through DataConfig for large clusters.
     context.shuffle_strategy = cfg.shuffle_strategy
     progress = _Progress(7)
-    out_fs, out_path = storage.resolve(cfg.output)
-    staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
-    out_fs.create_dir(staging, recursive=True)
 
     with stage_run(cfg.tracking.enabled, "data", dataclasses.asdict(cfg), cfg.tracking.experiment,
                    cfg.tracking.tracking_uri) as tracker:
@@ -168,7 +177,6 @@ def run(cfg: DataConfig) -> str:
         tracker.log_dict(manifest, "data/manifest.json")
         tracker.set_tags({"output": cfg.output})
         progress(f"output ready: {cfg.output}")
-    return cfg.output
 
 
 # --- helpers -----------------------------------------------------------------------------

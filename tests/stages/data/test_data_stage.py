@@ -210,3 +210,4 @@ def test_missing_input_is_a_clear_error(tmp_path, ray_instance):
     cfg = config(tmp_path, tmp_path / "nowhere", "out")
     with pytest.raises(FileNotFoundError, match="no input files match"):
         run(cfg)
+    assert not list(tmp_path.glob("out*"))  # no partial output or staging directory left
