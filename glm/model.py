@@ -114,13 +114,24 @@ class GLMBlock(nn.Module):
         return x, present
 
 
+class WordEmbedding(nn.Embedding):
+    """The input embedding; with tied weights also the output projection.
+
+    Both uses go through this module's forward, so a sharded runtime (DeepSpeed ZeRO-3) that
+    gathers a module's parameters around its forward sees every use of the weight.
+    """
+
+    def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if project else super().forward(x)
+
+
 class GLMModel(nn.Module):
     """GLM language model: token ids in, next-token (Part-B target) logits out."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = WordEmbedding(config.vocab_size, config.hidden_size)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
@@ -155,9 +166,6 @@ class GLMModel(nn.Module):
         if a < 1.0 and torch.is_grad_enabled():
             emb = emb * a + emb.detach() * (1.0 - a)  # same value, gradient scaled by a
         return emb
-
-    def output_weight(self) -> torch.Tensor:
-        return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -204,7 +212,7 @@ class GLMModel(nn.Module):
             if use_cache:
                 presents.append(present)
         x = self.final_layernorm(x)
-        logits = F.linear(x, self.output_weight())  # (B, T, vocab)
+        logits = self.word_embeddings(x, project=True) if self.lm_head is None else self.lm_head(x)  # (B, T, vocab)
 
         loss = None
         if labels is not None:

@@ -64,3 +64,8 @@ def replace_dir(fs, staging: str, final: str) -> None:
     if exists(fs, final):
         fs.delete_dir(final)
     fs.move(staging, final)
+
+
+def absolute(uri: str) -> str:
+    """A URI unchanged, a local path made absolute (Ray workers run in another directory)."""
+    return uri if "://" in uri else str(Path(uri).expanduser().absolute())

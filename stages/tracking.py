@@ -10,8 +10,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = False
+    """Log params, counts and the manifest to MLflow."""
+    experiment: str = "glm-pipeline"
+    tracking_uri: str = ""
+    """Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
 
 def default_tracking_uri() -> str:

@@ -7,6 +7,7 @@ import pytest
 from glm.config import ConfigError, load_yaml
 from pipelines.smoke import SmokeConfig
 from stages.data.config import DataConfig
+from stages.pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,6 +16,7 @@ LOADERS = {
     "pipelines/configs/smoke.yaml": SmokeConfig,
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,
+    "stages/pretrain/configs/sample.yaml": PretrainConfig,
 }
 NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 

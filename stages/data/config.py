@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from glm.config import ConfigError
+from stages.tracking import TrackingConfig
 
 
 @dataclass
@@ -131,17 +132,6 @@ class MIPConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.token_share < 1.0:
             raise ConfigError(f"mip.token_share must be in [0, 1), got {self.token_share}")
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow tracking."""
-
-    enabled: bool = False
-    """Log params, counts and the manifest to MLflow."""
-    experiment: str = "glm-pipeline"
-    tracking_uri: str = ""
-    """Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
 
 @dataclass

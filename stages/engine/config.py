@@ -1,0 +1,83 @@
+"""Typed config of the training engine (shared by pretraining, SFT, reward modelling, PPO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from glm.config import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to a floor."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * this (GLM-130B: 10x decay)."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 over this many optimizer steps."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass
+class EngineConfig:
+    """How to train: workers, DeepSpeed, schedule, checkpoints, fault tolerance."""
+
+    run_name: str = "glm-pretrain"
+    """Ray Train run name: rerunning the same name with the same storage resumes it."""
+    storage_path: str = "runs/train"
+    """Where Ray Train keeps checkpoints (path or URI shared by all workers)."""
+    num_workers: int = 2
+    """Data-parallel workers."""
+    use_gpu: bool | None = None
+    """None = use GPUs when CUDA is available."""
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int = 4
+    """Rows per worker per forward pass."""
+    grad_accum_steps: int = 1
+    train_steps: int = 100
+    """Optimizer steps in the whole run."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    """ZeRO CPU offload of the optimizer state."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp16 uses dynamic loss scaling; use fp32 or bf16 on CPU."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    """Worker-group restarts after a crash before the run fails."""
+    validate_every: int = 0
+    """Validation loss every this many steps (0 = only at the end)."""
+    validation_batches: int = 4
+    log_every: int = 10
+    skip_data_ranges: list[list[int]] = field(default_factory=list)
+    """[start, end) ranges of data indices never trained on (GLM-130B's skip-train-iteration-range)."""
+    grad_spike_factor: float = 5.0
+    """Warn when the gradient norm exceeds this times its running mean."""
+    peak_flops_per_worker: float = 0.0
+    """Peak FLOP/s of one worker's device for MFU (989e12: H100 bf16 dense); 0 = not reported."""
+    seed: int = 1234
+    fail_at_step: int = -1
+    """Testing: rank `fail_rank` exits (os._exit(1)) at this step, in the run's first attempt only."""
+    fail_rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.train_steps < 1:
+            raise ConfigError("num_workers, micro_batch_size, grad_accum_steps and train_steps must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every must be >= 1")
+        for r in self.skip_data_ranges:
+            if len(r) != 2 or r[0] >= r[1]:
+                raise ConfigError(f"skip_data_ranges: {r} is not a [start, end) range")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers

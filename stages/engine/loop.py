@@ -1,0 +1,322 @@
+"""The one training loop, run by every Ray Train worker. Stages plug in a TrainSpec.
+
+Exact resume: the batch of a step is a function of the consumed-sample count (engine-owned
+data position), every rank's torch RNG state is gathered into the checkpoint, and DeepSpeed
+restores model, optimizer and LR schedule. A killed run therefore replays the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from stages.engine.config import EngineConfig
+
+TAG_FILE = "engine_tag.txt"
+STEP_LOG = "steps.jsonl"
+
+
+@dataclass
+class TrainSpec:
+    """What a stage plugs into the engine (all module-level callables: they travel to workers)."""
+
+    model_factory: Callable[[], Any]
+    """Builds the torch module (same seed on every rank gives identical initial weights)."""
+    data_uri: str
+    """A data-stage output (train/ and validation/ shards of the sample schema)."""
+    step_fn: Callable[[Any, dict], Any]
+    """(model engine, batch of tensors) -> scalar loss."""
+    export_fn: Callable[[Any], None] | None = None
+    """Called on rank 0 with the trained (full, unsharded) module at the end."""
+    tracking_uri: str = ""
+    """MLflow tracking URI ("" = no tracking)."""
+    experiment: str = "glm-pipeline"
+    params: dict = field(default_factory=dict)
+    """Logged as MLflow params of a new run."""
+    flops_per_token: float = 0.0
+    """Model FLOPs per trained token (6N + attention) for MFU; 0 = not reported."""
+    nonfinite_steps: list[int] = field(default_factory=list)
+    """Testing: steps whose loss is replaced by NaN."""
+
+
+def lr_lambda(cfg: EngineConfig) -> Callable[[int], float]:
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train_steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: EngineConfig) -> dict:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer and cfg.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_loop(config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from stages.engine.data import ShardSource
+
+    spec: TrainSpec = config["spec"]
+    cfg: EngineConfig = config["engine"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.use_gpu is not False \
+        else torch.device("cpu")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = spec.model_factory()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout differs per rank
+
+    source = ShardSource(spec.data_uri, "train", cfg.seed, cfg.skip_data_ranges)
+    state = {"step": 0, "consumed": 0, "skipped_steps": 0, "mlflow_run_id": None, "attempt": 0}
+    run_dir = _run_dir(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and (found := latest_complete_checkpoint(run_dir, world)):
+        # A checkpoint reported just before a crash can be persisted but not yet registered
+        # by the controller: use the newest complete one on storage rather than start over.
+        checkpoint = ray.train.Checkpoint.from_directory(found)
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            tag = open(os.path.join(d, TAG_FILE)).read().strip()
+            _, client = engine.load_checkpoint(d, tag=tag)
+        state.update(client["engine_state"])
+        state["attempt"] += 1
+        torch.set_rng_state(client["rng"][rank])
+        if rank == 0:
+            print(f"[engine] resumed from {tag}: step {state['step']}, {state['consumed']:,} samples consumed", flush=True)
+
+    tracker = _Tracker(spec, cfg, state) if rank == 0 else None
+    per_rank = cfg.micro_batch_size * cfg.grad_accum_steps
+    grad_history: list[float] = []
+    t_last, tokens_since = time.time(), 0
+    while state["step"] < cfg.train_steps:
+        step = state["step"]
+        _maybe_fail(cfg, step, rank, state["attempt"])
+        indices, consumed = source.indices(state["consumed"], cfg.global_batch_size)
+        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        losses, nonfinite = [], 0
+        for m in range(cfg.grad_accum_steps):
+            rows = source.rows(mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])
+            batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
+            tokens_since += int((rows["segment_ids"] != 0).sum()) * world
+            loss = spec.step_fn(engine, batch)
+            if step in spec.nonfinite_steps:
+                loss = loss * float("nan")
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+            dist.all_reduce(bad)
+            if bad.item() > 0:  # no backward: this micro-batch contributes nothing
+                nonfinite += 1
+                if cfg.grad_accum_steps == 1:
+                    break  # no engine.step either: the whole step is skipped
+                engine.step()
+                continue
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        state["consumed"] = consumed
+        state["step"] += 1
+        if nonfinite == cfg.grad_accum_steps:
+            state["skipped_steps"] += 1
+        mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+        total = torch.tensor([mean_loss.item() if losses else 0.0, 1.0 if losses else 0.0], device=device)
+        dist.all_reduce(total)
+        metrics = {
+            "step": state["step"], "loss": (total[0] / total[1]).item() if total[1] > 0 else float("nan"),
+            "lr": scheduler.get_last_lr()[0], "consumed_samples": state["consumed"],
+            "skipped_steps": state["skipped_steps"], "nonfinite_microbatches": nonfinite,
+        }
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None and nonfinite < cfg.grad_accum_steps:
+            grad_norm = float(grad_norm)
+            metrics["grad_norm"] = grad_norm
+            if len(grad_history) >= 10 and grad_norm > cfg.grad_spike_factor * float(np.mean(grad_history[-50:])):
+                metrics["grad_spike"] = 1.0
+                if rank == 0:
+                    print(f"[engine] warning: gradient norm spike at step {step + 1}: {grad_norm:.3g}", flush=True)
+            grad_history.append(grad_norm)
+        if cfg.precision == "fp16":
+            metrics["loss_scale"] = float(optimizer.cur_scale) if hasattr(optimizer, "cur_scale") else 0.0
+        if rank == 0:
+            _append_step(run_dir, {"step": state["step"], "loss": metrics["loss"], "attempt": state["attempt"],
+                                   "indices": [int(i) for i in indices]})
+        done = state["step"] == cfg.train_steps
+        if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
+            metrics["val_loss"] = _validate(engine, spec, cfg, rank, world, device)
+        if state["step"] % cfg.log_every == 0 or done or state["step"] == 1:
+            elapsed = time.time() - t_last
+            metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
+            if spec.flops_per_token and cfg.peak_flops_per_worker:
+                metrics["mfu"] = metrics["tokens_per_s"] * spec.flops_per_token / (cfg.peak_flops_per_worker * world)
+            t_last, tokens_since = time.time(), 0
+            if rank == 0:
+                print("[engine] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in metrics.items()), flush=True)
+                tracker.log(metrics, state["step"])
+        if state["step"] % cfg.checkpoint_every == 0 or done:
+            _save_and_report(engine, state, metrics, rank, world)
+
+    if spec.export_fn is not None:
+        _export(engine, spec, cfg, rank)
+    if tracker:
+        tracker.end()
+
+
+def _validate(engine, spec, cfg, rank, world, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    from stages.engine.data import ShardSource
+
+    try:
+        source = ShardSource(spec.data_uri, "validation")
+    except ValueError:
+        return float("nan")
+    engine.eval()
+    total = torch.zeros(2, device=device)
+    with torch.no_grad():
+        for b in range(cfg.validation_batches):
+            start = (b * world + rank) * cfg.micro_batch_size
+            idx = np.arange(start, start + cfg.micro_batch_size) % source.size
+            batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(idx).items()}
+            total += torch.stack([spec.step_fn(engine, batch).float(), torch.tensor(1.0, device=device)])
+    engine.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def _save_and_report(engine, state, metrics, rank, world) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    rng = [None] * world
+    dist.all_gather_object(rng, torch.get_rng_state())
+    tag = f"step{state['step']:08d}"
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=tag, client_state={"engine_state": dict(state), "rng": rng})
+        if rank == 0:
+            with open(os.path.join(d, TAG_FILE), "w") as f:
+                f.write(tag)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> None:
+    import deepspeed
+    import torch
+
+    params = list(engine.module.parameters())
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else nullcontext()
+    with context:
+        if rank == 0:
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+    if rank == 0:
+        model = spec.model_factory()
+        model.load_state_dict(state)
+        spec.export_fn(model.eval())
+
+
+def latest_complete_checkpoint(run_dir: str, world: int) -> str | None:
+    """The newest checkpoint directory under a local run directory holding the tag file and
+    every rank's DeepSpeed files (remote storage relies on Ray's registered checkpoint)."""
+    if "://" in run_dir or not os.path.isdir(run_dir):
+        return None
+    for name in sorted((n for n in os.listdir(run_dir) if n.startswith("checkpoint_")), reverse=True):
+        path = os.path.join(run_dir, name)
+        tag_file = os.path.join(path, TAG_FILE)
+        if not os.path.exists(tag_file):
+            continue
+        tag_dir = os.path.join(path, open(tag_file).read().strip())
+        files = os.listdir(tag_dir) if os.path.isdir(tag_dir) else []
+        optim = [f for f in files if f.endswith("optim_states.pt")]
+        if any(f.endswith("model_states.pt") for f in files) and len(optim) in (0, world):
+            return path
+    return None
+
+
+def _run_dir(cfg: EngineConfig) -> str:
+    from stages import storage
+
+    _, path = storage.resolve(cfg.storage_path)
+    return posixpath.join(path, cfg.run_name)
+
+
+def _append_step(run_dir: str, record: dict) -> None:
+    """One line per step (all attempts) in <storage>/<run>/steps.jsonl, for loss-curve and data audits."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, STEP_LOG), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _maybe_fail(cfg: EngineConfig, step: int, rank: int, attempt: int) -> None:
+    if step == cfg.fail_at_step and rank == cfg.fail_rank and attempt == 0:
+        print(f"[engine] injected failure: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
+class _Tracker:
+    """MLflow from rank 0, one run that survives restarts (its id is in the checkpoint state)."""
+
+    def __init__(self, spec: TrainSpec, cfg: EngineConfig, state: dict):
+        self.mlflow = None
+        if not spec.tracking_uri:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(spec.tracking_uri)
+        if state["mlflow_run_id"]:
+            mlflow.start_run(run_id=state["mlflow_run_id"])
+        else:
+            mlflow.set_experiment(spec.experiment)
+            run = mlflow.start_run(run_name=cfg.run_name)
+            state["mlflow_run_id"] = run.info.run_id
+            from stages.tracking import flatten
+
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten({**spec.params, "engine": asdict(cfg)}).items()})
+        self.mlflow = mlflow
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.mlflow:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+                                     and math.isfinite(float(v))}, step=step)
+
+    def end(self) -> None:
+        if self.mlflow:
+            self.mlflow.end_run()

@@ -1,0 +1,62 @@
+"""Driver side of the engine: a Ray Train TorchTrainer around `stages.engine.loop.train_loop`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from stages import storage
+from stages.engine.config import EngineConfig
+from stages.engine.loop import STEP_LOG, TrainSpec, train_loop
+
+
+def ensure_ray(cfg: EngineConfig) -> None:
+    """Start a local Ray instance when none is connected, with CPUs for the workers and the controller."""
+    import ray
+
+    if not ray.is_initialized():
+        need = int(cfg.num_workers * cfg.cpus_per_worker) + 2
+        ray.init(num_cpus=max(os.cpu_count() or 2, need), include_dashboard=False, configure_logging=False)
+
+
+def fit(spec: TrainSpec, cfg: EngineConfig):
+    """Train; rerunning the same run_name and storage_path resumes from its last checkpoint."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg)
+    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    cfg.storage_path = storage.absolute(cfg.storage_path)
+    spec.data_uri = storage.absolute(spec.data_uri)
+    if "://" not in cfg.storage_path:
+        os.makedirs(cfg.storage_path, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "engine": cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def step_log(cfg: EngineConfig) -> list[dict]:
+    """Every step record written by rank 0, all attempts, in order."""
+    _, path = storage.resolve(cfg.storage_path)
+    file = os.path.join(path, cfg.run_name, STEP_LOG)
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_steps(cfg: EngineConfig) -> dict[int, dict]:
+    """The last record of each step: after a resume, replayed steps replace the lost ones."""
+    return {r["step"]: r for r in step_log(cfg)}

@@ -1,0 +1,45 @@
+"""python -m stages.pretrain --config FILE [--data URI] [--output URI] [--run-name NAME] [--track]
+
+Trains the configured GLM preset on a data-stage output with Ray Train + DeepSpeed, saving
+checkpoints every engine.checkpoint_every steps; rerunning the same run name resumes from the
+last checkpoint. At the end the inference checkpoint is written to the output.
+"""
+
+import argparse
+import sys
+
+from glm.config import ConfigError, load_yaml
+from stages.pretrain.config import PretrainConfig
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file of PretrainConfig fields")
+    parser.add_argument("--data", help="override the data-stage output to train on")
+    parser.add_argument("--output", help="override where the inference checkpoint goes")
+    parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
+    parser.add_argument("--track", action="store_true", help="log to MLflow")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_yaml(PretrainConfig, args.config)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg.data = args.data or cfg.data
+    cfg.output = args.output or cfg.output
+    cfg.engine.run_name = args.run_name or cfg.engine.run_name
+    cfg.tracking.enabled = cfg.tracking.enabled or args.track
+    from stages.pretrain.stage import run
+
+    try:
+        run(cfg)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"output: {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
