@@ -65,8 +65,9 @@ class EngineConfig:
     peak_flops_per_worker: float = 0.0
     """Peak FLOP/s of one worker's device for MFU (989e12: H100 bf16 dense); 0 = not reported."""
     seed: int = 1234
-    fail_at_step: int = -1
-    """Testing: rank `fail_rank` exits (os._exit(1)) at this step, in the run's first attempt only."""
+    fail_at_steps: list[int] = field(default_factory=list)
+    """Testing: in attempt k, rank `fail_rank` exits (os._exit(1)) when it reaches step
+    fail_at_steps[k]; put a checkpoint between consecutive failure steps."""
     fail_rank: int = 1
 
     def __post_init__(self) -> None:

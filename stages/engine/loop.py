@@ -44,6 +44,10 @@ class TrainSpec:
     """Logged as MLflow params of a new run."""
     flops_per_token: float = 0.0
     """Model FLOPs per trained token (6N + attention) for MFU; 0 = not reported."""
+    hardware_flops_per_token: float = 0.0
+    """FLOPs actually executed per token (with activation recomputation) for HFU; 0 = same as model FLOPs."""
+    grad_norm_params: dict[str, str] = field(default_factory=dict)
+    """Extra gradient norms to report: metric name -> parameter name (e.g. the embedding, for EGS)."""
     nonfinite_steps: list[int] = field(default_factory=list)
     """Testing: steps whose loss is replaced by NaN."""
 
@@ -129,9 +133,10 @@ def train_loop(config: dict) -> None:
     while state["step"] < cfg.train_steps:
         step = state["step"]
         _maybe_fail(cfg, step, rank, state["attempt"])
+        t_step = time.time()
         indices, consumed = source.indices(state["consumed"], cfg.global_batch_size)
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
-        losses, nonfinite = [], 0
+        losses, nonfinite, extra_norms = [], 0, {}
         for m in range(cfg.grad_accum_steps):
             rows = source.rows(mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
@@ -148,6 +153,8 @@ def train_loop(config: dict) -> None:
                 engine.step()
                 continue
             engine.backward(loss)
+            if m == cfg.grad_accum_steps - 1:
+                extra_norms = _param_grad_norms(engine, spec.grad_norm_params)
             engine.step()
             losses.append(loss.detach().float())
         state["consumed"] = consumed
@@ -162,6 +169,7 @@ def train_loop(config: dict) -> None:
             "lr": scheduler.get_last_lr()[0], "consumed_samples": state["consumed"],
             "skipped_steps": state["skipped_steps"], "nonfinite_microbatches": nonfinite,
         }
+        metrics.update(extra_norms)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None and nonfinite < cfg.grad_accum_steps:
             grad_norm = float(grad_norm)
@@ -175,6 +183,8 @@ def train_loop(config: dict) -> None:
             metrics["loss_scale"] = float(optimizer.cur_scale) if hasattr(optimizer, "cur_scale") else 0.0
         if rank == 0:
             _append_step(run_dir, {"step": state["step"], "loss": metrics["loss"], "attempt": state["attempt"],
+                                   "seconds": time.time() - t_step, "time": time.time(),
+                                   "tokens": int(sum((source.rows(indices)["segment_ids"] != 0).sum(axis=1))),
                                    "indices": [int(i) for i in indices]})
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
@@ -183,7 +193,9 @@ def train_loop(config: dict) -> None:
             elapsed = time.time() - t_last
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
             if spec.flops_per_token and cfg.peak_flops_per_worker:
-                metrics["mfu"] = metrics["tokens_per_s"] * spec.flops_per_token / (cfg.peak_flops_per_worker * world)
+                peak = cfg.peak_flops_per_worker * world
+                metrics["mfu"] = metrics["tokens_per_s"] * spec.flops_per_token / peak
+                metrics["hfu"] = metrics["tokens_per_s"] * (spec.hardware_flops_per_token or spec.flops_per_token) / peak
             t_last, tokens_since = time.time(), 0
             if rank == 0:
                 print("[engine] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -196,6 +208,18 @@ def train_loop(config: dict) -> None:
         _export(engine, spec, cfg, rank)
     if tracker:
         tracker.end()
+
+
+def _param_grad_norms(engine, names: dict[str, str]) -> dict[str, float]:
+    """Norms of chosen parameters' full gradients (any ZeRO stage; collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for metric, name in names.items():
+        grad = safe_get_full_grad(engine.module.get_parameter(name))
+        if grad is not None:
+            out[metric] = float(grad.float().norm())
+    return out
 
 
 def _validate(engine, spec, cfg, rank, world, device) -> float:
@@ -286,7 +310,7 @@ def _append_step(run_dir: str, record: dict) -> None:
 
 
 def _maybe_fail(cfg: EngineConfig, step: int, rank: int, attempt: int) -> None:
-    if step == cfg.fail_at_step and rank == cfg.fail_rank and attempt == 0:
+    if rank == cfg.fail_rank and attempt < len(cfg.fail_at_steps) and step == cfg.fail_at_steps[attempt]:
         print(f"[engine] injected failure: rank {rank} exits at step {step}", flush=True)
         os._exit(1)
 

@@ -72,5 +72,8 @@ def run(cfg: PretrainConfig):
         experiment=cfg.tracking.experiment,
         params={"model": asdict(config), "data": cfg.data, "output": cfg.output},
         flops_per_token=flops_per_token(config, config.max_seq_len),
+        # activation recomputation runs the forward twice: 8N instead of 6N of hardware work
+        hardware_flops_per_token=flops_per_token(config, config.max_seq_len) * (4 / 3 if config.activation_checkpointing else 1),
+        grad_norm_params={"embedding_grad_norm": "word_embeddings.weight"},
     )
     return fit(spec, cfg.engine)

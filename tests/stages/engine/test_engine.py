@@ -34,7 +34,8 @@ def data(tmp_path_factory, ray_instance, tokenizer):
 
 def spec_for(data_uri: str, **kw) -> TrainSpec:
     config = model_config(PretrainConfig(data=data_uri, output="", model=ModelSpec("tiny", {"hidden_dropout": 0.1})))
-    return TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=loss_step, **kw)
+    return TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=loss_step,
+                     grad_norm_params={"embedding_grad_norm": "word_embeddings.weight"}, **kw)
 
 
 def engine(tmp: Path, name: str, **kw) -> EngineConfig:
@@ -64,7 +65,7 @@ def test_seeded_run_gives_pinned_losses(uninterrupted):
 
 def test_killed_rank_resumes_with_an_identical_loss_curve(data, uninterrupted):
     tmp, data_uri = data
-    cfg = engine(tmp, "killed", fail_at_step=3, fail_rank=1)
+    cfg = engine(tmp, "killed", fail_at_steps=[3], fail_rank=1)
     fit(spec_for(data_uri), cfg)
     log = step_log(cfg)
     assert any(r["attempt"] == 1 for r in log), "the run was not restarted"
@@ -78,7 +79,7 @@ def test_killed_rank_resumes_with_an_identical_loss_curve(data, uninterrupted):
 
 def test_second_driver_resumes_instead_of_restarting(data, uninterrupted):
     tmp, data_uri = data
-    first = engine(tmp, "driver", fail_at_step=3, fail_rank=0, max_failures=0)
+    first = engine(tmp, "driver", fail_at_steps=[3], fail_rank=0, max_failures=0)
     with pytest.raises(Exception):
         fit(spec_for(data_uri), first)  # the run dies; its step-2 checkpoint remains
     second = engine(tmp, "driver")
@@ -97,6 +98,7 @@ def test_zero3_runs_and_a_nonfinite_step_is_skipped_and_counted(data, tmp_path):
     spec = spec_for(data_uri, nonfinite_steps=[1], export_fn=export)
     result = fit(spec, cfg)
     assert result.metrics["skipped_steps"] == 1
+    assert 0 < result.metrics["embedding_grad_norm"] < result.metrics["grad_norm"]  # gathered under ZeRO-3
     steps = final_steps(cfg)
     assert steps[2]["loss"] != steps[2]["loss"]  # NaN: the skipped step
     assert all(steps[s]["loss"] == steps[s]["loss"] for s in (1, 3, 4))
