@@ -127,18 +127,19 @@ def train_loop(config: dict) -> None:
             print(f"[engine] resumed from {tag}: step {state['step']}, {state['consumed']:,} samples consumed", flush=True)
 
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
-    per_rank = cfg.micro_batch_size * cfg.grad_accum_steps
     grad_history: list[float] = []
     t_last, tokens_since = time.time(), 0
     while state["step"] < cfg.train_steps:
         step = state["step"]
         _maybe_fail(cfg, step, rank, state["attempt"])
         t_step = time.time()
-        indices, consumed = source.indices(state["consumed"], cfg.global_batch_size)
+        micro = cfg.micro_batch_at(step)  # DeepSpeed's micro-batch size is bookkeeping only
+        indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step))
+        per_rank = micro * cfg.grad_accum_steps
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
         losses, nonfinite, extra_norms = [], 0, {}
         for m in range(cfg.grad_accum_steps):
-            rows = source.rows(mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size])
+            rows = source.rows(mine[m * micro:(m + 1) * micro])
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
             tokens_since += int((rows["segment_ids"] != 0).sum()) * world
             loss = spec.step_fn(engine, batch)
@@ -168,6 +169,7 @@ def train_loop(config: dict) -> None:
             "step": state["step"], "loss": (total[0] / total[1]).item() if total[1] > 0 else float("nan"),
             "lr": scheduler.get_last_lr()[0], "consumed_samples": state["consumed"],
             "skipped_steps": state["skipped_steps"], "nonfinite_microbatches": nonfinite,
+            "global_batch": len(indices),
         }
         metrics.update(extra_norms)
         grad_norm = engine.get_global_grad_norm()
