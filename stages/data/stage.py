@@ -71,6 +71,8 @@ def run(cfg: DataConfig) -> str:
     if (manifest := completed_output(cfg)) is not None:
         print(f"[data] complete output for config {manifest['config_hash']} exists at {cfg.output}: reusing it")
         return cfg.output
+    for uri in [s.uri for s in cfg.sources] + [d.uri for d in cfg.mip.datasets]:
+        storage.expand(uri)  # fail on a missing input before starting anything
     out_fs, out_path = storage.resolve(cfg.output)
     staging = f"{out_path}.tmp-{uuid.uuid4().hex[:8]}"
     out_fs.create_dir(staging, recursive=True)
