@@ -113,10 +113,11 @@ def main() -> None:
 
         import ray
 
-        from stages.data.stage import ensure_ray, run
+        from stages.cluster import ensure_ray
+        from stages.data.stage import run
 
         t = time.perf_counter()
-        ensure_ray(args.workers)
+        ensure_ray(args.workers + 2)
         ray_start = time.perf_counter() - t
         print(f"Ray started in {ray_start:.1f}s ({ray.cluster_resources().get('CPU')} logical CPUs); "
               f"stage with {args.workers} workers ...", flush=True)

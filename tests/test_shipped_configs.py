@@ -44,6 +44,6 @@ def test_unknown_key_is_named(tmp_path):
     bad.write_text((REPO / "pipelines/configs/smoke.yaml").read_text() + "\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown key\\(s\\) 'learning_rate'"):
         load_yaml(SmokeConfig, bad)
-    bad.write_text("model:\n  preset: small\n  overides: {}\n")
+    bad.write_text("output: x\nmodel:\n  preset: small\n  overides: {}\n")
     with pytest.raises(ConfigError, match="model: unknown key\\(s\\) 'overides'"):
-        load_yaml(SmokeConfig, bad)
+        load_yaml(PretrainConfig, bad)

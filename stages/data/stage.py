@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import os
 import posixpath
 import time
 import uuid
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd
@@ -28,6 +25,7 @@ import pandas as pd
 from glm.schema import COLUMNS
 from glm.tokenizer import GLMTokenizer, train_tokenizer
 from stages import storage
+from stages.cluster import ensure_ray
 from stages.data.blank_infilling import KIND_GMASK, KIND_MASK, KIND_MIP
 from stages.data.config import DataConfig
 from stages.data.documents import REASONS
@@ -44,16 +42,6 @@ class _Progress:
     def __call__(self, message: str) -> None:
         self.step += 1
         print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.0f}s] {message}", flush=True)
-
-
-def ensure_ray(workers: int) -> None:
-    """Start a local Ray instance if none is connected (enough logical CPUs for the actor pool
-    plus the read and build tasks, see RAY_NOTES.md on starved pipelines)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 2, workers + 2), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
 
 
 def completed_output(cfg: DataConfig) -> dict | None:
@@ -85,13 +73,12 @@ def run(cfg: DataConfig) -> str:
 
 
 def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
-    import ray
     import ray.data as rd
     from ray.data import ActorPoolStrategy
 
     from stages.data import steps
 
-    ensure_ray(cfg.workers)
+    ensure_ray(cfg.workers + 2)
     context = rd.DataContext.get_current()
     # Task-based sort shuffle: the default actor-based shuffle spends most of a small job
     # starting aggregator actors. Configurable through DataConfig for large clusters.

@@ -6,17 +6,9 @@ import json
 import os
 
 from stages import storage
+from stages.cluster import ensure_ray
 from stages.engine.config import EngineConfig
 from stages.engine.loop import STEP_LOG, TrainSpec, train_loop
-
-
-def ensure_ray(cfg: EngineConfig) -> None:
-    """Start a local Ray instance when none is connected, with CPUs for the workers and the controller."""
-    import ray
-
-    if not ray.is_initialized():
-        need = int(cfg.num_workers * cfg.cpus_per_worker) + 2
-        ray.init(num_cpus=max(os.cpu_count() or 2, need), include_dashboard=False, configure_logging=False)
 
 
 def fit(spec: TrainSpec, cfg: EngineConfig):
@@ -25,7 +17,7 @@ def fit(spec: TrainSpec, cfg: EngineConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(cfg)
+    ensure_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
     use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
     cfg.storage_path = storage.absolute(cfg.storage_path)
     spec.data_uri = storage.absolute(spec.data_uri)

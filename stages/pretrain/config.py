@@ -13,10 +13,10 @@ from stages.tracking import TrackingConfig
 class PretrainConfig:
     """GLM pretraining on a data-stage output with the training engine."""
 
-    data: str
-    """The data stage's output (path or URI)."""
     output: str
     """Where the inference checkpoint (safetensors + config + tokenizer) is written."""
+    data: str = ""
+    """The data stage's output (path or URI); a pipeline fills it in."""
     model: ModelSpec = field(default_factory=ModelSpec)
     """Preset and overrides; vocab size and position encoding come from the data."""
     engine: EngineConfig = field(default_factory=EngineConfig)

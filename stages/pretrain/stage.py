@@ -59,6 +59,8 @@ def flops_per_token(config: GLMConfig, seq_len: int) -> float:
 
 
 def run(cfg: PretrainConfig):
+    if not cfg.data:
+        raise ValueError("pretrain config: `data` (the data stage's output) is not set")
     cfg.data, cfg.output = storage.absolute(cfg.data), storage.absolute(cfg.output)
     config = model_config(cfg)
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""

@@ -1,0 +1,16 @@
+"""Connecting to Ray: the stages join a running cluster (a job, `ray.init(address=...)`) or
+start a local instance sized for what they will schedule."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(min_cpus: int) -> None:
+    """Start a local Ray instance when none is connected, with at least `min_cpus` logical CPUs
+    (an actor pool or train workers plus the tasks around them; RAY_NOTES.md: a pipeline whose
+    reads are starved of CPUs hangs). Worker output is forwarded to this console."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(os.cpu_count() or 2, min_cpus), include_dashboard=False, configure_logging=False)
