@@ -63,10 +63,6 @@ class StageRun:
         if self._mlflow:
             self._mlflow.log_dict(data, name)
 
-    def log_text(self, text: str, name: str) -> None:
-        if self._mlflow:
-            self._mlflow.log_text(text, name)
-
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow:
             self._mlflow.set_tags(tags)

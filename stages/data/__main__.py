@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from glm.config import ConfigError, load_yaml
+from stages.cli import load_config_or_exit
 from stages.data.config import DataConfig
 
 
@@ -22,11 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, help="override the tokenizer actor-pool size")
     parser.add_argument("--track", action="store_true", help="log to MLflow (tracking.enabled)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_yaml(DataConfig, args.config)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(DataConfig, args.config)
     if args.output:
         cfg.output = args.output
     if args.workers:

@@ -92,8 +92,5 @@ class EngineConfig:
         return start + (self.micro_batch_size - start) * step // self.batch_warmup_steps
 
     def global_batch_at(self, step: int) -> int:
+        """Rows of all workers in one optimizer step."""
         return self.micro_batch_at(step) * self.grad_accum_steps * self.num_workers
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.num_workers

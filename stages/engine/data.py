@@ -66,5 +66,9 @@ class ShardSource:
             out.append(index)
         return np.array(out, dtype=np.int64), p
 
+    def tokens(self, indices: np.ndarray) -> int:
+        """Non-padding tokens in these rows."""
+        return int(np.count_nonzero(self.columns["segment_ids"][indices]))
+
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {c: v[indices] for c, v in self.columns.items()}

@@ -137,11 +137,12 @@ def train_loop(config: dict) -> None:
         indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step))
         per_rank = micro * cfg.grad_accum_steps
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        step_tokens = source.tokens(indices)  # the whole global batch, every rank's share
+        tokens_since += step_tokens
         losses, nonfinite, extra_norms = [], 0, {}
         for m in range(cfg.grad_accum_steps):
             rows = source.rows(mine[m * micro:(m + 1) * micro])
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
-            tokens_since += int((rows["segment_ids"] != 0).sum()) * world
             loss = spec.step_fn(engine, batch)
             if step in spec.nonfinite_steps:
                 loss = loss * float("nan")
@@ -186,7 +187,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             _append_step(run_dir, {"step": state["step"], "loss": metrics["loss"], "attempt": state["attempt"],
                                    "seconds": time.time() - t_step, "time": time.time(),
-                                   "tokens": int(sum((source.rows(indices)["segment_ids"] != 0).sum(axis=1))),
+                                   "tokens": step_tokens,
                                    "indices": [int(i) for i in indices]})
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):

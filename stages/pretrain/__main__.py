@@ -8,7 +8,7 @@ last checkpoint. At the end the inference checkpoint is written to the output.
 import argparse
 import sys
 
-from glm.config import ConfigError, load_yaml
+from stages.cli import load_config_or_exit
 from stages.pretrain.config import PretrainConfig
 
 
@@ -21,11 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
     parser.add_argument("--track", action="store_true", help="log to MLflow")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_yaml(PretrainConfig, args.config)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(PretrainConfig, args.config)
     cfg.data = args.data or cfg.data
     cfg.output = args.output or cfg.output
     cfg.engine.run_name = args.run_name or cfg.engine.run_name

@@ -112,11 +112,10 @@ def test_every_row_satisfies_the_schema_and_decodes_back(built):
                 for i in part_b:  # 2D: every Part-B token sits at a mask position of Part A
                     assert ids[a0 + pos[i]] in special.mask_ids
                 if row["kind"] != KIND_MIP:
-                    for window in reconstruct(ids, labels, pos, part_a, part_b, special):
-                        for piece in split_on(window, special.eos):
-                            if len(piece) > 1:
-                                needle = "," + ",".join(map(str, piece)) + ","
-                                assert any(needle in d for d in docs), "a window is not a slice of a document"
+                    for piece in split_on(reconstruct(ids, labels, pos, part_a, part_b, special), special.eos):
+                        if len(piece) > 1:
+                            needle = "," + ",".join(map(str, piece)) + ","
+                            assert any(needle in d for d in docs), "a window is not a slice of a document"
             pad = [i for i, x in enumerate(seg) if x == 0]
             assert all(labels[i] == IGNORE_INDEX and ids[i] == special.pad for i in pad)
     for split in ("train", "validation"):
@@ -132,7 +131,7 @@ def reconstruct(ids, labels, pos, part_a, part_b, special):
             current = pos[i]
             spans[current] = []
         spans[current].append(labels[i])
-    text = []
+    text: list[int] = []
     for i in part_a:
         local = i - part_a[0]
         if ids[i] in special.mask_ids and local in spans:
@@ -140,7 +139,7 @@ def reconstruct(ids, labels, pos, part_a, part_b, special):
             text += span[:-1] if span and span[-1] == special.eop else span
         else:
             text.append(ids[i])
-    yield text
+    return text
 
 
 def split_on(tokens, sep):

@@ -10,7 +10,7 @@ from stages.engine.loop import lr_lambda
 def test_batch_size_warmup_ramps_to_the_micro_batch():
     cfg = EngineConfig(num_workers=2, micro_batch_size=8, grad_accum_steps=2, batch_warmup_steps=4, batch_warmup_start=2)
     assert [cfg.micro_batch_at(s) for s in range(6)] == [2, 3, 5, 6, 8, 8]
-    assert cfg.global_batch_at(0) == 2 * 2 * 2 and cfg.global_batch_at(10) == cfg.global_batch_size == 32
+    assert cfg.global_batch_at(0) == 2 * 2 * 2 and cfg.global_batch_at(10) == 8 * 2 * 2
     assert EngineConfig(micro_batch_size=4).micro_batch_at(0) == 4  # off by default
 
 
