@@ -30,16 +30,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from glm.config import ModelSpec
-    from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit
+    from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit, lm_loss_step
     from stages.engine.trainer import final_steps, step_log
     from stages.pretrain.config import PretrainConfig
-    from stages.pretrain.stage import build_model, loss_step, model_config
+    from stages.pretrain.stage import build_model, model_config
 
     work = Path(tempfile.mkdtemp(prefix="ft_bench_"))
     try:
         data = build_sample_data(work, seq_len=128)
         config = model_config(PretrainConfig(data=data, output="", model=ModelSpec("tiny", {"hidden_dropout": 0.1})))
-        spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data, step_fn=loss_step)
+        spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data, step_fn=lm_loss_step)
         # kill steps: one per checkpoint interval, so each restart has a newer checkpoint to resume from
         rng = random.Random(args.seed)
         intervals = rng.sample(range(1, args.steps // args.checkpoint_every), args.kills)

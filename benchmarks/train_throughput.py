@@ -66,10 +66,10 @@ def main() -> None:
     import torch
 
     from glm.config import ModelSpec
-    from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit
+    from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit, lm_loss_step
     from stages.engine.trainer import final_steps
     from stages.pretrain.config import PretrainConfig
-    from stages.pretrain.stage import build_model, flops_per_token, loss_step, model_config
+    from stages.pretrain.stage import build_model, flops_per_token, model_config
 
     threads = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
@@ -86,7 +86,7 @@ def main() -> None:
                            cpus_per_worker=float(threads), micro_batch_size=args.micro_batch, train_steps=args.steps,
                            zero_stage=0, precision=args.precision, optim=OptimConfig(lr=6e-4, warmup_steps=5),
                            checkpoint_every=args.steps, log_every=10)
-        spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data, step_fn=loss_step)
+        spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data, step_fn=lm_loss_step)
         fit(spec, cfg)
         steps = [r for s, r in sorted(final_steps(cfg).items()) if s > WARMUP]
         tokens_per_s = sum(r["tokens"] for r in steps) / sum(r["seconds"] for r in steps)

@@ -61,6 +61,13 @@ class GLMConfig:
     """Recompute each block in the backward pass to save activation memory."""
     init_std: float = 0.02
     """Std of the normal init of the embedding (and a separate lm_head)."""
+    pre_seq_len: int = 0
+    """P-Tuning v2: number of trainable key/value prefix positions in every layer (0 = none)."""
+    prefix_projection: bool = False
+    """P-Tuning v2 reparameterisation: prefixes come from an embedding through a 2-layer MLP
+    (training only; an export folds the MLP into a plain prefix table)."""
+    prefix_hidden_size: int = 0
+    """Width of that MLP's hidden layer (0 = hidden_size)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
@@ -91,6 +98,9 @@ class GLMConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"GLMConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pre_seq_len < 0 or self.prefix_hidden_size < 0:
+            raise ConfigError(f"GLMConfig.pre_seq_len ({self.pre_seq_len}) and prefix_hidden_size "
+                              f"({self.prefix_hidden_size}) must be >= 0")
         if self.ffn_hidden_size is None:
             if self.ffn_type == "gelu":
                 self.ffn_hidden_size = 4 * self.hidden_size

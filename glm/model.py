@@ -8,6 +8,9 @@
 - Embedding gradient shrink: emb * a + emb.detach() * (1 - a).
 - Attention through kernels.attention (FP32-softmax scaling in the reference path), with the
   sample schema's rule as the mask, a KV cache for decoding, and activation checkpointing.
+- P-Tuning v2 (config.pre_seq_len > 0): trainable key/value prefixes in every layer that
+  every token attends to. They are not rotated and not part of the KV cache, so callers
+  (generation, serving, evaluation) never see them.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ class SelfAttention(nn.Module):
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
 
-    def forward(self, x, position_ids, block_position_ids, mask, past: tuple | None):
+    def forward(self, x, position_ids, block_position_ids, mask, past: tuple | None, prefix: tuple | None = None):
+        """prefix: P-Tuning v2 keys and values (B, nh, P, hd), visible to every query; the
+        mask then covers P + cached + new keys. The returned cache excludes the prefix."""
         B, T, h = x.shape
         nh, hd = self.config.num_heads, self.config.head_dim
         qkv = self.query_key_value(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
@@ -67,6 +72,10 @@ class SelfAttention(nn.Module):
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        if prefix is not None:
+            k = torch.cat((prefix[0], k), dim=2)
+            v = torch.cat((prefix[1], v), dim=2)
         y = attention(
             q, k, v, mask,
             layer_index=self.layer_index,
@@ -74,7 +83,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.config.attention_dropout if self.training else 0.0,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, h)
-        return self.dense(y), (k, v)
+        return self.dense(y), present
 
 
 class FeedForward(nn.Module):
@@ -105,9 +114,9 @@ class GLMBlock(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x, position_ids, block_position_ids, mask, past=None):
+    def forward(self, x, position_ids, block_position_ids, mask, past=None, prefix=None):
         y = self.input_layernorm(x)
-        attn, present = self.attention(y, position_ids, block_position_ids, mask, past)
+        attn, present = self.attention(y, position_ids, block_position_ids, mask, past, prefix)
         x = y * self.alpha + self.dropout(attn)
         y = self.post_attention_layernorm(x)
         x = y * self.alpha + self.dropout(self.mlp(y))
@@ -125,6 +134,32 @@ class WordEmbedding(nn.Embedding):
         return F.linear(x, self.weight) if project else super().forward(x)
 
 
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2 (ChatGLM-6B's ptuning): pre_seq_len trainable key/value pairs per layer,
+    either a table of their values or, with prefix_projection, an embedding through an MLP."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        width = 2 * config.num_layers * config.hidden_size
+        if config.prefix_projection:
+            inner = config.prefix_hidden_size or config.hidden_size
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(nn.Linear(config.hidden_size, inner), nn.Tanh(), nn.Linear(inner, width))
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, width)
+            self.trans = None
+
+    def forward(self) -> torch.Tensor:
+        """All prefixes as one tensor (num_layers, 2, num_heads, pre_seq_len, head_dim)."""
+        c = self.config
+        # through the embedding's forward, so ZeRO-3 gathers its weight
+        x = self.embedding(torch.arange(c.pre_seq_len, device=self.embedding.weight.device))
+        if self.trans is not None:
+            x = self.trans(x)
+        return x.view(c.pre_seq_len, c.num_layers, 2, c.num_heads, c.head_dim).permute(1, 2, 3, 0, 4)
+
+
 class GLMModel(nn.Module):
     """GLM language model: token ids in, next-token (Part-B target) logits out."""
 
@@ -138,6 +173,7 @@ class GLMModel(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -159,6 +195,8 @@ class GLMModel(nn.Module):
             for linear in (block.attention.query_key_value, block.attention.dense,
                            block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h):
                 nn.init.zeros_(linear.bias)
+        if self.prefix_encoder is not None:  # small prefixes: the base model's behaviour at the start
+            nn.init.normal_(self.prefix_encoder.embedding.weight, std=c.init_std)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         emb = self.word_embeddings(input_ids)
@@ -197,18 +235,26 @@ class GLMModel(nn.Module):
         if block_position_ids is None:
             block_position_ids = torch.zeros_like(position_ids)
         mask = attention_mask(segment_ids, prefix_mask, num_queries=T)
+        prefixes = None
+        if self.prefix_encoder is not None:
+            prefixes = self.prefix_encoder().to(self.word_embeddings.weight.dtype)
+            visible = torch.ones(B, 1, T, self.config.pre_seq_len, dtype=torch.bool, device=mask.device)
+            mask = torch.cat((visible, mask), dim=-1)
 
         x = self.embedding_dropout(self.embed(input_ids))
         presents: KVCache = []
         checkpointing = self.config.activation_checkpointing and self.training and not use_cache
         for i, block in enumerate(self.layers):
             past = past_key_values[i] if past_key_values else None
+            prefix = None
+            if prefixes is not None:
+                prefix = (prefixes[i, 0].expand(B, -1, -1, -1), prefixes[i, 1].expand(B, -1, -1, -1))
             if checkpointing:
                 x, present = torch.utils.checkpoint.checkpoint(
-                    block, x, position_ids, block_position_ids, mask, past, use_reentrant=False
+                    block, x, position_ids, block_position_ids, mask, past, prefix, use_reentrant=False
                 )
             else:
-                x, present = block(x, position_ids, block_position_ids, mask, past)
+                x, present = block(x, position_ids, block_position_ids, mask, past, prefix)
             if use_cache:
                 presents.append(present)
         x = self.final_layernorm(x)

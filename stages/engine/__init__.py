@@ -3,9 +3,9 @@ failure restarts with exact resume, metrics. Stages plug in a TrainSpec (model f
 step function) and never write their own loop."""
 
 from stages.engine.config import EngineConfig, OptimConfig
-from stages.engine.loop import TrainSpec
+from stages.engine.loop import TrainSpec, lm_loss_step
 
-__all__ = ["EngineConfig", "OptimConfig", "TrainSpec", "fit"]
+__all__ = ["EngineConfig", "OptimConfig", "TrainSpec", "fit", "lm_loss_step"]
 
 
 def fit(spec: TrainSpec, cfg: EngineConfig):

@@ -62,6 +62,8 @@ class EngineConfig:
     validate_every: int = 0
     """Validation loss every this many steps (0 = only at the end)."""
     validation_batches: int = 4
+    validate_at_start: bool = False
+    """Also measure the validation loss before the first step (step 0; fine-tuning baselines)."""
     log_every: int = 10
     skip_data_ranges: list[list[int]] = field(default_factory=list)
     """[start, end) ranges of data indices never trained on (GLM-130B's skip-train-iteration-range)."""

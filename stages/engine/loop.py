@@ -35,8 +35,9 @@ class TrainSpec:
     """A data-stage output (train/ and validation/ shards of the sample schema)."""
     step_fn: Callable[[Any, dict], Any]
     """(model engine, batch of tensors) -> scalar loss."""
-    export_fn: Callable[[Any], None] | None = None
-    """Called on rank 0 with the trained (full, unsharded) module at the end."""
+    export_fn: Callable[[Any], dict | None] | None = None
+    """Called on rank 0 with the trained (full, unsharded) module at the end; a returned dict
+    (name -> JSON-serialisable object) is logged to the MLflow run as artifacts."""
     tracking_uri: str = ""
     """MLflow tracking URI ("" = no tracking)."""
     experiment: str = "glm-pipeline"
@@ -48,8 +49,31 @@ class TrainSpec:
     """FLOPs actually executed per token (with activation recomputation) for HFU; 0 = same as model FLOPs."""
     grad_norm_params: dict[str, str] = field(default_factory=dict)
     """Extra gradient norms to report: metric name -> parameter name (e.g. the embedding, for EGS)."""
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable objects logged to the MLflow run when it is created (name -> object)."""
+    start_metrics: dict[str, float] = field(default_factory=dict)
+    """Metrics logged at step 0 when the MLflow run is created (e.g. data counts)."""
     nonfinite_steps: list[int] = field(default_factory=list)
     """Testing: steps whose loss is replaced by NaN."""
+
+
+def lm_loss_step(engine, batch: dict):
+    """The GLM objective on rows of the sample schema: the model computes the loss."""
+    return engine(**batch).loss
+
+
+def build_optimizer(model, cfg: EngineConfig):
+    """AdamW over the trainable parameters (frozen ones, e.g. a LoRA base, get no state);
+    no weight decay on vectors (biases, norms)."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                             betas=(cfg.optim.beta1, cfg.optim.beta2))
 
 
 def lr_lambda(cfg: EngineConfig) -> Callable[[int], float]:
@@ -98,11 +122,7 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = spec.model_factory()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
@@ -127,6 +147,11 @@ def train_loop(config: dict) -> None:
             print(f"[engine] resumed from {tag}: step {state['step']}, {state['consumed']:,} samples consumed", flush=True)
 
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
+    if cfg.validate_at_start and state["step"] == 0:
+        val_loss = _validate(engine, spec, cfg, rank, world, device)
+        if rank == 0:
+            print(f"[engine] validation loss before training: {val_loss:.4f}", flush=True)
+            tracker.log({"val_loss": val_loss}, 0)
     grad_history: list[float] = []
     t_last, tokens_since = time.time(), 0
     while state["step"] < cfg.train_steps:
@@ -208,7 +233,9 @@ def train_loop(config: dict) -> None:
             _save_and_report(engine, state, metrics, rank, world)
 
     if spec.export_fn is not None:
-        _export(engine, spec, cfg, rank)
+        artifacts = _export(engine, spec, cfg, rank)
+        if tracker and artifacts:
+            tracker.log_artifacts(artifacts)
     if tracker:
         tracker.end()
 
@@ -265,7 +292,7 @@ def _save_and_report(engine, state, metrics, rank, world) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> None:
+def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> dict | None:
     import deepspeed
     import torch
 
@@ -277,7 +304,8 @@ def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> None:
     if rank == 0:
         model = spec.model_factory()
         model.load_state_dict(state)
-        spec.export_fn(model.eval())
+        return spec.export_fn(model.eval())
+    return None
 
 
 def latest_complete_checkpoint(run_dir: str, world: int) -> str | None:
@@ -337,12 +365,21 @@ class _Tracker:
             from stages.tracking import flatten
 
             mlflow.log_params({k: str(v)[:500] for k, v in flatten({**spec.params, "engine": asdict(cfg)}).items()})
+            for name, obj in spec.artifacts.items():
+                mlflow.log_dict(obj, name)
+            if spec.start_metrics:
+                mlflow.log_metrics({k: float(v) for k, v in spec.start_metrics.items()}, step=0)
         self.mlflow = mlflow
 
     def log(self, metrics: dict, step: int) -> None:
         if self.mlflow:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                                      and math.isfinite(float(v))}, step=step)
+
+    def log_artifacts(self, artifacts: dict[str, Any]) -> None:
+        if self.mlflow:
+            for name, obj in artifacts.items():
+                self.mlflow.log_dict(obj, name)
 
     def end(self) -> None:
         if self.mlflow:

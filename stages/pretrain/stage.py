@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from glm.config import GLMConfig, padded_vocab_size
 from stages import storage
-from stages.engine import TrainSpec, fit
+from stages.engine import TrainSpec, fit, lm_loss_step
 from stages.pretrain.config import PretrainConfig
 from stages.tracking import default_tracking_uri
 
@@ -18,11 +18,6 @@ def build_model(config: GLMConfig):
     from glm.model import GLMModel
 
     return GLMModel(config)
-
-
-def loss_step(engine, batch: dict):
-    """The GLM objective: the sample schema carries the rule, the model computes the loss."""
-    return engine(**batch).loss
 
 
 def export_checkpoint(model, data_uri: str, output: str, metadata: dict) -> None:
@@ -67,7 +62,7 @@ def run(cfg: PretrainConfig):
     spec = TrainSpec(
         model_factory=functools.partial(build_model, config),
         data_uri=cfg.data,
-        step_fn=loss_step,
+        step_fn=lm_loss_step,
         export_fn=functools.partial(export_checkpoint, data_uri=cfg.data, output=cfg.output,
                                     metadata={"stage": "pretrain", "run": cfg.engine.run_name}),
         tracking_uri=tracking_uri,

@@ -10,10 +10,10 @@ from conftest import SAMPLE
 from glm.checkpoint import load_inference_checkpoint
 from glm.config import ModelSpec
 from stages.data.config import CorpusSource, DataConfig, MIPConfig, ObjectiveConfig, TokenizerSettings
-from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit
+from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit, lm_loss_step
 from stages.engine.trainer import final_steps, step_log
 from stages.pretrain.config import PretrainConfig
-from stages.pretrain.stage import build_model, export_checkpoint, loss_step, model_config
+from stages.pretrain.stage import build_model, export_checkpoint, model_config
 
 pytestmark = pytest.mark.integration
 STEPS = 6
@@ -34,7 +34,7 @@ def data(tmp_path_factory, ray_instance, tokenizer):
 
 def spec_for(data_uri: str, **kw) -> TrainSpec:
     config = model_config(PretrainConfig(data=data_uri, output="", model=ModelSpec("tiny", {"hidden_dropout": 0.1})))
-    return TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=loss_step,
+    return TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=lm_loss_step,
                      grad_norm_params={"embedding_grad_norm": "word_embeddings.weight"}, **kw)
 
 

@@ -1,0 +1,146 @@
+"""Prepare SFT rows: read JSONL sources, format to ChatGLM samples, pack, write Parquet shards.
+
+The output has the data stage's layout (manifest.json with splits and shards, train/ and
+validation/ Parquet of the sample schema, tokenizer.model), so the training engine reads it
+unchanged. Rows that fit no shape are counted per source and reason in the manifest, never
+fatal. SFT sets are small next to pretraining corpora (1e4 - 1e6 conversations), so this runs
+in the driver process rather than as a Ray Data job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import random
+import time
+import uuid
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from glm.schema import COLUMNS
+from glm.tokenizer import GLMTokenizer
+from stages import storage
+from stages.sft.config import SFTDataConfig
+from stages.sft.formatting import BadRow, conversation_samples, pack_rows, parse_row
+
+MANIFEST = "manifest.json"
+ROWS_PER_SHARD = 4096
+
+
+def completed(uri: str, fingerprint: str) -> dict | None:
+    """The manifest of a complete prepared output for this fingerprint, if one exists."""
+    fs, root = storage.resolve(uri)
+    path = posixpath.join(root, MANIFEST)
+    if not storage.exists(fs, path):
+        return None
+    manifest = json.loads(storage.read_bytes(fs, path))
+    return manifest if manifest.get("config_hash") == fingerprint else None
+
+
+def _split_of(conv_key: str, fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(conv_key.encode()).digest()[:8], "big")
+    return "validation" if (h % 1_000_000) / 1_000_000 < fraction else "train"
+
+
+def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, fingerprint: str, log=print) -> dict:
+    """Write the prepared rows to cfg.output (reusing a complete one); returns the manifest."""
+    if (manifest := completed(cfg.output, fingerprint)) is not None:
+        log(f"[sft] prepared data for {fingerprint} exists at {cfg.output}: reusing it")
+        return manifest
+    if not cfg.sources:
+        raise ValueError("sft config: data.sources is empty: name at least one JSONL file of conversations")
+    t0 = time.time()
+    files = {s.name: storage.expand(s.uri) for s in cfg.sources}  # fails early on a missing input
+    samples = {"train": [], "validation": []}
+    sources = {}
+    for source in cfg.sources:
+        fs, paths = files[source.name]
+        stats = {"rows_read": 0, "conversations": 0, "samples": 0, "rejected": Counter(), "examples": []}
+        for path in paths:
+            for line_no, line in enumerate(storage.read_bytes(fs, path).decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                if cfg.max_samples and stats["conversations"] >= cfg.max_samples:
+                    break
+                stats["rows_read"] += 1
+                try:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise BadRow("bad_json", str(e)) from None
+                    conv = parse_row(row, source.format)
+                    made = conversation_samples(conv, tokenizer, cfg.seq_len, use_2d=use_2d,
+                                                last_turn_only=cfg.train_on == "last_turn")
+                except BadRow as e:
+                    stats["rejected"][e.reason] += 1
+                    if len(stats["examples"]) < 5:
+                        stats["examples"].append(f"{path}:{line_no}: {e}")
+                    continue
+                stats["conversations"] += 1
+                stats["samples"] += len(made)
+                samples[_split_of(line, cfg.validation_fraction)] += made
+        rejected = sum(stats["rejected"].values())
+        log(f"[sft] {source.name}: {stats['rows_read']:,} rows, {stats['conversations']:,} conversations kept, "
+            f"{stats['samples']:,} samples, {rejected:,} rejected {dict(stats['rejected']) or ''}")
+        for example in stats["examples"]:
+            log(f"[sft]   rejected {example}")
+        stats["rejected"] = dict(stats["rejected"])
+        sources[source.name] = stats
+    if not samples["train"]:
+        raise ValueError(f"sft data: no usable training samples in {[s.uri for s in cfg.sources]} "
+                         f"(rejected: {[s['rejected'] for s in sources.values()]})")
+    if not samples["validation"] and len(samples["train"]) > 1:
+        samples["validation"].append(samples["train"].pop())  # a held-out loss needs at least one
+
+    out_fs, out_root = storage.resolve(cfg.output)
+    staging = f"{out_root}.tmp-{uuid.uuid4().hex[:8]}"
+    out_fs.create_dir(staging, recursive=True)
+    try:
+        splits = {}
+        for split, items in samples.items():
+            random.Random(f"{cfg.seed}-{split}").shuffle(items)
+            rows = pack_rows(items, cfg.seq_len, tokenizer.special.pad, pack=cfg.pack)
+            splits[split] = _write_split(out_fs, staging, split, rows, len(items))
+        manifest = {
+            "config_hash": fingerprint,
+            "kind": "sft",
+            "tokenizer": {"sha256": hashlib.sha256(tokenizer.to_bytes()).hexdigest(), "pieces": len(tokenizer)},
+            "schema": {"columns": list(COLUMNS), "seq_len": cfg.seq_len,
+                       "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
+            "sources": sources,
+            "splits": splits,
+        }
+        storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
+        storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
+                            json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+        storage.replace_dir(out_fs, staging, out_root)
+    finally:
+        if storage.exists(out_fs, staging):
+            out_fs.delete_dir(staging)
+    log(f"[sft] prepared {splits['train']['rows']:,} train rows ({splits['train']['samples']:,} samples) and "
+        f"{splits['validation']['rows']:,} validation rows in {time.time() - t0:.1f}s -> {cfg.output}")
+    return manifest
+
+
+def _write_split(fs, staging: str, split: str, rows: list[dict[str, list[int]]], n_samples: int) -> dict:
+    shards = []
+    for start in range(0, len(rows), ROWS_PER_SHARD):
+        chunk = rows[start:start + ROWS_PER_SHARD]
+        table = pa.table({"index": pa.array(range(start, start + len(chunk)), pa.int64()),
+                          **{c: pa.array([r[c] for r in chunk], pa.list_(pa.int32())) for c in COLUMNS}})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        data = buf.getvalue()
+        name = f"{split}/s{start // ROWS_PER_SHARD:05d}.parquet"
+        storage.write_bytes(fs, posixpath.join(staging, name), data)
+        shards.append({"file": name, "rows": len(chunk), "first_index": start,
+                       "last_index": start + len(chunk) - 1, "sha256": hashlib.sha256(data).hexdigest()})
+    labels = np.array([r["labels"] for r in rows]) if rows else np.zeros((0, 0))
+    return {"rows": len(rows), "samples": n_samples, "shards": shards,
+            "tokens": int(sum(np.count_nonzero(r["segment_ids"]) for r in rows)),
+            "target_tokens": int((labels != -100).sum())}

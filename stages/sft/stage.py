@@ -1,0 +1,138 @@
+"""SFT: a pretrained inference checkpoint + chat-formatted rows, trained on the engine.
+
+The stage plugs a model factory (base weights + the method's trainable parameters), the GLM
+loss step and an export into the same engine pretraining uses; resume, restarts and metrics
+come from there. Export writes a plain inference checkpoint: LoRA merged into the weights,
+P-Tuning v2 prefixes saved beside the unchanged base weights (their MLP folded away).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import posixpath
+from dataclasses import asdict
+
+from stages import storage
+from stages.engine import TrainSpec, fit, lm_loss_step
+from stages.sft.config import MethodConfig, SFTConfig
+from stages.tracking import default_tracking_uri
+
+
+def build_model(base: str, method: MethodConfig, overrides: dict):
+    """The base checkpoint's model with the method's trainable parameters; base frozen unless
+    `full`. Called on every worker after the same seed, so new parameters match across ranks."""
+    from glm.adapters import apply_lora, freeze_all_but
+    from glm.checkpoint import load_inference_checkpoint
+    from glm.model import GLMModel
+
+    model, _ = load_inference_checkpoint(base)
+    if method.kind == "ptuning" or overrides:
+        extra = {"pre_seq_len": method.pre_seq_len, "prefix_projection": method.prefix_projection,
+                 "prefix_hidden_size": method.prefix_hidden_size} if method.kind == "ptuning" else {}
+        config = dataclasses.replace(model.config, **overrides, **extra)
+        tuned = GLMModel(config)
+        missing, unexpected = tuned.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("prefix_encoder.") for k in missing):
+            raise ValueError(f"base checkpoint {base} does not match the model: missing {missing}, unexpected {unexpected}")
+        model = tuned
+    if method.kind == "lora":
+        apply_lora(model, method.lora_rank, method.lora_alpha, method.lora_dropout, tuple(method.lora_targets))
+    freeze_all_but(model, {"full": (), "ptuning": ("prefix_encoder.",), "lora": ("lora_a", "lora_b")}[method.kind])
+    return model.train()
+
+
+def inference_model(model, method: MethodConfig):
+    """The trained model as a plain GLMModel for generation and export (in place)."""
+    from glm.adapters import fold_prefix_projection, merge_lora
+
+    if method.kind == "lora":
+        merge_lora(model)
+    if method.kind == "ptuning":
+        fold_prefix_projection(model)
+    return model.eval()
+
+
+def export_checkpoint(model, base: str, method: MethodConfig, output: str, metadata: dict,
+                      prompts: list[str], max_new_tokens: int) -> dict:
+    """Write the inference checkpoint; returns sample chat answers for MLflow."""
+    from glm.checkpoint import save_inference_checkpoint
+    from glm.generation import GenerationConfig, chat
+
+    tokenizer = base_tokenizer(base)
+    model = inference_model(model, method)
+    save_inference_checkpoint(model, tokenizer, output, metadata=metadata)
+    print(f"[sft] inference checkpoint written to {output}", flush=True)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)  # greedy, readable
+    samples = [{"prompt": p, "response": chat(model, tokenizer, p, config=config)[0]} for p in prompts]
+    for s in samples:
+        print(f"[sft] sample  {s['prompt']!r} -> {s['response']!r}", flush=True)
+    return {"sft/sample_generations.json": samples}
+
+
+def base_tokenizer(base: str):
+    """The tokenizer shipped in the base inference checkpoint."""
+    from glm.tokenizer import GLMTokenizer
+
+    fs, root = storage.resolve(base)
+    path = posixpath.join(root, GLMTokenizer.MODEL_FILE)
+    if not storage.exists(fs, path):
+        raise FileNotFoundError(f"{base}: no {GLMTokenizer.MODEL_FILE}: not an inference checkpoint")
+    return GLMTokenizer(storage.read_bytes(fs, path))
+
+
+def prepare_data(cfg: SFTConfig) -> dict:
+    """Format and pack the configured sources with the base checkpoint's tokenizer."""
+    from glm.checkpoint import read_checkpoint_config
+    from stages.sft.data import prepare
+
+    config, _ = read_checkpoint_config(cfg.base)
+    if cfg.data.seq_len > config.max_seq_len:
+        raise ValueError(f"sft config: data.seq_len {cfg.data.seq_len} exceeds the base model's "
+                         f"max_seq_len {config.max_seq_len}")
+    tokenizer = base_tokenizer(cfg.base)
+    # the rows depend on the base only through its tokenizer and position encoding
+    identity = json.dumps({"tokenizer": hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
+                           "positions": config.position_encoding})
+    return prepare(cfg.data, tokenizer, use_2d=config.uses_2d_positions, fingerprint=cfg.data_fingerprint(identity))
+
+
+def _data_metrics(manifest: dict) -> dict[str, float]:
+    out = {}
+    for split, s in manifest["splits"].items():
+        out.update({f"data.{split}_rows": s["rows"], f"data.{split}_samples": s["samples"],
+                    f"data.{split}_target_tokens": s["target_tokens"]})
+    for name, s in manifest["sources"].items():
+        out[f"data.{name}.kept"] = s["conversations"]
+        out[f"data.{name}.rejected"] = sum(s["rejected"].values())
+    return out
+
+
+def run(cfg: SFTConfig):
+    """Prepare the data, fine-tune, export; rerunning the same run name resumes."""
+    if not cfg.base:
+        raise ValueError("sft config: `base` (the pretraining stage's inference checkpoint) is not set")
+    cfg.base, cfg.output = storage.absolute(cfg.base), storage.absolute(cfg.output)
+    cfg.data.output = storage.absolute(cfg.data.output or f"{cfg.output}_data")
+    for source in cfg.data.sources:
+        source.uri = storage.absolute(source.uri)
+    manifest = prepare_data(cfg)
+    tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
+    spec = TrainSpec(
+        model_factory=functools.partial(build_model, cfg.base, cfg.method, cfg.model_overrides),
+        data_uri=cfg.data.output,
+        step_fn=lm_loss_step,
+        export_fn=functools.partial(
+            export_checkpoint, base=cfg.base, method=cfg.method, output=cfg.output,
+            metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name},
+            prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens),
+        tracking_uri=tracking_uri,
+        experiment=cfg.tracking.experiment,
+        params={"stage": "sft", "base": cfg.base, "output": cfg.output, "data": asdict(cfg.data),
+                "method": asdict(cfg.method), "model_overrides": cfg.model_overrides},
+        artifacts={"sft/data_manifest.json": manifest},
+        start_metrics=_data_metrics(manifest),
+    )
+    return fit(spec, cfg.engine)

@@ -1,0 +1,119 @@
+"""Conversations -> ChatGLM-formatted samples of the sample schema, and the prepared rows."""
+
+import json
+
+import numpy as np
+import pytest
+
+from glm.generation import build_chat_prompt
+from glm.schema import IGNORE_INDEX
+from stages.engine.data import ShardSource
+from stages.sft.config import SFTDataConfig, SFTSource
+from stages.sft.data import prepare
+from stages.sft.formatting import BadRow, Conversation, conversation_samples, pack_rows, parse_row
+
+
+def test_alpaca_conversations_and_messages_parse_to_rounds():
+    alpaca = parse_row({"instruction": "Translate", "input": "你好", "output": "Hello",
+                        "history": [["hi", "hey"]]})
+    assert alpaca.rounds == [("hi", "hey"), ("Translate\n你好", "Hello")]
+    share = parse_row({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                         {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]})
+    assert share.rounds == [("a", "b"), ("c", "d")]
+    messages = parse_row({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "r"}]})
+    assert messages.rounds == [("Be brief.\nq", "r")]
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"text": "no shape"}, "unknown_shape"),
+    ({"instruction": "q", "output": ""}, "empty_response"),
+    ({"instruction": 3, "output": "x"}, "wrong_type"),
+    ({"instruction": "q", "output": "a", "history": ["x"]}, "bad_history"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "bad_turn_order"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no_assistant_turn"),
+    ({"messages": []}, "empty_conversation"),
+    ([1, 2], "not_an_object"),
+])
+def test_bad_rows_name_their_reason(row, reason):
+    with pytest.raises(BadRow) as e:
+        parse_row(row)
+    assert e.value.reason == reason
+
+
+def test_labels_cover_exactly_the_response_and_eop(tokenizer):
+    special = tokenizer.special
+    conv = Conversation([("What is GLM?", "A general language model.")])
+    [s] = conversation_samples(conv, tokenizer, 128, use_2d=True)
+    answer = tokenizer.encode("A general language model.")
+    targeted = [i for i, t in enumerate(s.labels) if t != IGNORE_INDEX]
+    assert [s.labels[i] for i in targeted] == answer + [special.eop]
+    assert [s.input_ids[i] for i in targeted] == [special.sop] + answer  # inputs: [sop] + response, causal
+    assert all(s.prefix_mask[i] == 0 for i in targeted)
+    n_prompt = sum(s.prefix_mask)
+    assert s.input_ids[:n_prompt] == tokenizer.encode("What is GLM?") + [special.gmask]  # the bare query
+    assert all(label == IGNORE_INDEX for label in s.labels[:n_prompt])
+
+
+def test_multi_round_history_renders_as_chatglm_and_each_turn_is_a_sample(tokenizer):
+    conv = Conversation([("你好", "你好！"), ("你是谁？", "我是一个语言模型。")])
+    samples = conversation_samples(conv, tokenizer, 256, use_2d=True)
+    assert len(samples) == 2
+    expected = "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：你是谁？\n答："
+    assert build_chat_prompt("你是谁？", [("你好", "你好！")]) == expected
+    second = samples[1]
+    prompt_ids = second.input_ids[:sum(second.prefix_mask) - 1]
+    assert tokenizer.decode(prompt_ids) == expected
+    assert conversation_samples(conv, tokenizer, 256, use_2d=True, last_turn_only=True)[0].input_ids == second.input_ids
+
+
+def test_long_prompts_are_cut_from_the_left_and_the_response_kept_whole(tokenizer):
+    history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(20)]
+    response = "the final answer stays whole"
+    conv = Conversation(history + [("last question", response)])
+    sample = conversation_samples(conv, tokenizer, 64, use_2d=True, last_turn_only=True)[0]
+    answer = tokenizer.encode(response)
+    assert len(sample) <= 64
+    assert [t for t in sample.labels if t != IGNORE_INDEX] == answer + [tokenizer.special.eop]
+    full_prompt = tokenizer.encode(build_chat_prompt("last question", history))
+    kept = sample.input_ids[:sum(sample.prefix_mask) - 1]
+    assert kept == full_prompt[-len(kept):]  # the newest end of the prompt survives
+    with pytest.raises(BadRow, match="response_too_long"):
+        conversation_samples(Conversation([("q", "word " * 200)]), tokenizer, 64, use_2d=True)
+
+
+def test_packing_puts_several_samples_in_one_row(tokenizer):
+    samples = [s for i in range(6) for s in conversation_samples(
+        Conversation([(f"q{i}", f"answer number {i}")]), tokenizer, 64, use_2d=True)]
+    rows = pack_rows(samples, 64, tokenizer.special.pad)
+    assert len(rows) < len(samples)
+    assert max(rows[0]["segment_ids"]) >= 2 and all(len(r["input_ids"]) == 64 for r in rows)
+    assert len(pack_rows(samples, 64, tokenizer.special.pad, pack=False)) == len(samples)
+
+
+def test_prepare_counts_bad_rows_and_writes_engine_readable_shards(tmp_path, tokenizer):
+    good = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(40)]
+    bad = ["{not json", json.dumps({"text": "x"}), json.dumps({"instruction": "q", "output": " "})]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in good] + bad) + "\n")
+    cfg = SFTDataConfig(sources=[SFTSource(uri=str(path), name="mixed")], seq_len=64,
+                        validation_fraction=0.1, output=str(tmp_path / "prepared"))
+    manifest = prepare(cfg, tokenizer, use_2d=True, fingerprint="f1", log=lambda _: None)
+    stats = manifest["sources"]["mixed"]
+    assert stats["rows_read"] == 43 and stats["conversations"] == 40
+    assert stats["rejected"] == {"bad_json": 1, "unknown_shape": 1, "empty_response": 1}
+    assert any("sft.jsonl:41" in e for e in stats["examples"])  # file and line of a rejected row
+    source = ShardSource(cfg.output, "train")
+    assert source.size == manifest["splits"]["train"]["rows"] > 0
+    rows = source.rows(np.arange(source.size))
+    assert int((rows["labels"] != IGNORE_INDEX).sum()) == manifest["splits"]["train"]["target_tokens"]
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["validation"]["samples"] == 40
+    assert prepare(cfg, tokenizer, use_2d=True, fingerprint="f1", log=lambda _: None) == manifest  # reused
+
+
+def test_prepare_without_usable_rows_says_why(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "x"}) + "\n")
+    cfg = SFTDataConfig(sources=[SFTSource(uri=str(path))], seq_len=64, output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no usable training samples.*unknown_shape"):
+        prepare(cfg, tokenizer, use_2d=True, fingerprint="f", log=lambda _: None)
