@@ -12,5 +12,9 @@ def ensure_ray(min_cpus: int) -> None:
     reads are starved of CPUs hangs). Worker output is forwarded to this console."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # a `ray job submit` driver, or a user pointing at a cluster
+        ray.init(configure_logging=False)
+    else:
         ray.init(num_cpus=max(os.cpu_count() or 2, min_cpus), include_dashboard=False, configure_logging=False)

@@ -26,6 +26,15 @@ class TrackingConfig:
     """Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
 
+def active_run_id() -> str:
+    """The MLflow run active in this process (a pipeline's parent run), or ""; never imports mlflow."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow is not None else None
+    return run.info.run_id if run else ""
+
+
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from glm.config import ConfigError, load_yaml
-from pipelines.smoke import SmokeConfig
+from pipelines.full import load_config as load_pipeline
 from stages.data.config import DataConfig
 from stages.pretrain.config import PretrainConfig
 from stages.sft.config import SFTConfig
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Each shipped YAML and the dataclass it must load into. A new YAML must be registered here.
 LOADERS = {
-    "pipelines/configs/smoke.yaml": SmokeConfig,
+    "pipelines/configs/smoke.yaml": load_pipeline,  # validates every stage section too
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
@@ -38,14 +38,21 @@ def test_every_yaml_is_registered():
 
 @pytest.mark.parametrize("rel", sorted(LOADERS))
 def test_shipped_config_loads(rel):
-    load_yaml(LOADERS[rel], REPO / rel)
+    loader = LOADERS[rel]
+    if isinstance(loader, type):
+        load_yaml(loader, REPO / rel)
+    else:
+        loader(REPO / rel)
 
 
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "pipelines/configs/smoke.yaml").read_text() + "\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown key\\(s\\) 'learning_rate'"):
-        load_yaml(SmokeConfig, bad)
+        load_pipeline(bad)
+    bad.write_text((REPO / "pipelines/configs/smoke.yaml").read_text().replace("validate_at_start", "validate_at_begin"))
+    with pytest.raises(ConfigError, match="bad.yaml: sft.engine: unknown key\\(s\\) 'validate_at_begin'"):
+        load_pipeline(bad)
     bad.write_text("output: x\nmodel:\n  preset: small\n  overides: {}\n")
     with pytest.raises(ConfigError, match="model: unknown key\\(s\\) 'overides'"):
         load_yaml(PretrainConfig, bad)

@@ -41,6 +41,8 @@ class TrainSpec:
     tracking_uri: str = ""
     """MLflow tracking URI ("" = no tracking)."""
     experiment: str = "glm-pipeline"
+    parent_run_id: str = ""
+    """MLflow run to nest this training run under (a pipeline's parent run); "" = top level."""
     params: dict = field(default_factory=dict)
     """Logged as MLflow params of a new run."""
     flops_per_token: float = 0.0
@@ -360,7 +362,8 @@ class _Tracker:
             mlflow.start_run(run_id=state["mlflow_run_id"])
         else:
             mlflow.set_experiment(spec.experiment)
-            run = mlflow.start_run(run_name=cfg.run_name)
+            tags = {"mlflow.parentRunId": spec.parent_run_id} if spec.parent_run_id else None
+            run = mlflow.start_run(run_name=cfg.run_name, tags=tags)
             state["mlflow_run_id"] = run.info.run_id
             from stages.tracking import flatten
 

@@ -11,7 +11,7 @@ from glm.config import GLMConfig, padded_vocab_size
 from stages import storage
 from stages.engine import TrainSpec, fit, lm_loss_step
 from stages.pretrain.config import PretrainConfig
-from stages.tracking import default_tracking_uri
+from stages.tracking import active_run_id, default_tracking_uri
 
 
 def build_model(config: GLMConfig):
@@ -67,6 +67,7 @@ def run(cfg: PretrainConfig):
                                     metadata={"stage": "pretrain", "run": cfg.engine.run_name}),
         tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,
+        parent_run_id=active_run_id(),
         params={"model": asdict(config), "data": cfg.data, "output": cfg.output},
         flops_per_token=flops_per_token(config, config.max_seq_len),
         # activation recomputation runs the forward twice: 8N instead of 6N of hardware work

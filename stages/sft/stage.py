@@ -18,7 +18,7 @@ from dataclasses import asdict
 from stages import storage
 from stages.engine import TrainSpec, fit, lm_loss_step
 from stages.sft.config import MethodConfig, SFTConfig
-from stages.tracking import default_tracking_uri
+from stages.tracking import active_run_id, default_tracking_uri
 
 
 def build_model(base: str, method: MethodConfig, overrides: dict):
@@ -130,6 +130,7 @@ def run(cfg: SFTConfig):
             prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens),
         tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,
+        parent_run_id=active_run_id(),
         params={"stage": "sft", "base": cfg.base, "output": cfg.output, "data": asdict(cfg.data),
                 "method": asdict(cfg.method), "model_overrides": cfg.model_overrides},
         artifacts={"sft/data_manifest.json": manifest},

@@ -1,0 +1,383 @@
+"""The whole recipe as one pipeline: data -> pretrain -> sft -> rlhf -> quantize -> serve,
+with evaluation after each training stage and after quantization.
+
+    python -m pipelines.full --config pipelines/configs/smoke.yaml            (one machine)
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python pipelines/full.py --config pipelines/configs/chatglm_6b.yaml   (a Ray cluster)
+
+Each stage gets the URIs of the previous stages' outputs. A stage whose complete output for
+the same config exists is skipped (a finished pipeline rerun does nothing and says so); a
+training stage interrupted by a crash continues from its last checkpoint when the pipeline
+is rerun with the same name. `--only STAGE` runs one stage (its inputs must exist), `--from
+STAGE` starts there. MLflow: one parent run per pipeline run, a nested run per stage, the
+final model registered in the Model Registry (a version per run, alias `newest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python pipelines/full.py` (ray job submit puts the repo root on sys.path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glm.config import ConfigError, from_dict, load_yaml  # noqa: E402
+from stages import storage  # noqa: E402
+from stages.tracking import TrackingConfig, default_tracking_uri  # noqa: E402
+
+ORDER = ("data", "pretrain", "sft", "rlhf", "quantize", "serve")
+MARKERS = "pipeline"
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow Model Registry entry for the pipeline's final model."""
+
+    name: str = "glm-chat"
+    """Registered model name ("" = do not register)."""
+    alias: str = "newest"
+    """Alias moved to each new version."""
+
+
+@dataclass
+class CheckConfig:
+    """Requests sent to the deployed endpoint at the end of the pipeline."""
+
+    chat: str = "你好"
+    fill: str = "话说天下大势，[MASK]"
+    max_tokens: int = 24
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline run: which stages, their configs, where outputs go, how it is tracked."""
+
+    name: str = "glm"
+    """Pipeline name: stage run names and checkpoints derive from it, so rerunning the same
+    name skips finished stages and resumes an interrupted one (`--run-name` / GLM_RUN_NAME override it)."""
+    work_dir: str = ""
+    """Root path or URI of every stage output not set explicitly (default runs/<name>)."""
+    stages: list[str] = field(default_factory=lambda: ["data", "pretrain", "sft"])
+    """Stages to run, in pipeline order (data, pretrain, sft, rlhf, quantize, serve)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """stages.data DataConfig fields (output defaults to <work_dir>/data)."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """stages.pretrain PretrainConfig fields (data, output, engine run name and storage are filled in)."""
+    sft: dict[str, Any] = field(default_factory=dict)
+    """stages.sft SFTConfig fields (base, output, engine run name and storage are filled in)."""
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=True))
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"pipeline stages {unknown} are not available; choose from {list(STAGES)}")
+        order = [s for s in ORDER if s in self.stages]
+        if order != self.stages:
+            raise ConfigError(f"pipeline stages must be in pipeline order {order}, got {self.stages}")
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """How the pipeline runs one stage: its typed config, how inputs are wired, what it outputs."""
+
+    name: str
+    config_class: Callable[[], type]
+    wire: Callable[[dict, dict, PipelineConfig], None]
+    """(stage config dict, outputs of earlier stages, pipeline) -> fills inputs and defaults."""
+    run: Callable[[Any], None]
+    outputs: Callable[[Any], dict[str, str]]
+    """Output URIs of a finished stage (name -> URI); `model` is the checkpoint later stages take."""
+
+
+def _engine_defaults(cfg: dict, p: PipelineConfig, stage: str) -> None:
+    engine = cfg.setdefault("engine", {})
+    engine.setdefault("run_name", f"{p.name}-{stage}")
+    engine.setdefault("storage_path", posixpath.join(p.work_dir, "ray"))
+
+
+def _wire_data(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    cfg.setdefault("output", posixpath.join(p.work_dir, "data"))
+
+
+def _wire_pretrain(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    cfg["data"] = cfg.get("data") or _need(outputs, "data", "data", "pretrain")
+    cfg.setdefault("output", posixpath.join(p.work_dir, "pretrain", "model"))
+    _engine_defaults(cfg, p, "pretrain")
+
+
+def _wire_sft(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    cfg["base"] = cfg.get("base") or _need(outputs, "pretrain", "model", "sft")
+    cfg.setdefault("output", posixpath.join(p.work_dir, "sft", "model"))
+    _engine_defaults(cfg, p, "sft")
+
+
+def _need(outputs: dict, stage: str, key: str, consumer: str) -> str:
+    if stage not in outputs:
+        raise RuntimeError(f"{consumer} needs the output of the {stage} stage, which has not run: "
+                           f"run the pipeline from {stage} (or set {consumer}'s input in the config)")
+    return outputs[stage][key]
+
+
+def _run_data(cfg) -> None:
+    from stages.data.stage import run
+
+    run(cfg)
+
+
+def _run_pretrain(cfg) -> None:
+    from stages.pretrain.stage import run
+
+    run(cfg)
+
+
+def _run_sft(cfg) -> None:
+    from stages.sft.stage import run
+
+    run(cfg)
+
+
+def _config_class(module: str, name: str) -> Callable[[], type]:
+    def load() -> type:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
+STAGES: dict[str, Stage] = {
+    "data": Stage("data", _config_class("stages.data.config", "DataConfig"), _wire_data, _run_data,
+                  lambda c: {"data": c.output}),
+    "pretrain": Stage("pretrain", _config_class("stages.pretrain.config", "PretrainConfig"), _wire_pretrain,
+                      _run_pretrain, lambda c: {"model": c.output}),
+    "sft": Stage("sft", _config_class("stages.sft.config", "SFTConfig"), _wire_sft, _run_sft,
+                 lambda c: {"model": c.output, "data": c.data.output or f"{c.output}_data"}),
+}
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipeline"):
+    """The typed config of stage `name` with its inputs wired and the pipeline's tracking."""
+    stage = STAGES[name]
+    raw = copy.deepcopy(getattr(p, name))
+    stage.wire(raw, outputs, p)
+    raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
+    return from_dict(stage.config_class(), raw, f"{where}: {name}")
+
+
+def fingerprint(cfg) -> str:
+    """Hash of a stage config (tracking excluded: where it logs does not change what it makes)."""
+    d = asdict(cfg)
+    d.pop("tracking", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Markers:
+    """<work_dir>/pipeline/<stage>.json: written when a stage finished, with its config hash and outputs."""
+
+    def __init__(self, work_dir: str):
+        self.fs, self.root = storage.resolve(posixpath.join(work_dir, MARKERS))
+
+    def finished(self, stage: str, config_hash: str) -> dict | None:
+        path = posixpath.join(self.root, f"{stage}.json")
+        if not storage.exists(self.fs, path):
+            return None
+        marker = json.loads(storage.read_bytes(self.fs, path))
+        if marker.get("config_hash") != config_hash:
+            return None
+        fs_paths = [storage.resolve(uri) for uri in marker["outputs"].values()]
+        return marker if all(storage.exists(fs, path) for fs, path in fs_paths) else None
+
+    def write(self, stage: str, config_hash: str, outputs: dict, seconds: float) -> None:
+        record = {"stage": stage, "config_hash": config_hash, "outputs": outputs, "seconds": seconds,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        storage.write_bytes(self.fs, posixpath.join(self.root, f"{stage}.json"), json.dumps(record, indent=2).encode())
+
+
+def _selected(p: PipelineConfig, only: str | None, start: str | None) -> list[str]:
+    for flag, value in (("--only", only), ("--from", start)):
+        if value and value not in p.stages:
+            raise ConfigError(f"{flag} {value}: not one of this pipeline's stages {p.stages}")
+    if only:
+        return [only]
+    if start:
+        return p.stages[p.stages.index(start):]
+    return list(p.stages)
+
+
+def run(p: PipelineConfig, only: str | None = None, start: str | None = None) -> dict[str, dict[str, str]]:
+    """Run the selected stages; returns every stage's outputs (earlier ones from their markers)."""
+    from stages.cluster import ensure_ray
+
+    selected = _selected(p, only, start)
+    p.work_dir = storage.absolute(p.work_dir or f"runs/{p.name}")
+    markers = Markers(p.work_dir)
+    ensure_ray(4)
+    tracker = _PipelineRun(p)
+    outputs: dict[str, dict[str, str]] = {}
+    t_start = time.time()
+    try:
+        for name in p.stages:
+            cfg = stage_config(p, name, outputs)
+            config_hash = fingerprint(cfg)
+            done = markers.finished(name, config_hash)
+            if name not in selected:
+                # an earlier stage outside the selection: later stages take its (existing) outputs
+                outputs[name] = done["outputs"] if done else \
+                    {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
+                continue
+            if done is not None:
+                print(f"== {name}: complete output for config {config_hash} exists "
+                      f"({', '.join(done['outputs'].values())}): skipped", flush=True)
+                outputs[name] = done["outputs"]
+                tracker.stage_skipped(name, done)
+                continue
+            print(f"== {name} (config {config_hash})", flush=True)
+            t0 = time.time()
+            STAGES[name].run(cfg)
+            outputs[name] = {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
+            markers.write(name, config_hash, outputs[name], time.time() - t0)
+            tracker.stage_done(name, outputs[name], time.time() - t0)
+            print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
+        final = _final_model(p, outputs)
+        if final and selected[-1] == p.stages[-1]:
+            tracker.register(final)
+            tracker.log_check(check(p, outputs, final))
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    ran = [s for s in selected if s in outputs]
+    print(f"pipeline {p.name}: {len(ran)} stage(s) in {time.time() - t_start:.0f}s; outputs under {p.work_dir}",
+          flush=True)
+    if p.tracking.enabled:
+        print(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {p.tracking.tracking_uri or default_tracking_uri()}",
+              flush=True)
+    return outputs
+
+
+def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
+    """A chat turn and a blank filling with the final model: through the deployed endpoint when
+    the pipeline serves it, else in this process. Returns {request: answer}."""
+    from glm.checkpoint import load_inference_checkpoint
+    from glm.generation import GenerationConfig, chat, fill_blanks
+
+    c = p.check
+    model, tokenizer = load_inference_checkpoint(model_uri)
+    gen = GenerationConfig(max_new_tokens=c.max_tokens, no_repeat_ngram_size=3)
+    response, _ = chat(model, tokenizer, c.chat, config=gen)
+    [filled] = fill_blanks(model, tokenizer, [c.fill], gen)
+    answers = {f"chat: {c.chat}": response, f"fill: {c.fill}": filled.text}
+    for request, answer in answers.items():
+        print(f"  {request!r} -> {answer!r}", flush=True)
+    return answers
+
+
+def _final_model(p: PipelineConfig, outputs: dict) -> str | None:
+    for name in reversed(p.stages):
+        if "model" in outputs.get(name, {}):
+            return outputs[name]["model"]
+    return None
+
+
+class _PipelineRun:
+    """The parent MLflow run of one pipeline run; stages open nested runs under it."""
+
+    def __init__(self, p: PipelineConfig):
+        self.p, self.mlflow, self.run = p, None, None
+        if not p.tracking.enabled:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(p.tracking.tracking_uri or default_tracking_uri())
+        mlflow.set_experiment(p.tracking.experiment)
+        self.run = mlflow.start_run(run_name=p.name, tags={"pipeline": p.name, "work_dir": p.work_dir})
+        mlflow.log_params({"stages": ",".join(p.stages), "work_dir": p.work_dir})
+        mlflow.log_dict(asdict(p), "pipeline_config.json")
+        self.mlflow = mlflow
+
+    def stage_done(self, stage: str, outputs: dict, seconds: float) -> None:
+        if self.mlflow:
+            self.mlflow.log_metric(f"{stage}.seconds", seconds)
+            self.mlflow.set_tags({f"{stage}.{k}": v for k, v in outputs.items()})
+
+    def stage_skipped(self, stage: str, marker: dict) -> None:
+        if self.mlflow:
+            self.mlflow.set_tags({f"{stage}.skipped": "complete output reused",
+                                  **{f"{stage}.{k}": v for k, v in marker["outputs"].items()}})
+
+    def register(self, model_uri: str) -> None:
+        """Register the final checkpoint by reference (no copy of the weights): a new version
+        per pipeline run, the alias moved to it."""
+        if not (self.mlflow and self.p.registry.name):
+            return
+        client = self.mlflow.MlflowClient()
+        name = self.p.registry.name
+        try:
+            client.get_registered_model(name)
+        except self.mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description="GLM chat model trained by pipelines/full.py")
+        version = client.create_model_version(name, source=model_uri, run_id=self.run.info.run_id,
+                                              tags={"pipeline": self.p.name})
+        client.set_registered_model_alias(name, self.p.registry.alias, version.version)
+        self.mlflow.set_tag("registered_model", f"models:/{name}/{version.version}")
+        print(f"registered {model_uri} as models:/{name}/{version.version} (alias @{self.p.registry.alias})",
+              flush=True)
+
+    def log_check(self, answers: dict[str, str]) -> None:
+        if self.mlflow:
+            self.mlflow.log_dict(answers, "check_requests.json")
+
+    def finish(self, status: str) -> None:
+        if self.mlflow and self.mlflow.active_run():
+            self.mlflow.end_run(status=status)
+
+
+def load_config(path: str, run_name: str | None = None) -> PipelineConfig:
+    """The pipeline config, every stage section validated against its typed config."""
+    p = load_yaml(PipelineConfig, path)
+    p.name = run_name or p.name
+    p.work_dir = p.work_dir or f"runs/{p.name}"
+    outputs: dict[str, dict[str, str]] = {}
+    for name in p.stages:  # fail before anything runs on a bad key in any stage section
+        outputs[name] = STAGES[name].outputs(stage_config(p, name, outputs, where=path))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipelines/full.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pipeline YAML (pipelines/configs/*.yaml)")
+    parser.add_argument("--only", choices=ORDER, help="run only this stage (its inputs must exist)")
+    parser.add_argument("--from", dest="start", choices=ORDER, help="start at this stage (earlier outputs must exist)")
+    parser.add_argument("--run-name", default=os.environ.get("GLM_RUN_NAME"),
+                        help="pipeline name override (default: the config's `name`, or $GLM_RUN_NAME); "
+                             "the same name skips finished stages and resumes an interrupted one")
+    args = parser.parse_args(argv)
+    try:
+        p = load_config(args.config, args.run_name)
+        run(p, only=args.only, start=args.start)
+    except (ConfigError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
