@@ -71,6 +71,21 @@ def write_checkpoint(
     return _write_dir(str(uri), fill)
 
 
+def publish_checkpoint(local_dir: str | Path, uri: str | Path) -> str:
+    """Copy a finished local checkpoint directory to `uri` (replaced atomically when local)."""
+    local_dir = Path(local_dir)
+    names = (WEIGHTS_FILE, CONFIG_FILE, GLMTokenizer.MODEL_FILE)
+    missing = [n for n in names if not (local_dir / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{local_dir} is not a complete checkpoint: missing {', '.join(missing)}")
+
+    def fill(staging: Path) -> None:
+        for name in names:
+            shutil.copyfile(local_dir / name, staging / name)
+
+    return _write_dir(str(uri), fill)
+
+
 def _write_config(staging: Path, config: GLMConfig, metadata: dict[str, Any] | None,
                   quantization: QuantSpec | None) -> None:
     data: dict[str, Any] = {"format": FORMAT, "model": config.to_dict()}

@@ -256,6 +256,6 @@ def quantize_checkpoint(
         raise ValueError(f"{src}: found {quantized} block linear weights, expected {expected} "
                          f"({config.num_layers} layers x {len(BLOCK_LINEARS)})")
     write_checkpoint(dst, config, out, tokenizer_bytes, {**src_meta, **(metadata or {})}, spec)
-    progress(f"[quantize] {spec.name} checkpoint written to {dst}")
+    progress(f"[quantize] converted {spec.name} checkpoint written to {dst}")
     return {"linear_bytes_source": src_bytes, "linear_bytes_fp16": fp16_bytes, "linear_bytes_quantized": dst_bytes,
             "memory_ratio": dst_bytes / fp16_bytes, "quantized_tensors": quantized}

@@ -8,6 +8,7 @@ from glm.config import ConfigError, load_yaml
 from pipelines.smoke import SmokeConfig
 from stages.data.config import DataConfig
 from stages.pretrain.config import PretrainConfig
+from stages.quantize.config import QuantizeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,6 +18,7 @@ LOADERS = {
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
+    "stages/quantize/configs/sample.yaml": QuantizeConfig,
 }
 NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 
