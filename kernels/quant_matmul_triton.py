@@ -26,6 +26,7 @@ def _wxa16_kernel(
     stride_xm, stride_wn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -57,7 +58,7 @@ def _wxa16_kernel(
             s = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_k[None, :] // GROUP_SIZE,
                         mask=w_mask, other=0.0)
             w = w * s.to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")  # (BLOCK_M, BLOCK_N) fp32
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     if PER_ROW:
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
@@ -123,6 +124,7 @@ def wxa16_matmul(
         M, N, K,
         x2.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP_SIZE=group_size if scales.shape[1] > 1 else 0, PER_ROW=scales.shape[1] == 1, HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays exact (no TF32)
         num_warps=4, num_stages=3, **cfg,
     )
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
