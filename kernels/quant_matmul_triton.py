@@ -5,9 +5,9 @@ Imported only by `kernels.quant_matmul` when the triton path runs (it imports tr
 top). Contract and storage layout: see `kernels.quant_matmul`.
 
 Each program computes a (BLOCK_M, BLOCK_N) tile of y = x @ W.T, walking K in BLOCK_K steps:
-it loads the packed integers of a (BLOCK_N, BLOCK_K) weight tile, unpacks the nibbles with
-shifts in int32, scales them (group-wise: per element; per-row: once on the fp32 accumulator
-at the end) and feeds tl.dot. For small batches (decoding) there are few output tiles, so K
+it loads the packed integers of a (BLOCK_N, BLOCK_K) weight tile contiguously, unpacks the
+nibbles with shifts in int32, scales them (group-wise: per tile row or element; per-row: once
+on the fp32 accumulator at the end) and feeds tl.dot. For small batches (decoding) there are few output tiles, so K
 is split across SPLIT_K programs that add their partial sums atomically in fp32: a batch-1
 matmul is bound by reading the weights, and all SMs must be reading.
 """
@@ -17,6 +17,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _group_scales(s_ptr, offs_n, n_ok, offs_k, k_ok, k0, stride_sn, GROUP_SIZE: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Scales for a weight tile's columns `offs_k`: one per row when the whole K block lies in
+    one group (BLOCK_N, 1), else one per element (BLOCK_N, len(offs_k))."""
+    if GROUP_SIZE % BLOCK_K == 0:
+        return tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP_SIZE, mask=n_ok, other=0.0)[:, None]
+    return tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_k[None, :] // GROUP_SIZE,
+                   mask=n_ok[:, None] & k_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -39,26 +50,39 @@ def _wxa16_kernel(
     k_begin = pid_k * k_chunk
     k_end = tl.minimum(k_begin + k_chunk, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        w_mask = n_ok[:, None] & k_ok[None, :]
         if BITS == 4:
-            # Column k sits in byte k // 2: the high nibble for even k, the low one for odd k.
-            # Shift that nibble to the top of an int32, then arithmetic-shift it back down.
-            byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 2,
-                           mask=w_mask, other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K)
-            q = (byte << (24 + 4 * (offs_k[None, :] % 2))) >> 28
+            # Byte j of a row holds columns 2j (high nibble) and 2j+1 (low nibble). Load the
+            # packed tile contiguously, split it into the even and odd columns' values (shifted
+            # to the top of an int32, then arithmetic-shifted back: sign extension), and multiply
+            # them with x's even and odd columns: two dots of BLOCK_K / 2, no interleaving.
+            offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            even_k = 2 * offs_j
+            even_ok = even_k < k_end
+            odd_ok = even_k + 1 < k_end
+            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_j[None, :],
+                             mask=n_ok[:, None] & even_ok[None, :], other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K/2)
+            x_even = tl.load(x_rows + even_k[None, :], mask=m_ok[:, None] & even_ok[None, :], other=0.0)
+            x_odd = tl.load(x_rows + even_k[None, :] + 1, mask=m_ok[:, None] & odd_ok[None, :], other=0.0)
+            w_even = ((packed << 24) >> 28).to(x_even.dtype)
+            w_odd = ((packed << 28) >> 28).to(x_even.dtype)
+            if not PER_ROW:  # group_size is even: columns 2j and 2j+1 share a scale
+                s = _group_scales(s_ptr, offs_n, n_ok, even_k, even_ok, k0, stride_sn, GROUP_SIZE, BLOCK_K)
+                w_even = w_even * s.to(x_even.dtype)
+                w_odd = w_odd * s.to(x_even.dtype)
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=DOT_PRECISION)
         else:
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0)
-        w = q.to(x.dtype)
-        if not PER_ROW:
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_k[None, :] // GROUP_SIZE,
-                        mask=w_mask, other=0.0)
-            w = w * s.to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0).to(x.dtype)  # (BLOCK_N, BLOCK_K)
+            if not PER_ROW:
+                s = _group_scales(s_ptr, offs_n, n_ok, offs_k, k_ok, k0, stride_sn, GROUP_SIZE, BLOCK_K)
+                w = w * s.to(x.dtype)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
     if PER_ROW:
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
@@ -79,7 +103,7 @@ def launch_config(M: int, N: int, K: int, device: torch.device) -> dict[str, int
     output tiles fill the GPU about twice (the number of SMs comes from the device)."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64
-    block_k = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
+    block_k = 128 if K >= 128 else max(32, triton.next_power_of_2(K))  # INT4: two dots of BLOCK_K / 2 >= 16
     split_k = 1
     if device.type == "cuda":
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)

@@ -89,6 +89,8 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     cfg.checkpoint, cfg.output = storage.absolute(cfg.checkpoint), storage.absolute(cfg.output)
     if read_checkpoint_quantization(cfg.checkpoint) is not None:
         raise ValueError(f"{cfg.checkpoint} is already quantized: give the full-precision checkpoint")
+    if cfg.gate.enabled:
+        storage.expand(cfg.gate.text)  # fail before converting when the gate's text is missing
     spec = QuantSpec(cfg.bits, cfg.group_size)
     device = _device(cfg)
     with stage_run(cfg.tracking.enabled, "quantize", asdict(cfg), cfg.tracking.experiment,

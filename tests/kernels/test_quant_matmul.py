@@ -15,10 +15,11 @@ from kernels import quant_matmul as qm
 
 REPO = Path(__file__).resolve().parents[2]
 
-# (bits, group_size, M, N, K): odd sizes, partial tiles and groups, a K split over several blocks
+# (bits, group_size, M, N, K): odd sizes, partial tiles and groups, group scales per element and
+# per K block (group_size a multiple of BLOCK_K = 128), a K split over several blocks
 CASES = [
     (4, 0, 1, 64, 128), (4, 0, 3, 37, 75), (4, 32, 5, 40, 130), (4, 16, 17, 33, 65),
-    (8, 0, 2, 64, 256), (8, 16, 17, 33, 65), (8, 64, 1, 19, 300),
+    (4, 128, 3, 20, 300), (8, 0, 2, 64, 256), (8, 16, 17, 33, 65), (8, 64, 1, 19, 300), (8, 128, 2, 24, 260),
 ]
 
 
