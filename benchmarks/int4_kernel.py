@@ -83,7 +83,6 @@ def main() -> int:
                 cases.append(case)
                 print(f"  {K}x{N} batch {M:>2} {spec.scheme:16s}: fp16 {fp16_ms:.4f} ms, int4 {int4_ms:.4f} ms, "
                       f"{case['speedup']:.2f}x, {case['bandwidth_fraction']:.0%} of copy bandwidth", flush=True)
-        del w
 
     def worst(M: int, key: str) -> float:
         return min(c[key] for c in cases if c["M"] == M and c["scales"] == "absmax_per_row")

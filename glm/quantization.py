@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from kernels.quant_matmul import dequantize, pack_int4, quantized_matmul
+from kernels.quant_matmul import pack_int4, quantized_matmul
 
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 """The linear layers of each block that are quantized, relative to `layers.<i>`."""
@@ -87,7 +87,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
     if spec.group_size:
         w = nn.functional.pad(w, (0, G * spec.group_size - K)).view(N, G, spec.group_size)
     else:
-        w = w.view(N, 1, K)
+        w = w.reshape(N, 1, K)
     absmax = w.abs().amax(dim=-1)  # (N, G)
     scales = (absmax / qmax).half()
     too_small = scales.float() * qmax < absmax
@@ -124,10 +124,6 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.weight, self.weight_scale, bits=self.spec.bits, group_size=self.spec.group_size,
-                          in_features=self.in_features, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_matmul(x, self.weight, self.weight_scale, bits=self.spec.bits,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 from typing import Iterator
 
@@ -104,12 +105,8 @@ def quantized_matmul_triton(
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether triton imports (it is an optional, GPU-oriented dependency)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed (an optional, GPU-oriented dependency); does not import it."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def selected_impl(x: torch.Tensor) -> str:

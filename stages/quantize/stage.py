@@ -63,17 +63,18 @@ def measure(cfg: QuantizeConfig, staged: str, spec: QuantSpec, device: torch.dev
     windows = heldout_windows(cfg.gate.text, tokenizer, cfg.gate.max_tokens, window)
     n_tokens = sum(len(w) for w in windows)
     _log(f"[quantize] gate text: {len(windows)} windows, {n_tokens} tokens from {cfg.gate.text}")
-    ppl: dict[str, float] = {}
-    for label, get_model in (
-        ("fp", lambda: model),
-        (f"int{other.bits}", lambda: quantize_model(model, other)),  # in place: the original is done
-        (f"int{spec.bits}", lambda: _eval_model(staged, device)[0]),
-    ):
+
+    def score(label: str, m) -> None:
         start = time.perf_counter()
-        ppl[label] = perplexity(get_model(), windows, tokenizer, cfg.gate.batch_size)
+        ppl[label] = perplexity(m, windows, tokenizer, cfg.gate.batch_size)
         _log(f"[quantize] perplexity {label}: {ppl[label]:.4f} ({time.perf_counter() - start:.1f}s)")
+
+    ppl: dict[str, float] = {}
+    score("fp", model)
+    score(f"int{other.bits}", quantize_model(model, other))  # in place: the original is scored already
     del model
-    quantized, tokenizer = _eval_model(staged, device)
+    quantized = _eval_model(staged, device)[0]  # the checkpoint as written
+    score(f"int{spec.bits}", quantized)
     gen = GenerationConfig(max_new_tokens=cfg.sample_max_new_tokens)
     filled = fill_blanks(quantized, tokenizer, cfg.sample_prompts, gen)
     samples = {prompt: result.text for prompt, result in zip(cfg.sample_prompts, filled)}
