@@ -150,7 +150,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     for name in block_linear_names(model):
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear: already quantized?")
+            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear: already quantized, or "
+                            f"wrapped (e.g. LoRA: merge the adapters into the weights first)?")
         _swap(model, name, QuantizedLinear.from_linear(linear, spec))
     return model
 

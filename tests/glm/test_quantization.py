@@ -138,3 +138,18 @@ def test_bad_quantization_entries_are_named(tokenizer, tmp_path):
     (tmp_path / "c" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="config.json: quantization: invalid quantization entry"):
         read_checkpoint_quantization(tmp_path / "c")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(4, group_size=32), QuantSpec(8)], ids=lambda s: s.name)
+def test_quantized_model_on_cuda_matches_cpu(tokenizer, tmp_path, spec):
+    """The same quantized checkpoint on CUDA (fp16, the Triton kernel) and on CPU (fp32, reference)."""
+    save_inference_checkpoint(quantize_model(tiny_model(tokenizer), spec), tokenizer, tmp_path / "q")
+    cpu, _ = load_inference_checkpoint(tmp_path / "q")
+    gpu, _ = load_inference_checkpoint(tmp_path / "q", device="cuda", dtype=torch.float16)
+    x = torch.tensor([tokenizer.encode("话说天下大势 The quick brown fox jumps over the lazy dog")])
+    pos = torch.arange(x.shape[1])[None]
+    with torch.no_grad():
+        expected = cpu(x, pos).logits
+        got = gpu(x.cuda(), pos.cuda()).logits.float().cpu()
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-2
