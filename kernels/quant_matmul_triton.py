@@ -6,10 +6,11 @@ top). Contract and storage layout: see `kernels.quant_matmul`.
 
 Each program computes a (BLOCK_M, BLOCK_N) tile of y = x @ W.T, walking K in BLOCK_K steps:
 it loads the packed integers of a (BLOCK_N, BLOCK_K) weight tile contiguously, unpacks the
-nibbles with shifts in int32, scales them (group-wise: per tile row or element; per-row: once
-on the fp32 accumulator at the end) and feeds tl.dot. For small batches (decoding) there are few output tiles, so K
-is split across SPLIT_K programs that add their partial sums atomically in fp32: a batch-1
-matmul is bound by reading the weights, and all SMs must be reading.
+nibbles with shifts in int32, scales them (group-wise: per tile row or element; per-row:
+once on the fp32 accumulator at the end) and feeds tl.dot. For small batches (decoding)
+there are few output tiles, so K is split across SPLIT_K programs that add their partial
+sums atomically in fp32: a batch-1 matmul is bound by reading the weights, and all SMs must
+be reading.
 """
 
 from __future__ import annotations
