@@ -90,12 +90,13 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="quant_quality_"))
     try:
-        checkpoint = args.checkpoint
+        checkpoint, source = args.checkpoint, args.checkpoint
         if checkpoint is None and (REPO / "runs" / "smoke" / "model" / "config.json").exists():
-            checkpoint = str(REPO / "runs" / "smoke" / "model")
+            checkpoint = source = str(REPO / "runs" / "smoke" / "model")
         if checkpoint is None:
             checkpoint = train_small(work / "fp", args.train_steps)
-        print(f"checkpoint: {checkpoint}", flush=True)
+            source = f"small trained here for {args.train_steps} steps"
+        print(f"checkpoint: {source}", flush=True)
         model, tokenizer = load_inference_checkpoint(checkpoint)
         windows = heldout_windows(args.text, tokenizer, args.max_tokens, min(args.window, model.config.max_seq_len - 1))
         tokens = sum(len(w) for w in windows)
@@ -119,7 +120,7 @@ def main() -> None:
         int4_modes = [k for k in modes if k.startswith("int4")]
         best = min(int4_modes, key=lambda k: ppl[k])
         result = {
-            "benchmark": "quant_quality", "checkpoint": checkpoint, "text": args.text, "tokens": tokens,
+            "benchmark": "quant_quality", "checkpoint": source, "text": args.text, "tokens": tokens,
             "fp_ppl": round(fp_ppl, 4),
             **{f"{k}_ppl": round(v, 4) for k, v in ppl.items()},
             **{f"{k}_ppl_ratio": round(v / fp_ppl, 5) for k, v in ppl.items() if k != "int8"},
