@@ -1,7 +1,8 @@
 """The inference checkpoint: a directory that quantize, eval and serve load.
 
     <dir>/model.safetensors   weights (no pickle); a tied lm_head is stored once
-    <dir>/config.json         {"format": ..., "model": GLMConfig fields, "metadata": {...}}
+    <dir>/config.json         {"format": ..., "model": GLMConfig fields, "metadata": {...},
+                               "quantization": {"bits", "group_size", "scheme"} (quantized only)}
     <dir>/tokenizer.model     the SentencePiece model
 
 `dir` may be a local path or a URI (s3://, gs://, ...): remote directories are written to a
@@ -14,12 +15,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from glm.config import GLMConfig
 from glm.model import GLMModel
+from glm.quantization import QuantSpec, cast_model, model_quantization, prepare_quantized
 from glm.tokenizer import GLMTokenizer
 
 FORMAT = "glm-inference-v1"
@@ -41,19 +43,65 @@ def save_inference_checkpoint(
     """Write model weights, config and tokenizer to `uri` (created or replaced); returns `uri`.
 
     Written to a temporary sibling first and renamed into place, so a crash never leaves a
-    half-written checkpoint under the final name.
+    half-written checkpoint under the final name. A model with `QuantizedLinear` layers is
+    written as a quantized checkpoint (its spec under `quantization` in config.json).
     """
     from safetensors.torch import save_model
 
-    uri = str(uri)
+    def fill(staging: Path) -> None:
+        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        _write_config(staging, model.config, metadata, model_quantization(model))
+        tokenizer.save(staging / GLMTokenizer.MODEL_FILE)
+
+    return _write_dir(str(uri), fill)
+
+
+def write_checkpoint(
+    uri: str | Path, config: GLMConfig, tensors: dict[str, torch.Tensor], tokenizer_model: bytes,
+    metadata: dict[str, Any] | None = None, quantization: QuantSpec | None = None,
+) -> str:
+    """Write a checkpoint from a state dict (e.g. one converted tensor by tensor); returns `uri`."""
+    from safetensors.torch import save_file
+
+    def fill(staging: Path) -> None:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        _write_config(staging, config, metadata, quantization)
+        (staging / GLMTokenizer.MODEL_FILE).write_bytes(tokenizer_model)
+
+    return _write_dir(str(uri), fill)
+
+
+def publish_checkpoint(local_dir: str | Path, uri: str | Path) -> str:
+    """Copy a finished local checkpoint directory to `uri` (replaced atomically when local)."""
+    local_dir = Path(local_dir)
+    names = (WEIGHTS_FILE, CONFIG_FILE, GLMTokenizer.MODEL_FILE)
+    missing = [n for n in names if not (local_dir / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{local_dir} is not a complete checkpoint: missing {', '.join(missing)}")
+
+    def fill(staging: Path) -> None:
+        for name in names:
+            shutil.copyfile(local_dir / name, staging / name)
+
+    return _write_dir(str(uri), fill)
+
+
+def _write_config(staging: Path, config: GLMConfig, metadata: dict[str, Any] | None,
+                  quantization: QuantSpec | None) -> None:
+    data: dict[str, Any] = {"format": FORMAT, "model": config.to_dict()}
+    if quantization is not None:
+        data["quantization"] = quantization.to_dict()
+    data["metadata"] = metadata or {}
+    (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2))
+
+
+def _write_dir(uri: str, fill: Callable[[Path], None]) -> str:
+    """Let `fill` write the files into a staging directory, then move them to `uri` atomically
+    (local) or copy them there (remote)."""
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "ckpt"
         staging.mkdir()
-        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (staging / CONFIG_FILE).write_text(
-            json.dumps({"format": FORMAT, "model": model.config.to_dict(), "metadata": metadata or {}}, indent=2)
-        )
-        tokenizer.save(staging / GLMTokenizer.MODEL_FILE)
+        fill(staging)
         if _is_remote(uri):
             import pyarrow.fs as pafs
 
@@ -75,33 +123,50 @@ def save_inference_checkpoint(
 def read_checkpoint_config(uri: str | Path) -> tuple[GLMConfig, dict[str, Any]]:
     """The model config and metadata of a checkpoint, without loading weights."""
     with _fetched(str(uri), only=(CONFIG_FILE,)) as local:
-        return _parse_config(local / CONFIG_FILE)
+        config, metadata, _ = _parse_config(local / CONFIG_FILE)
+        return config, metadata
 
 
-def _parse_config(path: Path) -> tuple[GLMConfig, dict[str, Any]]:
+def read_checkpoint_quantization(uri: str | Path) -> QuantSpec | None:
+    """How a checkpoint is quantized (bits, group_size, scheme), or None for full precision."""
+    with _fetched(str(uri), only=(CONFIG_FILE,)) as local:
+        return _parse_config(local / CONFIG_FILE)[2]
+
+
+def _parse_config(path: Path) -> tuple[GLMConfig, dict[str, Any], QuantSpec | None]:
     if not path.exists():
         raise FileNotFoundError(f"not an inference checkpoint: {path} is missing")
     data = json.loads(path.read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
-    return GLMConfig.from_dict(data["model"], where=str(path)), data.get("metadata", {})
+    spec = None
+    if data.get("quantization") is not None:
+        spec = QuantSpec.from_dict(data["quantization"], where=f"{path}: quantization")
+    return GLMConfig.from_dict(data["model"], where=str(path)), data.get("metadata", {}), spec
 
 
 def load_inference_checkpoint(
     uri: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GLMModel, GLMTokenizer]:
-    """Load (model in eval mode, tokenizer) from a checkpoint directory or URI."""
+    """Load (model in eval mode, tokenizer) from a checkpoint directory or URI.
+
+    Full-precision and quantized checkpoints alike: a quantized one comes back with
+    `glm.quantization.QuantizedLinear` layers (integer weights, fp16 scales, which `dtype`
+    leaves in fp16).
+    """
     from safetensors.torch import load_model
 
     with _fetched(str(uri)) as local:
-        config, _ = _parse_config(local / CONFIG_FILE)
+        config, _, spec = _parse_config(local / CONFIG_FILE)
         with torch.device("meta"):
             model = GLMModel(config)
+            if spec is not None:
+                prepare_quantized(model, spec)
         model = model.to_empty(device=device)
         load_model(model, str(local / WEIGHTS_FILE), strict=True, device=str(device))
         tokenizer = GLMTokenizer.load(local / GLMTokenizer.MODEL_FILE)
     if dtype is not None:
-        model = model.to(dtype)
+        model = cast_model(model, dtype)
     return model.eval(), tokenizer
 
 

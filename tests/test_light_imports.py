@@ -12,6 +12,9 @@ CHECKS = [
     ("glm.model", ["ray", "mlflow", "deepspeed"]),
     ("glm.generation", ["ray", "mlflow", "deepspeed"]),
     ("kernels.attention", ["ray", "triton"]),
+    ("kernels.quant_matmul", ["ray", "triton"]),
+    ("glm.quantization", ["ray", "mlflow", "deepspeed", "triton"]),
+    ("glm.checkpoint", ["ray", "mlflow", "deepspeed", "triton"]),
 ]
 
 

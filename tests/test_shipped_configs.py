@@ -9,6 +9,7 @@ from pipelines.full import load_config as load_pipeline
 from stages.data.config import DataConfig
 from stages.pretrain.config import PretrainConfig
 from stages.sft.config import SFTConfig
+from stages.quantize.config import QuantizeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,6 +20,7 @@ LOADERS = {
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
     "stages/sft/configs/sample.yaml": SFTConfig,
+    "stages/quantize/configs/sample.yaml": QuantizeConfig,
 }
 NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 
