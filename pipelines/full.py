@@ -74,6 +74,8 @@ class PipelineConfig:
     """stages.pretrain PretrainConfig fields (data, output, engine run name and storage are filled in)."""
     sft: dict[str, Any] = field(default_factory=dict)
     """stages.sft SFTConfig fields (base, output, engine run name and storage are filled in)."""
+    quantize: dict[str, Any] = field(default_factory=dict)
+    """stages.quantize QuantizeConfig fields (checkpoint = the last training stage's model)."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=True))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
@@ -125,6 +127,14 @@ def _wire_sft(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
     _engine_defaults(cfg, p, "sft")
 
 
+def _wire_quantize(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    trained = [s for s in ("rlhf", "sft", "pretrain") if s in outputs]
+    if not cfg.get("checkpoint") and not trained:
+        raise RuntimeError("quantize needs a trained model: run pretrain (or sft, rlhf) before it")
+    cfg["checkpoint"] = cfg.get("checkpoint") or outputs[trained[0]]["model"]
+    cfg.setdefault("output", posixpath.join(p.work_dir, "quantize", "model"))
+
+
 def _need(outputs: dict, stage: str, key: str, consumer: str) -> str:
     if stage not in outputs:
         raise RuntimeError(f"{consumer} needs the output of the {stage} stage, which has not run: "
@@ -150,6 +160,12 @@ def _run_sft(cfg) -> None:
     run(cfg)
 
 
+def _run_quantize(cfg) -> None:
+    from stages.quantize.stage import run
+
+    run(cfg)
+
+
 def _config_class(module: str, name: str) -> Callable[[], type]:
     def load() -> type:
         import importlib
@@ -166,6 +182,8 @@ STAGES: dict[str, Stage] = {
                       _run_pretrain, lambda c: {"model": c.output}),
     "sft": Stage("sft", _config_class("stages.sft.config", "SFTConfig"), _wire_sft, _run_sft,
                  lambda c: {"model": c.output, "data": c.data.output or f"{c.output}_data"}),
+    "quantize": Stage("quantize", _config_class("stages.quantize.config", "QuantizeConfig"), _wire_quantize,
+                      _run_quantize, lambda c: {"model": c.output}),
 }
 
 

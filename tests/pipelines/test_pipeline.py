@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import SAMPLE
-from glm.checkpoint import load_inference_checkpoint
+from glm.checkpoint import load_inference_checkpoint, read_checkpoint_quantization
 from pipelines.full import CheckConfig, PipelineConfig, run
 from stages.engine.config import EngineConfig
 from stages.engine.trainer import step_log
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None) -> PipelineConfig:
     engine = {"num_workers": 2, "micro_batch_size": 2, "zero_stage": 2, "log_every": 1, "seed": 3}
     return PipelineConfig(
-        name=name, work_dir=str(tmp_path / "work"), stages=["data", "pretrain", "sft"],
+        name=name, work_dir=str(tmp_path / "work"), stages=["data", "pretrain", "sft", "quantize"],
         data={"sources": [{"uri": str(SAMPLE / "pretrain/en_tinyshakespeare.jsonl")}],
               "tokenizer": {"path": str(tokenizer.save(tmp_path))},
               "objective": {"seq_len": 64, "mask_window": 32}, "mip": {"token_share": 0.0}, "num_buckets": 2},
@@ -28,6 +28,8 @@ def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None) -> Pip
              "method": {"kind": "lora", "lora_rank": 2},
              "engine": {**engine, "train_steps": 2, "checkpoint_every": 2}, "sample_prompts": ["你好"],
              "max_new_tokens": 4},
+        quantize={"bits": 4, "gate": {"max_tokens": 512, "window": 64, "max_ppl_increase": 1.0},
+                  "sample_max_new_tokens": 4},
         tracking=TrackingConfig(enabled=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pipe"),
         check=CheckConfig(max_tokens=4),
     )
@@ -43,9 +45,10 @@ def finished(tmp_path_factory, tokenizer, ray_instance):
 def test_stages_are_wired_and_the_final_model_chats(finished):
     tmp, cfg, outputs = finished
     assert outputs["pretrain"]["model"].startswith(str(tmp / "work"))
-    load_inference_checkpoint(outputs["sft"]["model"])
     meta = json.loads((tmp / "work/sft/model/config.json").read_text())["metadata"]
     assert meta["base"] == outputs["pretrain"]["model"] and meta["method"] == "lora"
+    assert read_checkpoint_quantization(outputs["quantize"]["model"]).bits == 4  # quantize took the SFT model
+    load_inference_checkpoint(outputs["quantize"]["model"])
     assert json.loads((tmp / "work/pipeline/sft.json").read_text())["outputs"] == outputs["sft"]
 
 
@@ -58,10 +61,10 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
     runs = client.search_runs([exp.experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "tiny"]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"data", "tiny-pretrain", "tiny-sft"} <= children
+    assert {"data", "tiny-pretrain", "tiny-sft", "quantize"} <= children
     assert parent.data.tags["sft.model"] == outputs["sft"]["model"]
     version = client.get_model_version_by_alias("glm-chat", "newest")
-    assert version.source == outputs["sft"]["model"] and version.run_id == parent.info.run_id
+    assert version.source == outputs["quantize"]["model"] and version.run_id == parent.info.run_id
 
 
 def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, capsys):
@@ -69,7 +72,7 @@ def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, ca
     before = len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray"))))
     again = run(tiny_pipeline(tmp, tokenizer))
     out = capsys.readouterr().out
-    assert out.count(": skipped") == 3, out
+    assert out.count(": skipped") == 4, out
     assert again == outputs
     assert len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray")))) == before
 
@@ -84,5 +87,6 @@ def test_a_pipeline_killed_in_pretraining_resumes_from_its_checkpoint(tmp_path, 
     rerun.stages = ["data", "pretrain"]
     run(rerun)
     log = step_log(EngineConfig(run_name="crash-pretrain", storage_path=str(tmp_path / "work/ray")))
-    assert [r["step"] for r in log] == [1, 2, 3, 4]  # steps 1-2 before the crash, 3-4 after the resume
-    assert log[2]["attempt"] == 1
+    # steps 1-3 before the crash at step 4; the rerun resumes from the step-2 checkpoint and replays step 3
+    assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 1)]
+    assert log[2]["loss"] == log[3]["loss"]
