@@ -10,14 +10,17 @@ Flags override the fields of --config (a YAML of ServeConfig fields).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
 import sys
 import threading
+import urllib.request
 
 from stages.cli import load_config_or_exit
 from stages.serve.config import ServeConfig
+from stages.tracking import stage_run
 
 FLAGS = {  # flag -> (ServeConfig field, type, help)
     "--checkpoint": ("checkpoint", str, "inference checkpoint directory or URI (default: newest under ./runs)"),
@@ -32,6 +35,15 @@ FLAGS = {  # flag -> (ServeConfig field, type, help)
     "--device": ("device", str, "auto | cpu | cuda (default auto)"),
     "--dtype": ("dtype", str, "auto | float32 | bfloat16 | float16 (default auto: as stored)"),
 }
+
+
+def served_tokens(url: str) -> dict[str, float]:
+    """Tokens the (first answering) replica generated, from /health; empty if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return {"tokens_generated": json.load(r)["tokens_generated"]}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def examples(url: str, model: str, api_key: str) -> str:
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("GLM_SERVE_API_KEY"),
                         help="require this Bearer key on /v1 routes (default: $GLM_SERVE_API_KEY; none: open)")
     parser.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
+    parser.add_argument("--track", action="store_true",
+                        help="log the config and endpoint to MLflow (a 'serve' run, ended at shutdown)")
     args = parser.parse_args(argv)
     config = load_config_or_exit(ServeConfig, args.config) if args.config else ServeConfig()
     for flag, (name, _, _) in FLAGS.items():
@@ -85,23 +99,27 @@ def main(argv=None) -> int:
     else:
         ensure_ray(min_cpus=math.ceil(config.num_replicas * config.num_cpus))
     print(f"starting the GLM endpoint ({config.num_replicas} replica(s)) ...", flush=True)
-    try:
-        url = deploy(config)
-    except (FileNotFoundError, ValueError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"serving {config.checkpoint} as model '{config.model_name}' at {url}\n"
-          f"{examples(url, config.model_name, config.api_key)}\n"
-          f"Ctrl-C stops it.", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
+    params = {**config.to_dict(), "api_key": "set" if config.api_key else ""}
+    with stage_run(args.track, "serve", params) as run:
+        try:
+            url = deploy(config)
+        except (FileNotFoundError, ValueError, TimeoutError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        run.set_tags({"endpoint": url})
+        print(f"serving {config.checkpoint} as model '{config.model_name}' at {url}\n"
+              f"{examples(url, config.model_name, config.api_key)}\n"
+              f"Ctrl-C stops it.", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
-    print("shutting down ...", flush=True)
-    shutdown()
+        print("shutting down ...", flush=True)
+        run.log_metrics(served_tokens(url))
+        shutdown()
     return 0
 
 

@@ -8,6 +8,7 @@ runs it from Python.
 
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -159,9 +160,11 @@ class GLMServer:
     async def _finals(self, jobs, stop) -> list[SpanEvent]:
         requests, events = self._submit(jobs, stop)
         finals: list[SpanEvent | None] = [None] * len(jobs)
-        async for i, event in self._events(requests, events):
-            if event.done:
-                finals[i] = event
+        # aclosing: when the client leaves mid-way, the generator's cleanup cancels the jobs now
+        async with contextlib.aclosing(self._events(requests, events)) as stream:
+            async for i, event in stream:
+                if event.done:
+                    finals[i] = event
         return finals
 
     def _prepare(self, body, prompts: list[str], param: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
@@ -200,10 +203,11 @@ class GLMServer:
                 for i, prompt in enumerate(echo):
                     yield _sse(choice(i, prompt, None))
             try:
-                async for i, event in self._events(requests, events):
-                    if event.delta or event.done:
-                        yield _sse(choice(i, event.delta, event.finish_reason if event.done else None))
-                    completion_tokens += len(event.tokens)
+                async with contextlib.aclosing(self._events(requests, events)) as stream:
+                    async for i, event in stream:
+                        if event.delta or event.done:
+                            yield _sse(choice(i, event.delta, event.finish_reason if event.done else None))
+                        completion_tokens += len(event.tokens)
             except APIError as e:  # headers are sent: report in-band, as OpenAI's servers do
                 yield _sse(e.body())
                 return
