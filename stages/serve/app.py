@@ -94,6 +94,11 @@ class GLMServer:
         logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
 
+    def check_health(self) -> None:
+        """Serve's periodic replica health check: a replica whose decode loop died is replaced."""
+        if not self.engine.alive:
+            raise RuntimeError("the decode loop is not running")
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -302,6 +307,8 @@ class GLMServer:
 
     @api.get("/health")
     async def health(self):
+        if not self.engine.alive:
+            raise APIError(503, "the decode loop is not running", type="server_error")
         return {"status": "ok", "model": self.config.model_name, **self.engine.load}
 
     @api.get("/", response_class=HTMLResponse)

@@ -139,6 +139,11 @@ class DecodeEngine:
         """Requests running and waiting now, and tokens generated since start."""
         return {"running": len(self._rows), "waiting": len(self._waiting), "tokens_generated": self.stats["tokens"]}
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode loop is running (it only ends through `close`)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the loop; pending and running requests end with an error event."""
         with self._wake:

@@ -90,6 +90,7 @@ def test_overload_is_refused_not_queued_forever(model, tokenizer):
         assert gate.wait(30)
     finally:
         engine.close()
+    assert not engine.alive
 
 
 class FakeTokenizer:
