@@ -185,12 +185,13 @@ class DecodeEngine:
         self._admit([r for r in live if r.config.num_beams == 1])
         if not self._rows:
             return
-        keep, next_tokens = [], []
+        picks = []  # each row under its own settings; one device sync for the whole step
         for i, row in enumerate(self._rows):
-            step = len(row.generated)
-            logits = process_logits(self._logits[i:i + 1], [row.history], step, row.stop_ids, row.config,
-                                    self.vocab_limit)
-            token = int(sample_next(logits, row.config, row.generator)[0])
+            logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
+                                    row.config, self.vocab_limit)
+            picks.append(sample_next(logits, row.config, row.generator))
+        keep, next_tokens = [], []
+        for i, (row, token) in enumerate(zip(self._rows, torch.cat(picks).tolist())):
             if self._advance(row, token):
                 keep.append(i)
                 next_tokens.append(token)
