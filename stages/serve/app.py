@@ -1,0 +1,330 @@
+"""The Ray Serve application: a FastAPI ingress around one continuous-batching DecodeEngine.
+
+Routes (docs/serve.md): POST /v1/chat/completions, POST /v1/completions (both with SSE
+streaming), POST /v1/glm/fill, GET /v1/models, GET /health, and the web chat page at /.
+`build_app(args)` is the import path for Serve config files; `stages.serve.stage.deploy`
+runs it from Python.
+"""
+
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glm.config import from_dict
+from glm.generation import GenerationConfig, SpanQuery
+from stages.serve.config import ServeConfig
+from stages.serve.engine import EngineOverloaded, EngineStopped, SpanEvent, SpanRequest
+from stages.serve.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, FillRequest, chat_prompt, generation_query, max_new_tokens,
+)
+
+logger = logging.getLogger("ray.serve")
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+api = FastAPI(title="GLM", description="OpenAI-compatible GLM endpoint with GLM blank filling")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic's complaint as one OpenAI error naming the parameter (400, as OpenAI does)."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        param = None
+    elif first.get("type") == "extra_forbidden":
+        message = f"unknown parameter {param!r}"
+    elif first.get("type") == "missing":
+        message = f"missing required parameter {param!r}" if param else "missing request body"
+    else:
+        message = f"{param}: {first.get('msg')} (got {first.get('input')!r})" if param else str(first.get("msg"))
+    return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+@serve.deployment(name="GLMServer")
+@serve.ingress(api)
+class GLMServer:
+    """One replica: the model, its tokenizer and the decode loop."""
+
+    def __init__(self, config: dict[str, Any]):
+        import torch
+
+        from glm.checkpoint import load_inference_checkpoint
+        from stages.serve.engine import DecodeEngine
+
+        self.config = from_dict(ServeConfig, config, where="serve config")
+        device = self.config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        t0 = time.time()
+        self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
+        self.context = self.model.config.max_seq_len
+        self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting)
+        self.created = int(time.time())
+        logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
+                    self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
+
+    def check_health(self) -> None:
+        """Serve's periodic replica health check: a replica whose decode loop died is replaced."""
+        if not self.engine.alive:
+            raise RuntimeError("the decode loop is not running")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self.config.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _submit(self, jobs: list[tuple[SpanQuery, GenerationConfig]], stop: list[str]) -> tuple[list, asyncio.Queue]:
+        """Queue every (query, config); events arrive on one asyncio queue as (job index, event).
+
+        All or nothing: when the engine refuses one, the ones already queued are cancelled and
+        the client gets 429.
+        """
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        requests = []
+        try:
+            for i, (query, config) in enumerate(jobs):
+                def on_event(event: SpanEvent, i=i) -> None:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
+                requests.append(self.engine.submit(SpanRequest(query, config, on_event, stop)))
+        except (EngineOverloaded, EngineStopped) as e:
+            for r in requests:
+                self.engine.cancel(r)
+            raise APIError(429 if isinstance(e, EngineOverloaded) else 503, str(e), type="server_error",
+                           code="overloaded") from None
+        return requests, events
+
+    async def _events(self, requests: list, events: asyncio.Queue) -> AsyncIterator[tuple[int, SpanEvent]]:
+        """(index, event) until every job is done; cancels the jobs when the consumer stops early."""
+        pending = set(range(len(requests)))
+        deadline = time.monotonic() + self.config.request_timeout_s
+        try:
+            while pending:
+                try:
+                    i, event = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise APIError(503, f"generation took longer than request_timeout_s "
+                                        f"({self.config.request_timeout_s:.0f}s)", type="server_error",
+                                   code="timeout") from None
+                if i not in pending:
+                    continue  # a late duplicate after a job's final event
+                if event.done:
+                    pending.discard(i)
+                    if event.error:
+                        raise APIError(500, event.error, type="server_error")
+                yield i, event
+        finally:
+            for r in requests:
+                self.engine.cancel(r)  # no-op for finished jobs; stops work a dropped client no longer wants
+
+    async def _finals(self, jobs, stop) -> list[SpanEvent]:
+        requests, events = self._submit(jobs, stop)
+        finals: list[SpanEvent | None] = [None] * len(jobs)
+        # aclosing: when the client leaves mid-way, the generator's cleanup cancels the jobs now
+        async with contextlib.aclosing(self._events(requests, events)) as stream:
+            async for i, event in stream:
+                if event.done:
+                    finals[i] = event
+        return finals
+
+    def _prepare(self, body, prompts: list[str], param: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
+        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
+        body.stop_strings()  # validates before anything is queued
+        jobs, prompt_tokens = [], 0
+        for prompt in prompts:
+            query = generation_query(self.tokenizer, prompt)
+            limit = max_new_tokens(body.max_tokens, len(query.part_a), self.context, self.config.default_max_tokens,
+                                   param)
+            prompt_tokens += len(query.part_a) + 1  # text, [gMASK], [sop]
+            for choice in range(body.n):
+                jobs.append((query, body.generation_config(limit, self.config.default_temperature,
+                                                           self.config.default_top_p, choice)))
+        return jobs, prompt_tokens
+
+    def _stream(self, kind: str, body, jobs, prompt_tokens: int, echo: list[str] | None = None) -> StreamingResponse:
+        """SSE in OpenAI's chunk format; `kind` is 'chat' or 'text'."""
+        requests, events = self._submit(jobs, body.stop_strings())
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        base = {"id": rid, "object": obj, "created": int(time.time()), "model": self.config.model_name}
+
+        def choice(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {**base, "choices": [{"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+        async def body_iter() -> AsyncIterator[str]:
+            completion_tokens = 0
+            if kind == "chat":
+                for i in range(len(jobs)):
+                    yield _sse(choice(i, None, None, first=True))
+            elif echo:
+                for i, prompt in enumerate(echo):
+                    yield _sse(choice(i, prompt, None))
+            try:
+                async with contextlib.aclosing(self._events(requests, events)) as stream:
+                    async for i, event in stream:
+                        if event.delta or event.done:
+                            yield _sse(choice(i, event.delta, event.finish_reason if event.done else None))
+                        completion_tokens += len(event.tokens)
+            except APIError as e:  # headers are sent: report in-band, as OpenAI's servers do
+                yield _sse(e.body())
+                return
+            if body.include_usage():
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body_iter(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @staticmethod
+    def _usage(prompt_tokens: int, finals: list[SpanEvent]) -> dict:
+        completion = sum(len(f.tokens) for f in finals)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    # --- routes ----------------------------------------------------------------------------
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        body.max_tokens = body.max_tokens or body.max_completion_tokens
+        jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages")
+        if body.stream:
+            return self._stream("chat", body, jobs, prompt_tokens)
+        finals = await self._finals(jobs, body.stop_strings())
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.config.model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
+                         "finish_reason": f.finish_reason} for i, f in enumerate(finals)],
+            "usage": self._usage(prompt_tokens, finals),
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._authorize(request)
+        self._check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or len(prompts) > 16:
+            raise APIError(400, f"prompt: give 1 to 16 prompts, got {len(prompts)}", param="prompt")
+        jobs, prompt_tokens = self._prepare(body, prompts, "prompt")
+        echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
+        if body.stream:
+            return self._stream("text", body, jobs, prompt_tokens, echo)
+        finals = await self._finals(jobs, body.stop_strings())
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": self.config.model_name,
+            "choices": [{"index": i, "text": (echo[i] if echo else "") + f.text, "logprobs": None,
+                         "finish_reason": f.finish_reason} for i, f in enumerate(finals)],
+            "usage": self._usage(prompt_tokens, finals),
+        }
+
+    @api.post("/v1/glm/fill")
+    async def fill(self, body: FillRequest, request: Request):
+        """GLM blank filling, masks left to right (as `glm.generation.fill_blanks`)."""
+        self._authorize(request)
+        self._check_model(body.model)
+        if body.stream or body.n != 1:
+            raise APIError(400, "/v1/glm/fill supports neither stream nor n > 1", param="stream" if body.stream else "n")
+        stop = body.stop_strings()
+        special = self.tokenizer.special
+        masks = set(special.mask_ids)
+        ids = self.tokenizer.encode(body.text)
+        if not masks.intersection(ids):
+            ids.append(special.gmask)
+        prompt_tokens, spans, finals = len(ids) + 1, [], []
+        max_new_tokens(body.max_tokens, len(ids), self.context, self.config.default_max_tokens, "text")  # 400 early
+        while masks.intersection(ids):
+            j = next(k for k, t in enumerate(ids) if t in masks)
+            limit = max_new_tokens(body.max_tokens, len(ids), self.context, self.config.default_max_tokens, "text")
+            config = body.generation_config(limit, self.config.default_temperature, self.config.default_top_p, 0)
+            [final] = await self._finals([(SpanQuery(ids, j, ids[j] == special.gmask), config)], stop)
+            ids = ids[:j] + final.tokens + ids[j + 1:]
+            spans.append(final.text)
+            finals.append(final)
+        return {
+            "id": f"fill-{uuid.uuid4().hex}", "object": "glm.fill", "created": int(time.time()),
+            "model": self.config.model_name, "text": self.tokenizer.decode(ids), "spans": spans,
+            "usage": self._usage(prompt_tokens, finals),
+        }
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "glm-pipeline", "context_window": self.context}]}
+
+    @api.get("/health")
+    async def health(self):
+        if not self.engine.alive:
+            raise APIError(503, "the decode loop is not running", type="server_error")
+        return {"status": "ok", "model": self.config.model_name, **self.engine.load}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for Serve config files (`import_path: stages.serve.app:build_app`);
+    `args` are ServeConfig fields. The file's `deployments:` section overrides these options."""
+    config = from_dict(ServeConfig, dict(args), where="serve application args")
+    if not config.checkpoint:
+        raise ValueError("serve application args: 'checkpoint' (an inference checkpoint directory or URI) is required")
+    return GLMServer.options(
+        num_replicas=config.num_replicas,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+    ).bind(config.to_dict())

@@ -1,0 +1,318 @@
+"""Continuous batching over glm/'s model and sampling: one decode loop, requests join between steps.
+
+A background thread owns the model. Each step it (1) prefills the requests that arrived since
+the last step (left-padded together, like `glm.generation.generate_spans`) and merges their KV
+caches into the running batch, left-padding the shorter cache with invisible segment-0
+columns; (2) picks every row's next token with `glm.generation.process_logits` and
+`sample_next` under that row's own GenerationConfig and seeded generator; (3) drops finished
+rows and runs one cached forward step for the rest. A request alone in the batch computes
+exactly what `generate_spans` computes for it, so greedy and seeded outputs match glm/.
+
+Beam search (num_beams > 1) keeps its own beams-as-batch cache: such a request runs whole,
+through `glm.generation.beam_search`, between decode steps.
+
+This module uses torch and glm/ only (no Ray), so it also runs in-process (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from glm.generation import GenerationConfig, SpanQuery, _Batch, beam_search, process_logits, sample_next
+from glm.model import GLMModel, KVCache
+from glm.schema import part_b_positions
+from glm.tokenizer import GLMTokenizer
+from stages.serve.textstream import TextStream
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the caller should answer 429 and the client retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was closed (the replica is shutting down)."""
+
+
+@dataclass
+class SpanEvent:
+    """What a request hears from the engine: text deltas, then one final event."""
+
+    delta: str = ""
+    """New text safe to show (may be empty on the final event)."""
+    done: bool = False
+    finish_reason: str | None = None
+    """'stop' (stop token or stop string), 'length' (max_new_tokens), 'cancelled' or 'error'."""
+    tokens: list[int] = field(default_factory=list)
+    """On the final event: every generated token id (up to the stop; stop tokens excluded)."""
+    text: str = ""
+    """On the final event: the whole generated text (the deltas concatenated)."""
+    error: str | None = None
+
+
+@dataclass
+class SpanRequest:
+    """One span to generate and where its events go (called from the engine thread)."""
+
+    query: SpanQuery
+    config: GenerationConfig
+    on_event: Callable[[SpanEvent], None]
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation ends before the first occurrence, which is not returned."""
+    cancelled: bool = False
+
+
+class _Row:
+    """Decoding state of one running request."""
+
+    def __init__(self, request: SpanRequest, tokenizer: GLMTokenizer, stop_ids: list[int], device):
+        self.request = request
+        self.config = request.config
+        self.stop_ids = stop_ids
+        self.history = request.query.part_a + [tokenizer.special.sop]
+        self.generated: list[int] = []
+        self.text = TextStream(tokenizer, request.stop)
+        self.generator = None
+        if self.config.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.config.seed if self.config.seed is not None else torch.seed())
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat((t.new_zeros(shape), t), dim=dim)
+
+
+class DecodeEngine:
+    """Continuous-batching generation of Part-B spans for one model (thread-safe `submit`)."""
+
+    def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, max_batch_size: int = 8, max_waiting: int = 64):
+        if max_batch_size < 1 or max_waiting < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.device = next(model.parameters()).device
+        self.use_2d = model.config.uses_2d_positions
+        self.vocab_limit = len(tokenizer)
+        special = tokenizer.special
+        self._base_stop_ids = [special.eop, special.eos]
+        self._waiting: collections.deque[SpanRequest] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._segment_ids = self._prefix_mask = self._logits = None
+        self.stats = collections.Counter()  # steps, tokens, batch_rows (sum of batch sizes), prefills
+        self._thread = threading.Thread(target=self._loop, name="glm-decode-loop", daemon=True)
+        self._thread.start()
+
+    # --- API (any thread) -----------------------------------------------------------------
+
+    def submit(self, request: SpanRequest) -> SpanRequest:
+        """Queue a request; raises EngineOverloaded when `max_waiting` requests already wait."""
+        with self._wake:
+            if self._closed:
+                raise EngineStopped("the generation engine is shut down")
+            if len(self._waiting) >= self.max_waiting + max(0, self.max_batch_size - len(self._rows)):
+                raise EngineOverloaded(
+                    f"server overloaded: {len(self._waiting)} requests waiting and {len(self._rows)} running "
+                    f"(max_batch_size {self.max_batch_size}, max_waiting {self.max_waiting}); retry later"
+                )
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: SpanRequest) -> None:
+        """Stop generating for `request` (e.g. its client went away); it ends with 'cancelled'."""
+        request.cancelled = True
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Requests running and waiting now, and tokens generated since start."""
+        return {"running": len(self._rows), "waiting": len(self._waiting), "tokens_generated": self.stats["tokens"]}
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decode loop is running (it only ends through `close`)."""
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the loop; pending and running requests end with an error event."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # --- the decode loop (engine thread) -------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not self._rows:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                room = self.max_batch_size - len(self._rows)
+                new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                self._step(new)
+            except Exception as e:  # a bug or OOM must not hang clients: fail the batch, keep serving
+                message = f"generation failed: {type(e).__name__}: {e}"
+                affected = {id(r): r for r in new + [row.request for row in self._rows]}
+                for request in affected.values():  # a request already finished ignores this
+                    request.on_event(SpanEvent(done=True, finish_reason="error", error=message))
+                self._rows, self._cache = [], None
+        for request in list(self._waiting) + [r.request for r in self._rows]:
+            request.on_event(SpanEvent(done=True, finish_reason="error", error="the server is shutting down"))
+
+    @torch.no_grad()
+    def _step(self, new: list[SpanRequest]) -> None:
+        live = [r for r in new if not r.cancelled]
+        for r in new:
+            if r.cancelled:
+                r.on_event(SpanEvent(done=True, finish_reason="cancelled"))
+        for request in live:
+            if request.config.num_beams > 1:
+                self._run_beam(request)
+        self._admit([r for r in live if r.config.num_beams == 1])
+        if not self._rows:
+            return
+        picks = []  # each row under its own settings; one device sync for the whole step
+        for i, row in enumerate(self._rows):
+            logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
+                                    row.config, self.vocab_limit)
+            picks.append(sample_next(logits, row.config, row.generator))
+        keep, next_tokens = [], []
+        for i, (row, token) in enumerate(zip(self._rows, torch.cat(picks).tolist())):
+            if self._advance(row, token):
+                keep.append(i)
+                next_tokens.append(token)
+        self.stats["steps"] += 1
+        self.stats["batch_rows"] += len(self._rows)
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            if not self._rows:
+                self._cache = None
+                return
+            self._select(keep)
+        self._decode(next_tokens)
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record a sampled token for a row; emits events. False when the row is finished."""
+        request = row.request
+        if request.cancelled:
+            self._finish(row, "cancelled")
+            return False
+        if token in row.stop_ids:
+            self._finish(row, "stop")
+            return False
+        row.generated.append(token)
+        row.history.append(token)
+        self.stats["tokens"] += 1
+        delta = row.text.add(token)
+        if row.text.stopped:
+            self._finish(row, "stop", delta)
+            return False
+        if len(row.generated) >= row.config.max_new_tokens:
+            self._finish(row, "length", delta)
+            return False
+        if delta:
+            request.on_event(SpanEvent(delta=delta))
+        return True
+
+    def _finish(self, row: _Row, reason: str, delta: str = "") -> None:
+        delta += row.text.finish()
+        row.request.on_event(SpanEvent(delta=delta, done=True, finish_reason=reason, tokens=list(row.generated),
+                                       text=row.text.text))
+
+    def _run_beam(self, request: SpanRequest) -> None:
+        stop_ids = sorted({*self._base_stop_ids, *request.config.stop_token_ids})
+        row = _Row(request, self.tokenizer, stop_ids, self.device)
+        tokens = beam_search(self.model, request.query, self.tokenizer.special, request.config, self.vocab_limit)
+        delta = ""
+        for token in tokens:
+            row.generated.append(token)
+            delta += row.text.add(token)
+            if row.text.stopped:
+                break
+        self.stats["tokens"] += len(row.generated)
+        finished_by_length = len(tokens) >= request.config.max_new_tokens and not row.text.stopped
+        self._finish(row, "length" if finished_by_length else "stop", delta)
+
+    def _admit(self, requests: list[SpanRequest]) -> None:
+        """Prefill new requests together and merge them into the running batch."""
+        if not requests:
+            return
+        self.stats["prefills"] += 1
+        special = self.tokenizer.special
+        batch = _Batch([r.query for r in requests], special, self.use_2d, self.device)
+        out = self.model(batch.input_ids, batch.position_ids, batch.block_position_ids, batch.segment_ids,
+                         batch.prefix_mask, use_cache=True)
+        rows = [_Row(r, self.tokenizer, sorted({*self._base_stop_ids, *r.config.stop_token_ids}), self.device)
+                for r in requests]
+        logits = out.logits[:, -1].float()
+        if self._cache is None:
+            self._rows, self._cache = rows, out.past_key_values
+            self._segment_ids, self._prefix_mask, self._logits = batch.segment_ids, batch.prefix_mask, logits
+            return
+        T = max(self._segment_ids.shape[1], batch.segment_ids.shape[1])
+        self._cache = [
+            (torch.cat((_left_pad(k0, T, 2), _left_pad(k1, T, 2))), torch.cat((_left_pad(v0, T, 2), _left_pad(v1, T, 2))))
+            for (k0, v0), (k1, v1) in zip(self._cache, out.past_key_values)
+        ]  # (B, nh, T, hd); padded columns are segment 0, invisible to every query
+        self._segment_ids = torch.cat((_left_pad(self._segment_ids, T, 1), _left_pad(batch.segment_ids, T, 1)))
+        self._prefix_mask = torch.cat((_left_pad(self._prefix_mask, T, 1), _left_pad(batch.prefix_mask, T, 1)))
+        self._logits = torch.cat((self._logits, logits))
+        self._rows += rows
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows `keep` and drop cache columns that are padding in every kept row."""
+        index = torch.tensor(keep, device=self.device)
+        segment_ids = self._segment_ids.index_select(0, index)
+        first = int((segment_ids != 0).any(0).int().argmax())
+        self._segment_ids = segment_ids[:, first:]
+        self._prefix_mask = self._prefix_mask.index_select(0, index)[:, first:]
+        self._cache = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                       for k, v in self._cache]
+
+    def _decode(self, tokens: list[int]) -> None:
+        """One cached forward step of every running row with its newly generated token."""
+        positions = [
+            part_b_positions(r.request.query.mask_index, len(r.request.query.part_a), 1,
+                             is_gmask=r.request.query.is_gmask, use_2d=self.use_2d, start=len(r.generated))
+            for r in self._rows
+        ]
+        pos = torch.tensor([p[0][0] for p in positions], device=self.device)[:, None]
+        block = torch.tensor([p[1][0] for p in positions], device=self.device)[:, None]
+        ones = torch.ones(len(self._rows), 1, dtype=self._segment_ids.dtype, device=self.device)
+        self._segment_ids = torch.cat((self._segment_ids, ones), dim=1)
+        self._prefix_mask = torch.cat((self._prefix_mask, torch.zeros_like(ones)), dim=1)
+        out = self.model(torch.tensor(tokens, device=self.device)[:, None], pos, block, self._segment_ids,
+                         self._prefix_mask, past_key_values=self._cache, use_cache=True)
+        self._cache, self._logits = out.past_key_values, out.logits[:, -1].float()
+
+
+def wait_for(engine: DecodeEngine, query: SpanQuery, config: GenerationConfig, stop: list[str] | None = None,
+             timeout: float | None = None) -> SpanEvent:
+    """Run one request to completion from a plain thread; returns its final event."""
+    done = threading.Event()
+    final: list[SpanEvent] = []
+
+    def on_event(event: SpanEvent) -> None:
+        if event.done:
+            final.append(event)
+            done.set()
+
+    request = engine.submit(SpanRequest(query, config, on_event, stop or []))
+    if not done.wait(timeout):
+        engine.cancel(request)
+        raise TimeoutError(f"generation did not finish within {timeout}s")
+    return final[0]

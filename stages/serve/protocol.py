@@ -1,0 +1,162 @@
+"""The OpenAI-compatible request bodies, OpenAI-style errors, and prompts in GLM's form.
+
+Requests are pydantic models with OpenAI's ranges (unknown fields are refused by name, so a
+typo never silently changes decoding); `top_k`, `num_beams`, `length_penalty`,
+`no_repeat_ngram_size` and `min_tokens` are extensions. Every failure becomes an `APIError`,
+answered as `{"error": {"message", "type", "param", "code"}}` with its status code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from glm.generation import GenerationConfig, SpanQuery, build_chat_prompt
+from glm.tokenizer import GLMTokenizer
+
+
+class APIError(Exception):
+    """An error answered to the client as an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    stream_options: Optional[dict] = None
+    top_k: int = Field(0, ge=0)
+    num_beams: int = Field(1, ge=1, le=8)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop: at most 4 stop sequences, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop sequences must be non-empty strings", param="stop")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def generation_config(self, max_new_tokens: int, default_temperature: float, default_top_p: float,
+                          choice: int) -> GenerationConfig:
+        """Decoding settings for choice number `choice` (seeds differ per choice: seed + choice)."""
+        if self.num_beams > 1 and (self.temperature or 0) > 0:
+            raise APIError(400, "num_beams > 1 is beam search, which does not sample: set temperature to 0 or "
+                                "leave it out", param="num_beams")
+        temperature = 0.0 if self.num_beams > 1 else (
+            self.temperature if self.temperature is not None else default_temperature)
+        if self.min_tokens > max_new_tokens:
+            raise APIError(400, f"min_tokens {self.min_tokens} exceeds max_tokens {max_new_tokens}", param="min_tokens")
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_k=self.top_k,
+            top_p=self.top_p if self.top_p is not None else (default_top_p if temperature > 0 else 1.0),
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            min_new_tokens=self.min_tokens,
+            seed=None if self.seed is None else self.seed + choice,
+        )
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens (either may be given)."""
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+
+
+class FillRequest(_Request):
+    """POST /v1/glm/fill: `text` with [MASK] / [sMASK] / [gMASK] ([gMASK] appended when none)."""
+
+    model: Optional[str] = None
+    text: str
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The ChatGLM multi-round prompt of an OpenAI message list.
+
+    System messages are prepended to the first user turn (ChatGLM has no system role);
+    the rest must alternate user / assistant and end with a user message.
+    """
+    if not messages:
+        raise APIError(400, "messages: must contain at least one message", param="messages")
+    system = "\n".join(m.content for m in messages if m.role == "system")
+    turns = [m for m in messages if m.role != "system"]
+    if not turns or turns[-1].role != "user":
+        raise APIError(400, "messages: the last non-system message must have role 'user'", param="messages")
+    expected = "user"
+    for i, m in enumerate(turns):
+        if m.role != expected:
+            raise APIError(400, f"messages: user and assistant turns must alternate; message {i} "
+                                f"(after system messages) has role {m.role!r}, expected {expected!r}",
+                           param="messages")
+        expected = "assistant" if expected == "user" else "user"
+    texts = [m.content for m in turns]
+    if system:
+        texts[0] = f"{system}\n{texts[0]}"
+    history = list(zip(texts[:-1:2], texts[1::2]))
+    return build_chat_prompt(texts[-1], history)
+
+
+def generation_query(tokenizer: GLMTokenizer, prompt: str) -> SpanQuery:
+    """Part A = the prompt + [gMASK]: generation continues the text (mask strings a user types
+    in a chat or completion prompt stay plain text, as in `glm.generation.chat`)."""
+    ids = tokenizer.encode(prompt) + [tokenizer.special.gmask]
+    return SpanQuery(ids, len(ids) - 1, True)
+
+
+def max_new_tokens(requested: int | None, prompt_tokens: int, context: int, default: int,
+                   param: str = "messages") -> int:
+    """Tokens that may be generated after a Part A of `prompt_tokens` (mask included) plus [sop].
+
+    A prompt that leaves no room, or an explicit max_tokens that does not fit, is a 400 that
+    states the context window.
+    """
+    room = context - prompt_tokens - 1
+    if room < 1:
+        raise APIError(400, f"prompt too long: it is {prompt_tokens - 1} tokens (+ [gMASK] [sop]), and this model's "
+                            f"context window is {context} tokens; shorten the prompt",
+                       param=param, code="context_length_exceeded")
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise APIError(400, f"max_tokens {requested} does not fit: the prompt uses {prompt_tokens + 1} of this "
+                            f"model's {context}-token context window, leaving {room}",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
