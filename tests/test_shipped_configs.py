@@ -20,7 +20,7 @@ LOADERS = {
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
     "stages/sft/configs/sample.yaml": SFTConfig,
 }
-NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
+NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/", "infra/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 
 
 def shipped_yamls() -> list[str]:
