@@ -22,8 +22,9 @@ LOADERS = {
     "stages/sft/configs/sample.yaml": SFTConfig,
     "stages/quantize/configs/sample.yaml": QuantizeConfig,
 }
-NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
-NOT_CONFIGS += ("stages/serve/configs/serve.yaml",)  # Ray Serve's own schema: tests/stages/serve/test_serve_config_file.py
+# not our dataclass configs: sample data, third-party templates (test_mip_templates.py), environments,
+# outputs, Ray Serve's own schema (test_serve_config_file.py), cluster manifests (test_infra_manifests.py)
+NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/", "stages/serve/configs/serve.yaml", "infra/")
 
 
 def shipped_yamls() -> list[str]:
