@@ -7,6 +7,7 @@ import pytest
 from glm.config import ConfigError, load_yaml
 from pipelines.smoke import SmokeConfig
 from stages.data.config import DataConfig
+from stages.eval.config import EvalConfig, TaskConfig
 from stages.pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,6 +18,32 @@ LOADERS = {
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
+    "stages/eval/configs/sample.yaml": EvalConfig,
+    "stages/eval/shared_tasks/en/agnews.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/boolq.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/lambada.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_humanities.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_other.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_social_sciences.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_stem.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/openbookqa.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/rte.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/sst2.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/cmmlu.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/cmrc2018.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/eprstmt.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/ocnli.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/tnews.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/xcopa.yaml": TaskConfig,
+    "stages/eval/tasks/en/boolq.yaml": TaskConfig,
+    "stages/eval/tasks/en/lambada.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_humanities.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_other.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_social_sciences.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_stem.yaml": TaskConfig,
+    "stages/eval/tasks/en/openbookqa.yaml": TaskConfig,
+    "stages/eval/tasks/zh/cmrc2018.yaml": TaskConfig,
+    "stages/eval/tasks/zh/xcopa.yaml": TaskConfig,
 }
 NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 
