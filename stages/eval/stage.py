@@ -178,7 +178,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         flat.update({f"{name}/items": r["items"] for name, r in {**results, **group_results}.items()})
         report = {"checkpoint": cfg.checkpoint, "checkpoint_metadata": metadata, "tasks": results,
                   "groups": group_results, "metrics": flat, "seconds": round(time.perf_counter() - start, 3),
-                  "report_uri": cfg.output}
+                  "report_uri": cfg.output, "mlflow_run_id": tracker.run_id}
         tracker.log_metrics(flat)
         tracker.set_tags({"checkpoint": cfg.checkpoint, "checkpoint_stage": str(metadata.get("stage", ""))})
         tracker.log_dict(report, "eval_report.json")
