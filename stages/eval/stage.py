@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import posixpath
 import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable
 
-from glm.config import ConfigError
 from stages import storage
 from stages.eval.config import EvalConfig, TaskConfig
 from stages.eval.metrics import exact_match, f1, group_means
-from stages.eval.tasks import data_files, load_task_data, load_tasks
+from stages.eval.tasks import data_files, load_task_data, load_tasks, task_groups
 from stages.tracking import stage_run
 
 Log = Callable[[str], None]
@@ -147,13 +145,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     start = time.perf_counter()
     cfg.checkpoint, cfg.output = storage.absolute(cfg.checkpoint), storage.absolute(cfg.output)
     tasks = load_tasks(cfg.tasks)
-    groups: dict[str, list[str]] = {}
-    for t in tasks:
-        for g in t.groups:
-            groups.setdefault(g, []).append(t.name)
-    clash = sorted(set(groups) & {t.name for t in tasks})
-    if clash:
-        raise ConfigError(f"group name(s) {clash} are also task names: metric names would collide")
+    groups = task_groups(tasks)
     for t in tasks:  # fail before any model is loaded when a data file is missing
         data_files(t, t.data)
         if t.few_shot:

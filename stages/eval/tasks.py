@@ -55,6 +55,18 @@ def load_tasks(paths: list[str]) -> list[TaskConfig]:
     return tasks
 
 
+def task_groups(tasks: list[TaskConfig]) -> dict[str, list[str]]:
+    """Group name -> its task names; a group named like a task is an error (metric names would collide)."""
+    groups: dict[str, list[str]] = {}
+    for t in tasks:
+        for g in t.groups:
+            groups.setdefault(g, []).append(t.name)
+    clash = sorted(set(groups) & {t.name for t in tasks})
+    if clash:
+        raise ConfigError(f"group name(s) {clash} are also task names: metric names would collide")
+    return groups
+
+
 def data_uri(path: str) -> str:
     """A URI unchanged; a relative path taken from the repo root."""
     if "://" in path or Path(path).is_absolute():

@@ -7,7 +7,7 @@ import pytest
 
 from glm.config import ConfigError
 from stages.eval.adapters import ADAPTERS
-from stages.eval.tasks import REPO_ROOT, find_task_files, load_task_data, load_tasks
+from stages.eval.tasks import REPO_ROOT, find_task_files, load_task_data, load_tasks, task_groups
 
 SHARED_EVAL = REPO_ROOT.parent / "shared" / "data" / "eval"
 
@@ -25,6 +25,19 @@ def test_shipped_tasks_are_found_recursively_and_yield_items():
     for task in tasks:
         data = load_task_data(task, max_items=3)
         assert len(data.items) == 3 and not data.skipped, task.name
+
+
+@pytest.mark.parametrize("folder", ["stages/eval/tasks", "stages/eval/shared_tasks"])
+def test_shipped_groups(folder):
+    groups = task_groups(load_tasks([folder]))
+    assert len(groups["mmlu"]) == 4 and "en" in groups and "zh" in groups
+
+
+def test_group_named_like_a_task_is_refused(tmp_path):
+    write_task(tmp_path / "a.yaml", "name: a\ntype: multiple_choice\ndata: x.jsonl\ngroups: [b]\n")
+    write_task(tmp_path / "b.yaml", "name: b\ntype: multiple_choice\ndata: x.jsonl\n")
+    with pytest.raises(ConfigError, match=r"group name\(s\) \['b'\] are also task names"):
+        task_groups(load_tasks([str(tmp_path)]))
 
 
 def test_mmlu_groups_cover_every_subject_once():
