@@ -149,3 +149,19 @@ def test_generation_exact_match_against_the_greedy_answer(tokenizer, tiny_model,
     result = evaluate_task(model, tokenizer, task, batch_size=3, log=lambda m: None)
     assert result["metrics"]["exact_match"] == 0.75
     assert result["metrics"]["f1"] >= 0.75
+
+
+def test_beam_generation_follows_the_generation_config(tokenizer, tiny_model):
+    from glm.generation import beam_search
+
+    from stages.eval.scoring import generate_answers
+
+    model = tiny_model()
+    special = tokenizer.special
+    config = GenerationConfig(max_new_tokens=5, num_beams=3)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    spans = generate_answers(model, special, prompts, mask_token=special.gmask, max_len=64, config=config,
+                             vocab_limit=len(tokenizer), batch_size=2)
+    for prompt, span in zip(prompts, spans):
+        assert span == beam_search(model, SpanQuery(prompt + [special.gmask], len(prompt), True), special, config,
+                                   vocab_limit=len(tokenizer))
