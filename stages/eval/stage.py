@@ -19,7 +19,7 @@ from typing import Any, Callable
 from stages import storage
 from stages.eval.config import EvalConfig, TaskConfig
 from stages.eval.metrics import exact_match, f1, group_means
-from stages.eval.tasks import data_files, load_task_data, load_tasks, task_groups
+from stages.eval.tasks import data_files, data_uri, load_task_data, load_tasks, task_groups
 from stages.tracking import stage_run
 
 Log = Callable[[str], None]
@@ -150,6 +150,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         data_files(t, t.data)
         if t.few_shot:
             data_files(t, t.few_shot_data)
+        # absolute from here on: Ray workers may run from another copy of the repo (a job's working_dir)
+        t.data = data_uri(t.data)
+        t.few_shot_data = data_uri(t.few_shot_data) if t.few_shot_data else ""
     model_config, metadata = read_checkpoint_config(cfg.checkpoint)
     device = resolve_device(cfg.device)
     on_ray = cfg.parallel == "ray" or (cfg.parallel == "auto" and _ray_is_up())
