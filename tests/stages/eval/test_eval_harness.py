@@ -5,6 +5,14 @@ import json
 
 import pytest
 
+from eval_models import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tokenizer, tmp_path_factory):
+    return write_tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("eval") / "model")
+
+
 ROWS = [{"question": f"Question {i}: which colour?", "choices": ["red", "green", "a blue one"], "label": i % 3,
          "text": f"It was the best of times, it was the worst of times, number {i}. 天下大势，分久必合。"}
         for i in range(5)]

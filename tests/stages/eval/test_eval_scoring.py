@@ -12,6 +12,14 @@ from stages.eval.config import TaskConfig
 from stages.eval.scoring import score_continuations, window_nll
 from stages.eval.stage import evaluate_task
 
+from eval_models import tiny_model as build_tiny_model
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """tiny_model(**GLMConfig overrides) -> the seeded tiny GLM for the session tokenizer."""
+    return lambda **overrides: build_tiny_model(tokenizer, **overrides)
+
+
 PROMPTS = ["The capital of France is", "话说天下大势，分久必合", "Question: is the sky blue?\nAnswer:", "x"]
 CHOICES = [["Paris", "London", "a small village"], ["合久必分", "分"], ["Yes", "No", "maybe so", "never"], ["y", "z"]]
 

@@ -9,6 +9,14 @@ from stages.eval.config import EvalConfig
 from stages.eval.stage import run
 from stages.tracking import TrackingConfig
 
+from eval_models import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tokenizer, tmp_path_factory):
+    return write_tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("eval") / "model")
+
+
 MC = [{"inputs_pretokenized": f"Question {i}: which one?", "choices_pretokenized": ["red", "green", "a blue one"],
        "label": i % 3} for i in range(6)]
 GEN = [{"inputs_pretokenized": "天下大势，分久必合", "targets_pretokenized": ["合久必分"]},
