@@ -7,7 +7,7 @@ scorer, one choice (with its own copy of the context) at a time. Items: the ship
 (4 answer texts per question). Model: an inference checkpoint (--checkpoint) or, by default,
 the `small` preset with random weights and a tokenizer trained on data/sample/pretrain.
 
-    python benchmarks/eval_speed.py [--items 128] [--batch-size 16] [--checkpoint runs/smoke/model]
+    python benchmarks/eval_speed.py [--items 64] [--batch-size 16] [--checkpoint runs/smoke/model]
 
 The last output line is one JSON object with the figures.
 """
@@ -54,7 +54,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=128)
+    parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoint", help="an inference checkpoint (default: random `small` model)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
