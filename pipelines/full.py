@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -76,6 +77,8 @@ class PipelineConfig:
     """stages.sft SFTConfig fields (base, output, engine run name and storage are filled in)."""
     quantize: dict[str, Any] = field(default_factory=dict)
     """stages.quantize QuantizeConfig fields (checkpoint = the last training stage's model)."""
+    serve: dict[str, Any] = field(default_factory=dict)
+    """stages.serve ServeConfig fields (checkpoint = the pipeline's final model; host 0.0.0.0 on a cluster)."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=True))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
@@ -100,9 +103,11 @@ class Stage:
     config_class: Callable[[], type]
     wire: Callable[[dict, dict, PipelineConfig], None]
     """(stage config dict, outputs of earlier stages, pipeline) -> fills inputs and defaults."""
-    run: Callable[[Any], None]
+    run: Callable[[Any], Any]
     outputs: Callable[[Any], dict[str, str]]
     """Output URIs of a finished stage (name -> URI); `model` is the checkpoint later stages take."""
+    deploys: bool = False
+    """A deployment, not an output: always (re)deployed, never skipped; `run` returns its outputs."""
 
 
 def _engine_defaults(cfg: dict, p: PipelineConfig, stage: str) -> None:
@@ -133,6 +138,12 @@ def _wire_quantize(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
         raise RuntimeError("quantize needs a trained model: run pretrain (or sft, rlhf) before it")
     cfg["checkpoint"] = cfg.get("checkpoint") or outputs[trained[0]]["model"]
     cfg.setdefault("output", posixpath.join(p.work_dir, "quantize", "model"))
+
+
+def _wire_serve(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    cfg["checkpoint"] = cfg.get("checkpoint") or _final_model(p, outputs) or ""
+    if not cfg["checkpoint"]:
+        raise RuntimeError("serve needs a model: run a training stage (or quantize) before it, or set serve.checkpoint")
 
 
 def _need(outputs: dict, stage: str, key: str, consumer: str) -> str:
@@ -166,6 +177,14 @@ def _run_quantize(cfg) -> None:
     run(cfg)
 
 
+def _run_serve(cfg) -> dict[str, str]:
+    from stages.serve import deploy
+
+    url = deploy(cfg)
+    print(f"endpoint: {url}  (OpenAI-compatible: {url}/v1, web chat: {url}/)", flush=True)
+    return {"url": url}
+
+
 def _config_class(module: str, name: str) -> Callable[[], type]:
     def load() -> type:
         import importlib
@@ -184,6 +203,8 @@ STAGES: dict[str, Stage] = {
                  lambda c: {"model": c.output, "data": c.data.output or f"{c.output}_data"}),
     "quantize": Stage("quantize", _config_class("stages.quantize.config", "QuantizeConfig"), _wire_quantize,
                       _run_quantize, lambda c: {"model": c.output}),
+    "serve": Stage("serve", _config_class("stages.serve.config", "ServeConfig"), _wire_serve, _run_serve,
+                   lambda c: {}, deploys=True),
 }
 
 
@@ -195,7 +216,8 @@ def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipe
     stage = STAGES[name]
     raw = copy.deepcopy(getattr(p, name))
     stage.wire(raw, outputs, p)
-    raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
+    if "tracking" in {f.name for f in dataclasses.fields(stage.config_class())}:
+        raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
     return from_dict(stage.config_class(), raw, f"{where}: {name}")
 
 
@@ -253,6 +275,12 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     try:
         for name in p.stages:
             cfg = stage_config(p, name, outputs)
+            if STAGES[name].deploys:
+                if name in selected:
+                    print(f"== {name}", flush=True)
+                    outputs[name] = STAGES[name].run(cfg)
+                    tracker.stage_done(name, outputs[name], 0.0)
+                continue
             config_hash = fingerprint(cfg)
             done = markers.finished(name, config_hash)
             if name not in selected:
@@ -277,6 +305,8 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
         if final and selected[-1] == p.stages[-1]:
             tracker.register(final)
             tracker.log_check(check(p, outputs, final))
+            if "serve" in outputs:
+                print(f"endpoint: {outputs['serve']['url']} (lives as long as this Ray cluster)", flush=True)
         tracker.finish("FINISHED")
     except BaseException:
         tracker.finish("FAILED")
@@ -293,18 +323,37 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
 def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
     """A chat turn and a blank filling with the final model: through the deployed endpoint when
     the pipeline serves it, else in this process. Returns {request: answer}."""
-    from glm.checkpoint import load_inference_checkpoint
-    from glm.generation import GenerationConfig, chat, fill_blanks
-
     c = p.check
-    model, tokenizer = load_inference_checkpoint(model_uri)
-    gen = GenerationConfig(max_new_tokens=c.max_tokens, no_repeat_ngram_size=3)
-    response, _ = chat(model, tokenizer, c.chat, config=gen)
-    [filled] = fill_blanks(model, tokenizer, [c.fill], gen)
-    answers = {f"chat: {c.chat}": response, f"fill: {c.fill}": filled.text}
+    if "serve" in outputs:
+        url = outputs["serve"]["url"]
+        print(f"== requests to the endpoint {url}", flush=True)
+        chat_body = {"model": p.serve.get("model_name", "glm"), "messages": [{"role": "user", "content": c.chat}],
+                     "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
+        fill_body = {"text": c.fill, "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
+        key = p.serve.get("api_key", "")
+        answers = {f"chat: {c.chat}": _post(f"{url}/v1/chat/completions", chat_body, key)["choices"][0]["message"]["content"],
+                   f"fill: {c.fill}": _post(f"{url}/v1/glm/fill", fill_body, key)["text"]}
+    else:
+        from glm.checkpoint import load_inference_checkpoint
+        from glm.generation import GenerationConfig, chat, fill_blanks
+
+        model, tokenizer = load_inference_checkpoint(model_uri)
+        gen = GenerationConfig(max_new_tokens=c.max_tokens, no_repeat_ngram_size=3)
+        response, _ = chat(model, tokenizer, c.chat, config=gen)
+        [filled] = fill_blanks(model, tokenizer, [c.fill], gen)
+        answers = {f"chat: {c.chat}": response, f"fill: {c.fill}": filled.text}
     for request, answer in answers.items():
         print(f"  {request!r} -> {answer!r}", flush=True)
     return answers
+
+
+def _post(url: str, body: dict, api_key: str = "") -> dict:
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.load(response)
 
 
 def _final_model(p: PipelineConfig, outputs: dict) -> str | None:

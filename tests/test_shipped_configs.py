@@ -7,6 +7,7 @@ import pytest
 from glm.config import ConfigError, load_yaml
 from pipelines.full import load_config as load_pipeline
 from stages.data.config import DataConfig
+from stages.eval.config import EvalConfig, TaskConfig
 from stages.pretrain.config import PretrainConfig
 from stages.sft.config import SFTConfig
 from stages.quantize.config import QuantizeConfig
@@ -21,6 +22,32 @@ LOADERS = {
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
     "stages/sft/configs/sample.yaml": SFTConfig,
     "stages/quantize/configs/sample.yaml": QuantizeConfig,
+    "stages/eval/configs/sample.yaml": EvalConfig,
+    "stages/eval/shared_tasks/en/agnews.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/boolq.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/lambada.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_humanities.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_other.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_social_sciences.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/mmlu/mmlu_stem.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/openbookqa.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/rte.yaml": TaskConfig,
+    "stages/eval/shared_tasks/en/sst2.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/cmmlu.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/cmrc2018.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/eprstmt.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/ocnli.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/tnews.yaml": TaskConfig,
+    "stages/eval/shared_tasks/zh/xcopa.yaml": TaskConfig,
+    "stages/eval/tasks/en/boolq.yaml": TaskConfig,
+    "stages/eval/tasks/en/lambada.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_humanities.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_other.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_social_sciences.yaml": TaskConfig,
+    "stages/eval/tasks/en/mmlu/mmlu_stem.yaml": TaskConfig,
+    "stages/eval/tasks/en/openbookqa.yaml": TaskConfig,
+    "stages/eval/tasks/zh/cmrc2018.yaml": TaskConfig,
+    "stages/eval/tasks/zh/xcopa.yaml": TaskConfig,
 }
 # not our dataclass configs: sample data, third-party templates (test_mip_templates.py), environments,
 # outputs, Ray Serve's own schema (test_serve_config_file.py), cluster manifests (test_infra_manifests.py)

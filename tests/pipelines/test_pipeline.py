@@ -2,6 +2,7 @@
 MLflow lineage and registry, skipping finished stages, resuming an interrupted one."""
 
 import json
+import socket
 
 import pytest
 
@@ -15,10 +16,16 @@ from stages.tracking import TrackingConfig
 pytestmark = pytest.mark.integration
 
 
-def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None) -> PipelineConfig:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None, port=0) -> PipelineConfig:
     engine = {"num_workers": 2, "micro_batch_size": 2, "zero_stage": 2, "log_every": 1, "seed": 3}
     return PipelineConfig(
-        name=name, work_dir=str(tmp_path / "work"), stages=["data", "pretrain", "sft", "quantize"],
+        name=name, work_dir=str(tmp_path / "work"), stages=["data", "pretrain", "sft", "quantize", "serve"],
         data={"sources": [{"uri": str(SAMPLE / "pretrain/en_tinyshakespeare.jsonl")}],
               "tokenizer": {"path": str(tokenizer.save(tmp_path))},
               "objective": {"seq_len": 64, "mask_window": 32}, "mip": {"token_share": 0.0}, "num_buckets": 2},
@@ -30,6 +37,7 @@ def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None) -> Pip
              "max_new_tokens": 4},
         quantize={"bits": 4, "gate": {"max_tokens": 512, "window": 64, "max_ppl_increase": 1.0},
                   "sample_max_new_tokens": 4},
+        serve={"port": port or free_port(), "num_cpus": 0.5},
         tracking=TrackingConfig(enabled=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pipe"),
         check=CheckConfig(max_tokens=4),
     )
@@ -37,13 +45,17 @@ def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None) -> Pip
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tokenizer, ray_instance):
+    from stages.serve import shutdown
+
     tmp = tmp_path_factory.mktemp("pipeline")
     cfg = tiny_pipeline(tmp, tokenizer)
-    return tmp, cfg, run(cfg)
+    yield tmp, cfg, run(cfg)
+    shutdown()
 
 
-def test_stages_are_wired_and_the_final_model_chats(finished):
+def test_stages_are_wired_and_the_endpoint_answers(finished):
     tmp, cfg, outputs = finished
+    assert outputs["serve"]["url"] == f"http://127.0.0.1:{cfg.serve['port']}"
     assert outputs["pretrain"]["model"].startswith(str(tmp / "work"))
     meta = json.loads((tmp / "work/sft/model/config.json").read_text())["metadata"]
     assert meta["base"] == outputs["pretrain"]["model"] and meta["method"] == "lora"
@@ -62,6 +74,9 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
     [parent] = [r for r in runs if r.info.run_name == "tiny"]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"data", "tiny-pretrain", "tiny-sft", "quantize"} <= children
+    answers = json.load(open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, tracking_uri=cfg.tracking.tracking_uri,
+                                                                 artifact_path="check_requests.json")))
+    assert set(answers) == {"chat: 你好", "fill: 话说天下大势，[MASK]"}  # answered by the endpoint
     assert parent.data.tags["sft.model"] == outputs["sft"]["model"]
     version = client.get_model_version_by_alias("glm-chat", "newest")
     assert version.source == outputs["quantize"]["model"] and version.run_id == parent.info.run_id
@@ -70,7 +85,7 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
 def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, capsys):
     tmp, _, outputs = finished
     before = len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray"))))
-    again = run(tiny_pipeline(tmp, tokenizer))
+    again = run(tiny_pipeline(tmp, tokenizer, port=int(outputs["serve"]["url"].rsplit(":", 1)[1])))
     out = capsys.readouterr().out
     assert out.count(": skipped") == 4, out
     assert again == outputs

@@ -73,11 +73,15 @@ def test_submitted_pipeline_job_runs_and_is_tracked(head, tmp_path, tokenizer):
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         sys.executable, "pipelines/full.py", "--config", str(path)],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
+    for _ in range(30):  # the head's job agent comes up a little after its dashboard
+        done = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             sys.executable, "pipelines/full.py", "--config", str(path)],
+            env=env, capture_output=True, text=True, timeout=600)
+        log = done.stdout + done.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(2)
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log and "== pretrain done" in log
 

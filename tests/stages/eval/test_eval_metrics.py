@@ -1,0 +1,45 @@
+"""Exact match and F1: SQuAD normalisation (English) and the character-level Chinese variant."""
+
+import pytest
+
+from stages.eval.metrics import chinese_tokens, exact_match, f1, group_means, squad_tokens
+
+
+def test_squad_normalisation():
+    assert squad_tokens("The  Eiffel-Tower!") == ["eiffeltower"]
+    assert squad_tokens("an apple, a pear") == ["apple", "pear"]
+    assert exact_match("the Eiffel Tower.", ["Eiffel Tower"]) == 1.0
+    assert exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
+
+
+def test_english_f1():
+    # prediction {paris, france} vs gold {paris}: precision 1/2, recall 1 -> 2/3
+    assert f1("Paris, France", ["Paris"]) == pytest.approx(2 / 3)
+    assert f1("Paris, France", ["London", "paris france"]) == 1.0  # best reference counts
+    assert f1("Berlin", ["Paris"]) == 0.0
+    assert f1("the", ["a"]) == 1.0  # both empty after normalisation
+
+
+def test_chinese_character_level():
+    assert chinese_tokens("《战国无双3》，由KOEI开发。") == ["战", "国", "无", "双", "3", "由", "koei", "开", "发"]
+    assert exact_match("北京。", ["北京"], "chinese") == 1.0
+    # 4 shared characters of 4 predicted and 6 gold: P 1, R 2/3 -> F1 0.8
+    assert f1("北京大学", ["北京师范大学"], "chinese") == pytest.approx(0.8)
+    assert f1("清华大学", ["北京大学"], "chinese") == pytest.approx(0.5)
+    # word-level SQuAD F1 sees one unmatched "word" where character F1 gives partial credit
+    assert f1("北京大学", ["北京"], "squad") == 0.0
+    assert f1("北京大学", ["北京"], "chinese") == pytest.approx(2 / 3)
+
+
+def test_group_means_weight_by_items_and_pool_perplexity():
+    import math
+
+    results = {
+        "a": {"metrics": {"accuracy": 1.0}, "items": 30},
+        "b": {"metrics": {"accuracy": 0.0}, "items": 10},
+        "c": {"metrics": {"perplexity": math.exp(1.0)}, "items": 5, "nll": 100.0, "tokens": 100},
+        "d": {"metrics": {"perplexity": math.exp(3.0)}, "items": 5, "nll": 300.0, "tokens": 100},
+    }
+    groups = group_means(results, {"g": ["a", "b"], "lm": ["c", "d"]})
+    assert groups["g"] == {"metrics": {"accuracy": 0.75}, "items": 40, "tasks": ["a", "b"]}
+    assert groups["lm"]["metrics"]["perplexity"] == pytest.approx(math.exp(2.0))
