@@ -2,6 +2,7 @@
 the job succeeds and MLflow holds the parent run, the nested stage runs and a registered model."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,14 +28,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head of its own (own ports and temp dir, so no other Ray in this machine joins it);
+    """A Ray head of its own (free ports for every server it starts, and its own temp dir, so it
+    neither collides with nor is joined by another Ray on this machine);
     token auth off for this local test cluster (RAY_NOTES.md)."""
     temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
+    ports = [f"--{name}={free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port", str(free_port()), "--dashboard-port", str(dashboard),
+        [RAY, "start", "--head", "--block", *ports, "--dashboard-port", str(dashboard),
          "--include-dashboard", "true", "--num-cpus", "4", "--temp-dir", temp, "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -49,11 +54,9 @@ def head():
                 pytest.fail("the Ray head did not start")
             time.sleep(1)
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)  # the head drains, then stops its processes
-    try:
-        proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # a throwaway cluster: no 30 s drain (its workers die with the raylet)
+    proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_submitted_pipeline_job_runs_and_is_tracked(head, tmp_path, tokenizer):
