@@ -77,6 +77,10 @@ class PipelineConfig:
     """stages.sft SFTConfig fields (base, output, engine run name and storage are filled in)."""
     quantize: dict[str, Any] = field(default_factory=dict)
     """stages.quantize QuantizeConfig fields (checkpoint = the last training stage's model)."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """stages.eval EvalConfig fields (tasks, max_items, batch_size ...) for every evaluation."""
+    eval_after: list[str] = field(default_factory=lambda: ["pretrain", "sft", "rlhf", "quantize"])
+    """Evaluate the model of each of these stages (when it runs in this pipeline) right after it."""
     serve: dict[str, Any] = field(default_factory=dict)
     """stages.serve ServeConfig fields (checkpoint = the pipeline's final model; host 0.0.0.0 on a cluster)."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=True))
@@ -90,6 +94,9 @@ class PipelineConfig:
         order = [s for s in ORDER if s in self.stages]
         if order != self.stages:
             raise ConfigError(f"pipeline stages must be in pipeline order {order}, got {self.stages}")
+        unknown = [s for s in self.eval_after if s not in ("pretrain", "sft", "rlhf", "quantize")]
+        if unknown:
+            raise ConfigError(f"eval_after: {unknown} produce no model to evaluate; choose from pretrain, sft, rlhf, quantize")
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -211,6 +218,16 @@ STAGES: dict[str, Stage] = {
 # --- running ------------------------------------------------------------------------------
 
 
+def eval_config(p: PipelineConfig, after: str, model: str, where: str = "pipeline"):
+    """The evaluation of stage `after`'s model: report under <work_dir>/eval/, MLflow run eval-<stage>."""
+    from stages.eval.config import EvalConfig
+
+    raw = {**copy.deepcopy(p.eval), "checkpoint": model, "run_name": f"eval-{after}"}
+    raw.setdefault("output", posixpath.join(p.work_dir, "eval", f"{after}.json"))
+    raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
+    return from_dict(EvalConfig, raw, f"{where}: eval")
+
+
 def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipeline"):
     """The typed config of stage `name` with its inputs wired and the pipeline's tracking."""
     stage = STAGES[name]
@@ -293,14 +310,16 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                       f"({', '.join(done['outputs'].values())}): skipped", flush=True)
                 outputs[name] = done["outputs"]
                 tracker.stage_skipped(name, done)
-                continue
-            print(f"== {name} (config {config_hash})", flush=True)
-            t0 = time.time()
-            STAGES[name].run(cfg)
-            outputs[name] = {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
-            markers.write(name, config_hash, outputs[name], time.time() - t0)
-            tracker.stage_done(name, outputs[name], time.time() - t0)
-            print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
+            else:
+                print(f"== {name} (config {config_hash})", flush=True)
+                t0 = time.time()
+                STAGES[name].run(cfg)
+                outputs[name] = {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
+                markers.write(name, config_hash, outputs[name], time.time() - t0)
+                tracker.stage_done(name, outputs[name], time.time() - t0)
+                print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
+            if name in p.eval_after:
+                _evaluate(p, name, outputs[name]["model"], markers, tracker)
         final = _final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
             tracker.register(final)
@@ -318,6 +337,26 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
         print(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {p.tracking.tracking_uri or default_tracking_uri()}",
               flush=True)
     return outputs
+
+
+def _evaluate(p: PipelineConfig, after: str, model: str, markers: "Markers", tracker: "_PipelineRun") -> None:
+    """Evaluate a stage's model (skipped when its report for the same config exists)."""
+    from stages.eval.stage import run as run_eval
+
+    cfg = eval_config(p, after, model)
+    name, config_hash = f"eval-{after}", fingerprint(cfg)
+    if (done := markers.finished(name, config_hash)) is not None:
+        print(f"== {name}: report for config {config_hash} exists ({done['outputs']['report']}): skipped", flush=True)
+        tracker.stage_skipped(name, done)
+        return
+    print(f"== {name} (config {config_hash})", flush=True)
+    t0 = time.time()
+    report = run_eval(cfg)
+    outputs = {"report": storage.absolute(cfg.output)}
+    markers.write(name, config_hash, outputs, time.time() - t0)
+    tracker.stage_done(name, outputs, time.time() - t0)
+    headline = {k: round(v, 4) for k, v in report["metrics"].items() if not k.endswith("/items")}
+    print(f"== {name} done in {time.time() - t0:.0f}s: {headline}", flush=True)
 
 
 def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
@@ -424,6 +463,8 @@ def load_config(path: str, run_name: str | None = None) -> PipelineConfig:
     outputs: dict[str, dict[str, str]] = {}
     for name in p.stages:  # fail before anything runs on a bad key in any stage section
         outputs[name] = STAGES[name].outputs(stage_config(p, name, outputs, where=path))
+        if name in p.eval_after:
+            eval_config(p, name, outputs[name]["model"], where=path)
     return p
 
 

@@ -96,6 +96,8 @@ class EvalConfig:
     """auto: tasks as parallel Ray tasks when Ray is up in this process, else one by one here."""
     cpus_per_task: float = 1.0
     """Ray: logical CPUs per task (GPUs: one per task when device is cuda)."""
+    run_name: str = "eval"
+    """MLflow run name (a pipeline names each evaluation after the stage it follows, e.g. eval-sft)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

@@ -164,7 +164,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     params = {"checkpoint": cfg.checkpoint, "tasks": [t.name for t in tasks], "batch_size": cfg.batch_size,
               "max_items": cfg.max_items, "device": device, "checkpoint_metadata": metadata,
               "model": asdict(model_config)}
-    with stage_run(cfg.tracking.enabled, "eval", params, cfg.tracking.experiment, cfg.tracking.tracking_uri) as tracker:
+    with stage_run(cfg.tracking.enabled, cfg.run_name, params, cfg.tracking.experiment, cfg.tracking.tracking_uri) as tracker:
         evaluate = _evaluate_tasks_on_ray if on_ray else _evaluate_tasks_here
         results = evaluate(cfg, tasks, device)
         results = {t.name: results[t.name] for t in tasks}

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from conftest import SAMPLE
+from conftest import REPO, SAMPLE
 from glm.checkpoint import load_inference_checkpoint, read_checkpoint_quantization
 from pipelines.full import CheckConfig, PipelineConfig, run
 from stages.engine.config import EngineConfig
@@ -37,6 +37,9 @@ def tiny_pipeline(tmp_path, tokenizer, name="tiny", pretrain_engine=None, port=0
              "max_new_tokens": 4},
         quantize={"bits": 4, "gate": {"max_tokens": 512, "window": 64, "max_ppl_increase": 1.0},
                   "sample_max_new_tokens": 4},
+        eval={"tasks": [str(REPO / "stages/eval/tasks/en/boolq.yaml"), str(REPO / "stages/eval/tasks/en/lambada.yaml")],
+              "max_items": 4, "parallel": "local"},
+        eval_after=["sft", "quantize"],
         serve={"port": port or free_port(), "num_cpus": 0.5},
         tracking=TrackingConfig(enabled=True, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="pipe"),
         check=CheckConfig(max_tokens=4),
@@ -73,7 +76,9 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
     runs = client.search_runs([exp.experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "tiny"]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"data", "tiny-pretrain", "tiny-sft", "quantize"} <= children
+    assert {"data", "tiny-pretrain", "tiny-sft", "quantize", "eval-sft", "eval-quantize"} <= children
+    [fp, int4] = [next(r for r in runs if r.info.run_name == f"eval-{s}") for s in ("sft", "quantize")]
+    assert fp.data.metrics.keys() == int4.data.metrics.keys() and "boolq/accuracy" in fp.data.metrics
     answers = json.load(open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, tracking_uri=cfg.tracking.tracking_uri,
                                                                  artifact_path="check_requests.json")))
     assert set(answers) == {"chat: 你好", "fill: 话说天下大势，[MASK]"}  # answered by the endpoint
@@ -87,7 +92,7 @@ def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, ca
     before = len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray"))))
     again = run(tiny_pipeline(tmp, tokenizer, port=int(outputs["serve"]["url"].rsplit(":", 1)[1])))
     out = capsys.readouterr().out
-    assert out.count(": skipped") == 4, out
+    assert out.count(": skipped") == 6, out  # 4 stages and 2 evaluations
     assert again == outputs
     assert len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray")))) == before
 
