@@ -7,7 +7,7 @@ scorer, one choice (with its own copy of the context) at a time. Items: the ship
 (4 answer texts per question). Model: an inference checkpoint (--checkpoint) or, by default,
 the `small` preset with random weights and a tokenizer trained on data/sample/pretrain.
 
-    python benchmarks/eval_speed.py [--items 64] [--batch-size 16] [--checkpoint runs/smoke/model]
+    python benchmarks/eval_speed.py [--items 64] [--batch-size 16] [--checkpoint runs/smoke/sft/model]
 
 The last output line is one JSON object with the figures.
 """

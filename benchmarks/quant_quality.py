@@ -2,7 +2,7 @@
 
     python benchmarks/quant_quality.py [--checkpoint DIR] [--text FILE] [--max-tokens 16384]
 
-The model: --checkpoint, else runs/smoke/model (from `make smoke`) if it exists, else a `small`
+The model: --checkpoint, else runs/smoke/pretrain/model (from `make smoke`) if it exists, else a `small`
 GLM trained here for --train-steps on the sample corpus (all but the last quarter of each
 file's documents; the default --text is read from the ends of the same files). Each
 quantized model is produced by the stage's streaming conversion (`quantize_checkpoint`), loaded
@@ -91,8 +91,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="quant_quality_"))
     try:
         checkpoint, source = args.checkpoint, args.checkpoint
-        if checkpoint is None and (REPO / "runs" / "smoke" / "model" / "config.json").exists():
-            checkpoint = source = str(REPO / "runs" / "smoke" / "model")
+        if checkpoint is None and (REPO / "runs" / "smoke" / "pretrain" / "model" / "config.json").exists():
+            checkpoint = source = str(REPO / "runs" / "smoke" / "pretrain" / "model")
         if checkpoint is None:
             checkpoint = train_small(work / "fp", args.train_steps)
             source = f"small trained here for {args.train_steps} steps"

@@ -1,7 +1,7 @@
 """SFT methods compared: trainable share at ChatGLM-6B's shape, and peak memory and held-out
 loss when fine-tuning a pretrained `small` checkpoint with each method in the same run.
 
-    python benchmarks/sft_methods.py [--base runs/smoke/model] [--steps 60] [--batch 1] [--seq-len 128]
+    python benchmarks/sft_methods.py [--base runs/smoke/pretrain/model] [--steps 60] [--batch 1] [--seq-len 128]
 
 1. Trainable-parameter share of P-Tuning v2 (prefix 128) and LoRA (rank 8, all four block
    projections) at the `chatglm_6b` shape, counted on the meta device (no memory).
@@ -136,7 +136,7 @@ def prepare_data(base: str, out: str, seq_len: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default=str(REPO / "runs/smoke/model"),
+    parser.add_argument("--base", default=str(REPO / "runs/smoke/pretrain/model"),
                         help="pretrained inference checkpoint (default: make smoke's output)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=1)

@@ -116,7 +116,7 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch
 # --- decoding ----------------------------------------------------------------------------
 
 
-class _Batch:
+class PartBBatch:
     """Left-padded context tensors and the per-row rule for the next Part-B position."""
 
     def __init__(self, queries: list[SpanQuery], special: SpecialTokens, use_2d: bool, device):
@@ -169,7 +169,7 @@ def generate_spans(
     if config.num_beams > 1:
         return [beam_search(model, q, special, config, vocab_limit) for q in queries]
     device = next(model.parameters()).device
-    batch = _Batch(queries, special, model.config.uses_2d_positions, device)
+    batch = PartBBatch(queries, special, model.config.uses_2d_positions, device)
     stop_ids = _stop_ids(special, config)
     generator = None
     if config.do_sample:
@@ -219,7 +219,7 @@ def beam_search(
     """
     device = next(model.parameters()).device
     k = config.num_beams
-    batch = _Batch([query], special, model.config.uses_2d_positions, device)
+    batch = PartBBatch([query], special, model.config.uses_2d_positions, device)
     stop_ids = _stop_ids(special, config)
     out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, batch.segment_ids,
                 batch.prefix_mask, use_cache=True)

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Each shipped YAML and the dataclass it must load into. A new YAML must be registered here.
 LOADERS = {
     "pipelines/configs/smoke.yaml": load_pipeline,  # validates every stage section too
+    "pipelines/configs/glm_1b.yaml": load_pipeline,
+    "pipelines/configs/chatglm_6b.yaml": load_pipeline,
+    "pipelines/configs/glm_130b.yaml": load_pipeline,
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,

@@ -6,8 +6,8 @@ recursively (default: stages/eval/tasks, the shipped tasks on data/sample/eval).
 JSON report and, with --track, logs `<task>/<metric>` and `<group>/<metric>` to MLflow.
 
 Examples:
-  python -m stages.eval --checkpoint runs/smoke/model
-  python -m stages.eval --checkpoint runs/smoke/model --tasks stages/eval/tasks/en --max-items 50
+  python -m stages.eval --checkpoint runs/smoke/sft/model
+  python -m stages.eval --checkpoint runs/smoke/sft/model --tasks stages/eval/tasks/en --max-items 50
   python -m stages.eval --checkpoint s3://bucket/ckpt --tasks stages/eval/shared_tasks --track
 """
 

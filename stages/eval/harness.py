@@ -1,9 +1,9 @@
 """lm-evaluation-harness (`lm_eval`) adapter: run its tasks on our inference checkpoints.
 
-    python -m stages.eval.harness --checkpoint runs/smoke/model --tasks lambada_openai --limit 100
+    python -m stages.eval.harness --checkpoint runs/smoke/sft/model --tasks lambada_openai --limit 100
     python -m stages.eval.harness --checkpoint DIR --tasks my_task --include-path my_tasks/
 
-or from Python: `lm_eval.simple_evaluate(model=GLMHarnessLM("runs/smoke/model"), tasks=[...])`.
+or from Python: `lm_eval.simple_evaluate(model=GLMHarnessLM("runs/smoke/sft/model"), tasks=[...])`.
 Importing this module registers the model under the name `glm` (`model="glm",
 model_args="checkpoint=DIR"`). Requests are scored in GLM's layout: the context is Part A with
 [gMASK], the continuation or generation is the Part-B span after [sop]; requests that share a

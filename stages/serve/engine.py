@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from glm.generation import GenerationConfig, SpanQuery, _Batch, beam_search, process_logits, sample_next
+from glm.generation import GenerationConfig, SpanQuery, PartBBatch, beam_search, process_logits, sample_next
 from glm.model import GLMModel, KVCache
 from glm.schema import part_b_positions
 from glm.tokenizer import GLMTokenizer
@@ -253,7 +253,7 @@ class DecodeEngine:
             return
         self.stats["prefills"] += 1
         special = self.tokenizer.special
-        batch = _Batch([r.query for r in requests], special, self.use_2d, self.device)
+        batch = PartBBatch([r.query for r in requests], special, self.use_2d, self.device)
         out = self.model(batch.input_ids, batch.position_ids, batch.block_position_ids, batch.segment_ids,
                          batch.prefix_mask, use_cache=True)
         rows = [_Row(r, self.tokenizer, sorted({*self._base_stop_ids, *r.config.stop_token_ids}), self.device)

@@ -1,7 +1,7 @@
 """Python API of the serve stage: `deploy(config) -> url` on a running Ray, and `shutdown()`.
 
     from stages.serve import ServeConfig, deploy, shutdown
-    url = deploy(ServeConfig(checkpoint="runs/smoke/model"))   # http://127.0.0.1:8000
+    url = deploy(ServeConfig(checkpoint="runs/smoke/sft/model"))   # http://127.0.0.1:8000
     ...
     shutdown()
 """
