@@ -65,8 +65,9 @@ class PipelineConfig:
     name: str = "glm"
     """Pipeline name: stage run names and checkpoints derive from it, so rerunning the same
     name skips finished stages and resumes an interrupted one (`--run-name` / GLM_RUN_NAME override it)."""
-    work_dir: str = ""
-    """Root path or URI of every stage output not set explicitly (default runs/<name>)."""
+    work_dir: str = "runs/{name}"
+    """Root path or URI of every stage output not set explicitly; `{name}` is replaced by the
+    pipeline name, so runs of one config under different names keep separate outputs."""
     stages: list[str] = field(default_factory=lambda: ["data", "pretrain", "sft"])
     """Stages to run, in pipeline order (data, pretrain, sft, rlhf, quantize, serve)."""
     data: dict[str, Any] = field(default_factory=dict)
@@ -283,7 +284,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     from stages.cluster import ensure_ray
 
     selected = _selected(p, only, start)
-    p.work_dir = storage.absolute(p.work_dir or f"runs/{p.name}")
+    p.work_dir = storage.absolute(p.work_dir.replace("{name}", p.name))
     markers = Markers(p.work_dir)
     ensure_ray(4)
     tracker = _PipelineRun(p)
@@ -459,7 +460,7 @@ def load_config(path: str, run_name: str | None = None) -> PipelineConfig:
     """The pipeline config, every stage section validated against its typed config."""
     p = load_yaml(PipelineConfig, path)
     p.name = run_name or p.name
-    p.work_dir = p.work_dir or f"runs/{p.name}"
+    p.work_dir = p.work_dir.replace("{name}", p.name)
     outputs: dict[str, dict[str, str]] = {}
     for name in p.stages:  # fail before anything runs on a bad key in any stage section
         outputs[name] = STAGES[name].outputs(stage_config(p, name, outputs, where=path))

@@ -239,6 +239,7 @@ def train_loop(config: dict) -> None:
         if tracker and artifacts:
             tracker.log_artifacts(artifacts)
     if tracker:
+        tracker.log_loss_curve(run_dir, cfg.run_name)
         tracker.end()
 
 
@@ -378,6 +379,27 @@ class _Tracker:
         if self.mlflow:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                                      and math.isfinite(float(v))}, step=step)
+
+    def log_loss_curve(self, run_dir: str, title: str) -> None:
+        """loss_curve.png from steps.jsonl: every attempt's losses, so a restart's replayed steps show."""
+        if not self.mlflow or not os.path.exists(os.path.join(run_dir, STEP_LOG)):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(os.path.join(run_dir, STEP_LOG)) as f:
+            records = [json.loads(line) for line in f]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for attempt in sorted({r["attempt"] for r in records}):
+            points = [(r["step"], r["loss"]) for r in records if r["attempt"] == attempt]
+            ax.plot(*zip(*points), label=f"attempt {attempt}" if attempt else "first attempt", linewidth=1)
+        ax.set(xlabel="step", ylabel="training loss", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        self.mlflow.log_figure(fig, "loss_curve.png")
+        plt.close(fig)
 
     def log_artifacts(self, artifacts: dict[str, Any]) -> None:
         if self.mlflow:

@@ -92,3 +92,4 @@ def test_mlflow_run_has_data_counts_losses_and_sample_generations(base, uninterr
                                                 tracking_uri=cfg.tracking.tracking_uri)
     samples = json.load(open(local))
     assert samples[0]["prompt"] == "你好" and isinstance(samples[0]["response"], str)
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
