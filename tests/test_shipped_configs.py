@@ -9,6 +9,7 @@ from pipelines.smoke import SmokeConfig
 from stages.data.config import DataConfig
 from stages.pretrain.config import PretrainConfig
 from stages.sft.config import SFTConfig
+from stages.rlhf.config import RLHFConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,6 +20,9 @@ LOADERS = {
     "stages/data/configs/shared.yaml": DataConfig,
     "stages/pretrain/configs/sample.yaml": PretrainConfig,
     "stages/sft/configs/sample.yaml": SFTConfig,
+    "stages/rlhf/configs/reward.yaml": RLHFConfig,
+    "stages/rlhf/configs/ppo.yaml": RLHFConfig,
+    "stages/rlhf/configs/dpo.yaml": RLHFConfig,
 }
 NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/")  # templates: test_mip_templates.py  # third-party templates, environments, outputs
 
