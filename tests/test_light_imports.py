@@ -12,6 +12,9 @@ CHECKS = [
     ("glm.model", ["ray", "mlflow", "deepspeed"]),
     ("glm.generation", ["ray", "mlflow", "deepspeed"]),
     ("kernels.attention", ["ray", "triton"]),
+    ("glm.value_head", ["ray", "mlflow", "deepspeed"]),
+    ("stages.rlhf.config", ["torch", "ray", "mlflow", "deepspeed"]),
+    ("stages.rlhf.ppo", ["ray", "mlflow", "deepspeed"]),
 ]
 
 
