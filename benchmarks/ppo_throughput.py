@@ -92,9 +92,9 @@ def main() -> None:
         except ValueError:
             continue
     config = preset(args.preset, vocab_size=padded_vocab_size(len(tokenizer)), hidden_dropout=0.0)
-    torch.manual_seed(0)
-    glm = lambda: GLMModel(config)  # noqa: E731  (fresh weights; throughput does not depend on them)
-    model = PPOModel(glm(), ScalarHeadModel(glm()), glm(), ScalarHeadModel(glm())).to(device).train()
+    torch.manual_seed(0)  # fresh weights: throughput does not depend on them
+    model = PPOModel(GLMModel(config), ScalarHeadModel(GLMModel(config)), GLMModel(config),
+                     ScalarHeadModel(GLMModel(config))).to(device).train()
     cfg = PPOConfig(max_new_tokens=args.new_tokens, ppo_epochs=1, minibatches=2)
     engine = LocalEngine(model, EngineConfig(train_steps=args.iterations, optim=OptimConfig(lr=1e-5, warmup_steps=1)),
                          steps_per_step=2)

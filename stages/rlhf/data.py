@@ -216,7 +216,7 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
                 rows[split].append(row)
                 stats["rows"] += 1
         log(f"[rlhf] {source.name}: {stats['rows_read']:,} rows, {stats['pairs']:,} pairs kept, {stats['rows']:,} "
-            f"{layout} rows, {stats['truncated']:,} responses cut, "
+            f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
             f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")
         for example in stats["examples"]:
             log(f"[rlhf]   rejected {example}")
@@ -253,5 +253,5 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
         if storage.exists(out_fs, staging):
             out_fs.delete_dir(staging)
     log(f"[rlhf] prepared {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation "
-        f"{layout} rows in {time.time() - t0:.1f}s -> {cfg.output}")
+        f"{layout[:-1]} rows in {time.time() - t0:.1f}s -> {cfg.output}")
     return manifest
