@@ -118,3 +118,24 @@ def test_ppo_with_a_rule_reward_raises_the_reward_with_bounded_kl(tokenizer):
     # KL of a collapsed policy, and the adaptive controller pushed back once it passed the target
     assert all(np.isfinite(kls)) and max(kls) < new_tokens * np.log(len(tokenizer)), kls
     assert state["kl_coef"] > cfg.kl_coef, (state["kl_coef"], kls)
+
+
+def test_ppo_ptx_adds_a_language_modelling_loss_on_prepared_rows(tokenizer, tmp_path):
+    from conftest import SAMPLE
+    from stages.rlhf.config import PreferenceDataConfig, PreferenceSource
+    from stages.rlhf.data import prepare
+
+    ptx = PreferenceDataConfig(sources=[PreferenceSource(uri=str(SAMPLE / "preference/zh_oasst1_pairs.jsonl"))],
+                               max_len=32, max_samples=8, output=str(tmp_path / "ptx"))
+    prepare(ptx, tokenizer, layout="pairs", use_2d=True, fingerprint="ptx", log=lambda *_: None)
+    actor = tiny_glm(tokenizer)
+    model = PPOModel(actor, ScalarHeadModel(tiny_glm(tokenizer)), tiny_glm(tokenizer),
+                     RuleReward([5], actor.config.vocab_size)).train()
+    cfg = PPOConfig(max_new_tokens=4, minibatches=2, ptx_coef=0.5, ptx_data=ptx.output)
+    engine = engine_for(model, 1, lr=1e-3, steps_per_step=2)
+    rows = [prompt_row([100 + i, 200 + i], tokenizer, 8) for i in range(4)]
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    before = actor.lm_head.weight.detach().clone()
+    out = ppo_iteration(engine, batch, IterationContext(0, 0, 1, 0, {}), cfg, tokenizer.special, len(tokenizer))
+    assert 0 < out["ptx_loss"] < 20 and np.isfinite(out["loss"])
+    assert not torch.equal(actor.lm_head.weight, before)
