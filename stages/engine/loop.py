@@ -36,7 +36,8 @@ class TrainSpec:
     step_fn: Callable[[Any, dict], Any]
     """(model engine, batch of tensors) -> scalar loss, or a dict with "loss" and other scalar
     tensors (averaged over micro-batches and ranks and reported beside the loss; validation
-    reports each as val_<name>)."""
+    reports each as val_<name>) and JSON-like examples (lists, e.g. sample responses: rank 0's
+    first validation batch is logged as an MLflow artifact validation/step<N>.json)."""
     iteration_fn: Callable[[Any, dict, "IterationContext"], dict] | None = None
     """For stages that drive their own optimisation within a step (PPO): called once per step
     with the rank's whole batch (micro_batch_size x grad_accum_steps rows); it may call
@@ -174,10 +175,12 @@ def train_loop(config: dict) -> None:
 
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
     if cfg.validate_at_start and state["step"] == 0:
-        val = {f"val_{k}": v for k, v in _validate(engine, spec, cfg, rank, world, device).items()}
+        val, examples = _validate(engine, spec, cfg, rank, world, device)
+        val = {f"val_{k}": v for k, v in val.items()}
         if rank == 0:
             print("[engine] validation before training: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
             tracker.log(val, 0)
+            _log_validation(tracker, examples, 0)
     grad_history: list[float] = []
     t_last, tokens_since = time.time(), 0
     while state["step"] < cfg.train_steps:
@@ -203,7 +206,7 @@ def train_loop(config: dict) -> None:
             loss = spec.step_fn(engine, batch)
             if isinstance(loss, dict):
                 for k, v in loss.items():
-                    if k != "loss":
+                    if k != "loss" and not _is_example(v):
                         sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
                 loss = loss["loss"]
             if step in spec.nonfinite_steps:
@@ -255,7 +258,10 @@ def train_loop(config: dict) -> None:
                                    "indices": [int(i) for i in indices]})
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
-            metrics.update({f"val_{k}": v for k, v in _validate(engine, spec, cfg, rank, world, device).items()})
+            val, examples = _validate(engine, spec, cfg, rank, world, device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            if rank == 0:
+                _log_validation(tracker, examples, state["step"])
         if state["step"] % cfg.log_every == 0 or done or state["step"] == 1:
             elapsed = time.time() - t_last
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
@@ -291,9 +297,10 @@ def _param_grad_norms(engine, names: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def _validate(engine, spec, cfg, rank, world, device) -> dict[str, float]:
-    """Mean of step_fn's loss (and other outputs) over validation_batches micro-batches per rank;
-    {} when the data has no validation split."""
+def _validate(engine, spec, cfg, rank, world, device) -> tuple[dict[str, float], dict[str, Any]]:
+    """(mean of step_fn's loss and other scalar outputs over validation_batches micro-batches per
+    rank, examples: this rank's non-scalar outputs of its first batch, e.g. sample responses);
+    ({}, {}) when the data has no validation split."""
     import torch
     import torch.distributed as dist
 
@@ -302,9 +309,10 @@ def _validate(engine, spec, cfg, rank, world, device) -> dict[str, float]:
     try:
         source = ShardSource(spec.data_uri, "validation")
     except ValueError:
-        return {}
+        return {}, {}
     engine.eval()
     sums: dict[str, float] = {}
+    examples: dict[str, Any] = {}
     with torch.no_grad():
         for b in range(cfg.validation_batches):
             start = (b * world + rank) * cfg.micro_batch_size
@@ -312,9 +320,26 @@ def _validate(engine, spec, cfg, rank, world, device) -> dict[str, float]:
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(idx).items()}
             out = spec.step_fn(engine, batch)
             for k, v in (out if isinstance(out, dict) else {"loss": out}).items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.validation_batches
+                if _is_example(v):
+                    examples.setdefault(k, v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.validation_batches
     engine.train()
-    return _mean_over_ranks(sums, world, device)
+    return _mean_over_ranks(sums, world, device), examples
+
+
+def _is_example(value) -> bool:
+    """A step output that is not a metric (sample texts ...): logged as an artifact at validation."""
+    return isinstance(value, (list, tuple, dict, str))
+
+
+def _log_validation(tracker, examples: dict, step: int) -> None:
+    """Rank 0: validation examples to the console (the first few) and as an MLflow artifact."""
+    if examples:
+        for name, items in examples.items():
+            for item in list(items)[:2]:
+                print(f"[engine] validation {name} at step {step}: {item}", flush=True)
+        tracker.log_artifacts({f"validation/step{step:06d}.json": examples})
 
 
 def _mean_over_ranks(values: dict[str, float], world: int, device) -> dict[str, float]:

@@ -180,13 +180,16 @@ def ppo_iteration(engine, batch: dict, ctx, cfg: PPOConfig, special: SpecialToke
     return metrics
 
 
-def ppo_validation_step(engine, batch: dict, cfg: PPOConfig, special: SpecialTokens, vocab_limit: int) -> dict:
-    """Validation: greedy responses to held-out prompts, scored; loss = -mean score."""
+def ppo_validation_step(engine, batch: dict, cfg: PPOConfig, tokenizer) -> dict:
+    """Validation: greedy responses to held-out prompts, scored; loss = -mean score; the
+    decoded prompts and responses as examples (logged by the engine as an artifact)."""
     model = engine.module
     prompts = prompts_of(batch)
-    responses, stopped = generate(model.actor, prompts, special, cfg, vocab_limit, seed=0, sample=False)
-    rows = response_rows(prompts, responses, stopped, special, model.actor.config.uses_2d_positions,
+    responses, stopped = generate(model.actor, prompts, tokenizer.special, cfg, len(tokenizer), seed=0, sample=False)
+    rows = response_rows(prompts, responses, stopped, tokenizer.special, model.actor.config.uses_2d_positions,
                          cfg.max_new_tokens, batch["input_ids"].device)
     scores = score(model, rows, responses)
+    samples = [{"prompt": tokenizer.decode(p[:-1]), "response": tokenizer.decode(r), "score": round(float(s), 4)}
+               for p, r, s in zip(prompts, responses, scores)]
     return {"loss": -scores.mean(), "reward": scores.mean(),
-            "response_len": torch.tensor(float(np.mean([len(r) for r in responses])))}
+            "response_len": torch.tensor(float(np.mean([len(r) for r in responses]))), "samples": samples}

@@ -95,9 +95,9 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
             raise ValueError("rlhf config: mode ppo needs `reward_model` (the reward stage's output) or `rule_reward`")
         rule_ids = list(cfg.rule_reward.token_ids) + (tokenizer.encode(cfg.rule_reward.text) if cfg.rule_reward.text else [])
         factory = functools.partial(models.build_ppo_model, cfg.base, cfg.reward_model, rule_ids, cfg.model_overrides)
-        ppo_args = dict(cfg=cfg.ppo, special=tokenizer.special, vocab_limit=len(tokenizer))
-        step_fn = functools.partial(ppo.ppo_validation_step, **ppo_args)
-        extra = {"iteration_fn": functools.partial(ppo.ppo_iteration, **ppo_args),
+        step_fn = functools.partial(ppo.ppo_validation_step, cfg=cfg.ppo, tokenizer=tokenizer)
+        extra = {"iteration_fn": functools.partial(ppo.ppo_iteration, cfg=cfg.ppo, special=tokenizer.special,
+                                                   vocab_limit=len(tokenizer)),
                  "optimizer_steps_per_step": cfg.ppo.ppo_epochs * cfg.ppo.minibatches}
         export = policy_export
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""

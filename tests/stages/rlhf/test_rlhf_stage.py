@@ -57,7 +57,7 @@ def ppo_config(base, name: str, **kw) -> RLHFConfig:
                                   max_prompt_len=24, max_samples=40, output=str(base / "prompts")),
         ppo=PPOConfig(max_new_tokens=6, ppo_epochs=2, minibatches=2, kl_coef=0.05, adaptive_kl=True, kl_target=1.0,
                       kl_horizon=100),
-        engine=engine(base, name, PPO_STEPS, **kw),
+        engine=engine(base, name, PPO_STEPS, validate_every=PPO_STEPS, validation_batches=1, **kw),
         tracking=TrackingConfig(enabled=name == "ppo-clean", tracking_uri=f"sqlite:///{base / 'mlflow.db'}",
                                 experiment="rlhf-test"),
         sample_prompts=["你好"], max_new_tokens=6)
@@ -106,6 +106,11 @@ def test_ppo_logs_its_metrics_and_exports_a_chat_policy(base, clean_ppo):
     local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="rlhf/sample_generations.json",
                                                 tracking_uri=cfg.tracking.tracking_uri)
     assert json.load(open(local))[0]["prompt"] == "你好"
+    local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path=f"validation/step{PPO_STEPS:06d}.json",
+                                                tracking_uri=cfg.tracking.tracking_uri)
+    samples = json.load(open(local))["samples"]  # greedy answers to held-out prompts, with their scores
+    assert len(samples) == 2 and all(isinstance(s["response"], str) and "score" in s for s in samples)
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_reward")] == [PPO_STEPS]
     policy, tokenizer = load_inference_checkpoint(cfg.output)
     response, _ = chat(policy, tokenizer, "你好", config=GenerationConfig(max_new_tokens=4))
     assert isinstance(response, str)
