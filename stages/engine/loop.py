@@ -302,7 +302,6 @@ def _validate(engine, spec, cfg, rank, world, device) -> tuple[dict[str, float],
     rank, examples: this rank's non-scalar outputs of its first batch, e.g. sample responses);
     ({}, {}) when the data has no validation split."""
     import torch
-    import torch.distributed as dist
 
     from stages.engine.data import ShardSource
 
