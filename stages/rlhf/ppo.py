@@ -60,7 +60,8 @@ def response_rows(prompts: list[list[int]], responses: list[list[int]], stopped:
                   use_2d: bool, max_new_tokens: int, device) -> dict[str, torch.Tensor]:
     """Prompt + [gMASK] [sop] response rows (the reward model's training layout). Labels are
     the actions: the response tokens, and [eop] only where the actor stopped (a stop is an
-    action too; a cut response has no final [eop])."""
+    action too; a cut response has no final [eop]; a stop on end-of-text is scored as [eop],
+    since generate_spans does not return which stop token ended a span)."""
     seq_len = max(len(p) for p in prompts) + 1 + max_new_tokens
     rows = []
     for prompt, response, stop in zip(prompts, responses, stopped):
