@@ -89,16 +89,26 @@ def lm_loss_step(engine, batch: dict):
 
 def build_optimizer(model, cfg: EngineConfig):
     """AdamW over the trainable parameters (frozen ones, e.g. a LoRA base, get no state);
-    no weight decay on vectors (biases, norms)."""
+    no weight decay on vectors (biases, norms). A model may carry `lr_scales` (parameter-name
+    prefix -> LR multiplier, e.g. PPO's critic): those parameters get their own groups."""
     import torch
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    scales: dict[str, float] = getattr(model, "lr_scales", {})
+
+    def scale(name: str) -> float:
+        return next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
-                             betas=(cfg.optim.beta1, cfg.optim.beta2))
+    groups = []
+    for s in dict.fromkeys(scale(n) for n, _ in trainable):  # first-seen order
+        for matrices in (True, False):
+            params = [p for n, p in trainable if scale(n) == s and (p.ndim >= 2) == matrices]
+            if params:
+                groups.append({"params": params, "lr": cfg.optim.lr * s,
+                               "weight_decay": cfg.optim.weight_decay if matrices else 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
 
 
 def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], float]:

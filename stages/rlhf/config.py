@@ -102,7 +102,9 @@ class PPOConfig:
     value_clip: float = 0.2
     """Value clip around the rollout's values."""
     vf_coef: float = 0.5
-    """Weight of the value loss (actor and critic share one optimizer and one backward)."""
+    """Weight of the value loss (actor and critic take one backward and one optimizer step)."""
+    critic_lr_scale: float = 1.0
+    """Critic learning rate = engine.optim.lr x this (DeepSpeed-Chat trains it at about half the actor's)."""
     entropy_coef: float = 0.0
     normalize_reward: bool = True
     """Scores minus the running mean, over the running std (moments checkpointed)."""
@@ -116,6 +118,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatches < 1 or self.max_new_tokens < 1:
             raise ConfigError("PPOConfig: ppo_epochs, minibatches and max_new_tokens must be >= 1")
+        if self.critic_lr_scale <= 0:
+            raise ConfigError(f"PPOConfig.critic_lr_scale must be > 0, got {self.critic_lr_scale}")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("PPOConfig: ptx_coef > 0 needs ptx_data (a data-stage output)")
         if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:

@@ -67,14 +67,16 @@ class RuleReward(nn.Module):
 
 
 class PPOModel(nn.Module):
-    """Actor and critic (trained together, one optimizer), frozen reference and reward.
+    """Actor and critic (trained together: one backward and optimizer step, the critic's LR
+    scaled by critic_lr_scale), frozen reference and reward.
     `forward(role, **row tensors)`: logits for actor / reference, values for critic / reward."""
 
     def __init__(self, actor: GLMModel, critic: ScalarHeadModel, reference: GLMModel,
-                 reward: ScalarHeadModel | RuleReward):
+                 reward: ScalarHeadModel | RuleReward, critic_lr_scale: float = 1.0):
         super().__init__()
         self.actor, self.critic = actor, critic
         self.reference, self.reward = _freeze(reference), _freeze(reward)
+        self.lr_scales = {"critic.": critic_lr_scale}  # read by the engine's build_optimizer
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -89,14 +91,15 @@ class PPOModel(nn.Module):
         return out if isinstance(module, ScalarHeadModel) else out.logits
 
 
-def build_ppo_model(base: str, reward_model: str, rule_token_ids: list[int], overrides: dict) -> PPOModel:
+def build_ppo_model(base: str, reward_model: str, rule_token_ids: list[int], overrides: dict,
+                    critic_lr_scale: float = 1.0) -> PPOModel:
     actor, reference = load_glm(base, overrides), load_glm(base, overrides)
     if reward_model:
         critic, reward = load_scalar_model(reward_model, overrides), load_scalar_model(reward_model, overrides)
     else:  # rule-based reward: the critic starts from the SFT backbone and a new head
         critic = ScalarHeadModel(load_glm(base, overrides))
         reward = RuleReward(rule_token_ids, actor.config.vocab_size)
-    return PPOModel(actor, critic, reference, reward).train()
+    return PPOModel(actor, critic, reference, reward, critic_lr_scale).train()
 
 
 class DPOModel(nn.Module):

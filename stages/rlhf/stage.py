@@ -94,7 +94,8 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
         if not cfg.reward_model and not cfg.rule_reward.enabled:
             raise ValueError("rlhf config: mode ppo needs `reward_model` (the reward stage's output) or `rule_reward`")
         rule_ids = list(cfg.rule_reward.token_ids) + (tokenizer.encode(cfg.rule_reward.text) if cfg.rule_reward.text else [])
-        factory = functools.partial(models.build_ppo_model, cfg.base, cfg.reward_model, rule_ids, cfg.model_overrides)
+        factory = functools.partial(models.build_ppo_model, cfg.base, cfg.reward_model, rule_ids, cfg.model_overrides,
+                                    cfg.ppo.critic_lr_scale)
         step_fn = functools.partial(ppo.ppo_validation_step, cfg=cfg.ppo, tokenizer=tokenizer)
         extra = {"iteration_fn": functools.partial(ppo.ppo_iteration, cfg=cfg.ppo, special=tokenizer.special,
                                                    vocab_limit=len(tokenizer)),

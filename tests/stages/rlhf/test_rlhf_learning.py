@@ -139,3 +139,15 @@ def test_ppo_ptx_adds_a_language_modelling_loss_on_prepared_rows(tokenizer, tmp_
     out = ppo_iteration(engine, batch, IterationContext(0, 0, 1, 0, {}), cfg, tokenizer.special, len(tokenizer))
     assert 0 < out["ptx_loss"] < 20 and np.isfinite(out["loss"])
     assert not torch.equal(actor.lm_head.weight, before)
+
+
+def test_the_critic_gets_its_own_learning_rate(tokenizer):
+    actor = tiny_glm(tokenizer)
+    model = PPOModel(actor, ScalarHeadModel(tiny_glm(tokenizer)), tiny_glm(tokenizer),
+                     RuleReward([5], actor.config.vocab_size), critic_lr_scale=0.5)
+    engine = engine_for(model, 1, lr=1e-3)
+    critic = {id(p) for p in model.critic.parameters()}
+    lrs = {id(p): g["lr"] for g in engine.optimizer.param_groups for p in g["params"]}
+    assert all(lrs[i] == pytest.approx(0.5e-3 * 0.5) for i in critic)  # x 0.5: first warm-up step
+    assert all(lrs[id(p)] == pytest.approx(1e-3 * 0.5) for p in model.actor.parameters())
+    assert not any(id(p) in lrs for p in model.reference.parameters())  # frozen: no optimizer state
