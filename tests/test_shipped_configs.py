@@ -11,6 +11,7 @@ from stages.eval.config import EvalConfig, TaskConfig
 from stages.pretrain.config import PretrainConfig
 from stages.sft.config import SFTConfig
 from stages.quantize.config import QuantizeConfig
+from stages.rlhf.config import RLHFConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,9 @@ LOADERS = {
     "stages/eval/tasks/en/openbookqa.yaml": TaskConfig,
     "stages/eval/tasks/zh/cmrc2018.yaml": TaskConfig,
     "stages/eval/tasks/zh/xcopa.yaml": TaskConfig,
+    "stages/rlhf/configs/reward.yaml": RLHFConfig,
+    "stages/rlhf/configs/ppo.yaml": RLHFConfig,
+    "stages/rlhf/configs/dpo.yaml": RLHFConfig,
 }
 # not our dataclass configs: sample data, third-party templates (test_mip_templates.py), environments,
 # outputs, Ray Serve's own schema (test_serve_config_file.py), cluster manifests (test_infra_manifests.py)

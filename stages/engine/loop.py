@@ -34,7 +34,18 @@ class TrainSpec:
     data_uri: str
     """A data-stage output (train/ and validation/ shards of the sample schema)."""
     step_fn: Callable[[Any, dict], Any]
-    """(model engine, batch of tensors) -> scalar loss."""
+    """(model engine, batch of tensors) -> scalar loss, or a dict with "loss" and other scalar
+    tensors (averaged over micro-batches and ranks and reported beside the loss; validation
+    reports each as val_<name>) and JSON-like examples (lists, e.g. sample responses: rank 0's
+    first validation batch is logged as an MLflow artifact validation/step<N>.json)."""
+    iteration_fn: Callable[[Any, dict, "IterationContext"], dict] | None = None
+    """For stages that drive their own optimisation within a step (PPO): called once per step
+    with the rank's whole batch (micro_batch_size x grad_accum_steps rows); it may call
+    engine.backward / engine.step several times and returns scalar metrics including "loss".
+    Its `context.state` dict is checkpointed with the engine state. step_fn then only serves
+    validation."""
+    optimizer_steps_per_step: int = 1
+    """engine.step() calls per engine step (iteration_fn stages), so the LR schedule spans the run."""
     export_fn: Callable[[Any], dict | None] | None = None
     """Called on rank 0 with the trained (full, unsharded) module at the end; a returned dict
     (name -> JSON-serialisable object) is logged to the MLflow run as artifacts."""
@@ -59,6 +70,20 @@ class TrainSpec:
     """Testing: steps whose loss is replaced by NaN."""
 
 
+@dataclass
+class IterationContext:
+    """What an iteration_fn knows about where it is (everything it needs to be deterministic)."""
+
+    step: int
+    """The engine step being run (0-based)."""
+    rank: int
+    world: int
+    seed: int
+    """EngineConfig.seed."""
+    state: dict
+    """Stage state that survives restarts (checkpointed in client_state): JSON-like values."""
+
+
 def lm_loss_step(engine, batch: dict):
     """The GLM objective on rows of the sample schema: the model computes the loss."""
     return engine(**batch).loss
@@ -66,25 +91,37 @@ def lm_loss_step(engine, batch: dict):
 
 def build_optimizer(model, cfg: EngineConfig):
     """AdamW over the trainable parameters (frozen ones, e.g. a LoRA base, get no state);
-    no weight decay on vectors (biases, norms)."""
+    no weight decay on vectors (biases, norms). A model may carry `lr_scales` (parameter-name
+    prefix -> LR multiplier, e.g. PPO's critic): those parameters get their own groups."""
     import torch
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    scales: dict[str, float] = getattr(model, "lr_scales", {})
+
+    def scale(name: str) -> float:
+        return next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
-                             betas=(cfg.optim.beta1, cfg.optim.beta2))
+    groups = []
+    for s in dict.fromkeys(scale(n) for n, _ in trainable):  # first-seen order
+        for matrices in (True, False):
+            params = [p for n, p in trainable if scale(n) == s and (p.ndim >= 2) == matrices]
+            if params:
+                groups.append({"params": params, "lr": cfg.optim.lr * s,
+                               "weight_decay": cfg.optim.weight_decay if matrices else 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
 
 
-def lr_lambda(cfg: EngineConfig) -> Callable[[int], float]:
+def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], float]:
+    """Warm-up then cosine over the run's optimizer steps (train_steps x steps_per_step)."""
     o = cfg.optim
+    total = cfg.train_steps * steps_per_step
 
     def factor(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.train_steps - o.warmup_steps))
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -125,13 +162,13 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = spec.model_factory()
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, spec.optimizer_steps_per_step))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
     torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout differs per rank
 
     source = ShardSource(spec.data_uri, "train", cfg.seed, cfg.skip_data_ranges)
-    state = {"step": 0, "consumed": 0, "skipped_steps": 0, "mlflow_run_id": None, "attempt": 0}
+    state = {"step": 0, "consumed": 0, "skipped_steps": 0, "mlflow_run_id": None, "attempt": 0, "stage": {}}
     run_dir = _run_dir(cfg)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and (found := latest_complete_checkpoint(run_dir, world)):
@@ -142,7 +179,7 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             tag = open(os.path.join(d, TAG_FILE)).read().strip()
             _, client = engine.load_checkpoint(d, tag=tag)
-        state.update(client["engine_state"])
+        state.update(client["engine_state"])  # includes the iteration_fn's stage state
         state["attempt"] += 1
         torch.set_rng_state(client["rng"][rank])
         if rank == 0:
@@ -150,10 +187,12 @@ def train_loop(config: dict) -> None:
 
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
     if cfg.validate_at_start and state["step"] == 0:
-        val_loss = _validate(engine, spec, cfg, rank, world, device)
+        val, examples = _validate(engine, spec, cfg, rank, world, device)
+        val = {f"val_{k}": v for k, v in val.items()}
         if rank == 0:
-            print(f"[engine] validation loss before training: {val_loss:.4f}", flush=True)
-            tracker.log({"val_loss": val_loss}, 0)
+            print("[engine] validation before training: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+            tracker.log(val, 0)
+            _log_validation(tracker, examples, 0)
     grad_history: list[float] = []
     t_last, tokens_since = time.time(), 0
     while state["step"] < cfg.train_steps:
@@ -166,11 +205,22 @@ def train_loop(config: dict) -> None:
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
         step_tokens = source.tokens(indices)  # the whole global batch, every rank's share
         tokens_since += step_tokens
-        losses, nonfinite, extra_norms = [], 0, {}
-        for m in range(cfg.grad_accum_steps):
+        losses, nonfinite, extra_norms, sums = [], 0, {}, {}
+        if spec.iteration_fn is not None:
+            batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(mine).items()}
+            context = IterationContext(step=step, rank=rank, world=world, seed=cfg.seed, state=state["stage"])
+            out = spec.iteration_fn(engine, batch, context)
+            losses.append(torch.as_tensor(float(out["loss"])))
+            sums = {k: float(v) for k, v in out.items() if k != "loss"}
+        for m in range(cfg.grad_accum_steps if spec.iteration_fn is None else 0):
             rows = source.rows(mine[m * micro:(m + 1) * micro])
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
             loss = spec.step_fn(engine, batch)
+            if isinstance(loss, dict):
+                for k, v in loss.items():
+                    if k != "loss" and not _is_example(v):
+                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+                loss = loss["loss"]
             if step in spec.nonfinite_steps:
                 loss = loss * float("nan")
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
@@ -200,6 +250,8 @@ def train_loop(config: dict) -> None:
             "global_batch": len(indices),
         }
         metrics.update(extra_norms)
+        stage_metrics = _mean_over_ranks(sums, world, device)  # collective: every rank
+        metrics.update(stage_metrics)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None and nonfinite < cfg.grad_accum_steps:
             grad_norm = float(grad_norm)
@@ -214,11 +266,14 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             _append_step(run_dir, {"step": state["step"], "loss": metrics["loss"], "attempt": state["attempt"],
                                    "seconds": time.time() - t_step, "time": time.time(),
-                                   "tokens": step_tokens,
+                                   "tokens": step_tokens, "metrics": stage_metrics,
                                    "indices": [int(i) for i in indices]})
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
-            metrics["val_loss"] = _validate(engine, spec, cfg, rank, world, device)
+            val, examples = _validate(engine, spec, cfg, rank, world, device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            if rank == 0:
+                _log_validation(tracker, examples, state["step"])
         if state["step"] % cfg.log_every == 0 or done or state["step"] == 1:
             elapsed = time.time() - t_last
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
@@ -255,27 +310,61 @@ def _param_grad_norms(engine, names: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def _validate(engine, spec, cfg, rank, world, device) -> float:
+def _validate(engine, spec, cfg, rank, world, device) -> tuple[dict[str, float], dict[str, Any]]:
+    """(mean of step_fn's loss and other scalar outputs over validation_batches micro-batches per
+    rank, examples: this rank's non-scalar outputs of its first batch, e.g. sample responses);
+    ({}, {}) when the data has no validation split."""
     import torch
-    import torch.distributed as dist
 
     from stages.engine.data import ShardSource
 
     try:
         source = ShardSource(spec.data_uri, "validation")
     except ValueError:
-        return float("nan")
+        return {}, {}
     engine.eval()
-    total = torch.zeros(2, device=device)
+    sums: dict[str, float] = {}
+    examples: dict[str, Any] = {}
     with torch.no_grad():
         for b in range(cfg.validation_batches):
             start = (b * world + rank) * cfg.micro_batch_size
             idx = np.arange(start, start + cfg.micro_batch_size) % source.size
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(idx).items()}
-            total += torch.stack([spec.step_fn(engine, batch).float(), torch.tensor(1.0, device=device)])
+            out = spec.step_fn(engine, batch)
+            for k, v in (out if isinstance(out, dict) else {"loss": out}).items():
+                if _is_example(v):
+                    examples.setdefault(k, v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.validation_batches
     engine.train()
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    return _mean_over_ranks(sums, world, device), examples
+
+
+def _is_example(value) -> bool:
+    """A step output that is not a metric (sample texts ...): logged as an artifact at validation."""
+    return isinstance(value, (list, tuple, dict, str))
+
+
+def _log_validation(tracker, examples: dict, step: int) -> None:
+    """Rank 0: validation examples to the console (the first few) and as an MLflow artifact."""
+    if examples:
+        for name, items in examples.items():
+            for item in list(items)[:2]:
+                print(f"[engine] validation {name} at step {step}: {item}", flush=True)
+        tracker.log_artifacts({f"validation/step{step:06d}.json": examples})
+
+
+def _mean_over_ranks(values: dict[str, float], world: int, device) -> dict[str, float]:
+    """Per-rank scalars averaged over ranks (a collective: every rank passes the same keys)."""
+    import torch
+    import torch.distributed as dist
+
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
 def _save_and_report(engine, state, metrics, rank, world) -> None:

@@ -1,0 +1,57 @@
+"""python -m stages.rlhf --config FILE [--mode reward|ppo|dpo] [--base DIR] [--reward-model DIR]
+                         [--output DIR] [--run-name NAME] [--track]
+
+RLHF after SFT, on the training engine (Ray Train + DeepSpeed; rerunning the same run name
+resumes from the last checkpoint; a crashed worker restarts the run automatically):
+
+  reward  trains a reward model (SFT backbone + scalar head at the response's last token) on
+          preference pairs rendered in the ChatGLM format, loss -log sigmoid(r_chosen -
+          r_rejected); reports accuracy, margin and reward mean/std (held out: val_*);
+          writes a reward checkpoint (inference checkpoint + value_head.safetensors).
+  ppo     trains the SFT policy against the reward model (or a rule) with PPO: sampled
+          rollouts (KV cache, batched), per-token KL penalty to the frozen SFT reference,
+          GAE, clipped policy and value losses; writes the policy as an inference checkpoint.
+  dpo     trains the SFT policy with DPO on the same pairs against the frozen SFT reference.
+
+Malformed pairs are counted per reason in the prepared data's manifest and skipped.
+Typical order:  --mode reward  ->  --mode ppo --reward-model <reward output>.
+"""
+
+import argparse
+import sys
+
+from stages.cli import load_config_or_exit
+from stages.rlhf.config import MODES, RLHFConfig
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.rlhf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file of RLHFConfig fields")
+    parser.add_argument("--mode", choices=MODES, help="override mode")
+    parser.add_argument("--base", help="override the SFT inference checkpoint to start from")
+    parser.add_argument("--reward-model", help="override the reward checkpoint (ppo)")
+    parser.add_argument("--output", help="override where the exported checkpoint goes")
+    parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
+    parser.add_argument("--track", action="store_true", help="log to MLflow")
+    args = parser.parse_args(argv)
+    cfg = load_config_or_exit(RLHFConfig, args.config)
+    cfg.mode = args.mode or cfg.mode
+    cfg.base = args.base or cfg.base
+    cfg.reward_model = args.reward_model or cfg.reward_model
+    cfg.output = args.output or cfg.output
+    cfg.engine.run_name = args.run_name or cfg.engine.run_name
+    cfg.tracking.enabled = cfg.tracking.enabled or args.track
+    from stages.rlhf.stage import run
+
+    try:
+        run(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"output: {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

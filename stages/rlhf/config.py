@@ -1,0 +1,174 @@
+"""Typed config of the RLHF stage (`python -m stages.rlhf --config FILE`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from glm.config import ConfigError
+from stages.engine.config import EngineConfig
+from stages.tracking import TrackingConfig
+
+MODES = ("reward", "ppo", "dpo")
+FORMATS = ("auto", "prompt", "conversation", "instruction")
+
+
+@dataclass
+class PreferenceSource:
+    """One file set of preference pairs (JSONL, local path, glob or URI)."""
+
+    uri: str
+    format: Literal["auto", "prompt", "conversation", "instruction"] = "auto"
+    """Row shape (`shared/data/preference/`): `prompt` (text prompt, an hh-rlhf
+    "Human: ... Assistant:" transcript is split into rounds), `conversation` (role/content
+    turns ending with the user), `instruction` (instruction, input, history [[q, a], ...]);
+    each with `chosen` and `rejected` (a string or a {role, content} turn). `auto`: per row."""
+    name: str = ""
+    """Name in the manifest and MLflow (default: the file stem of the uri)."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"PreferenceSource.format must be one of {FORMATS}, got {self.format!r}")
+        if not self.name:
+            self.name = self.uri.rstrip("/").rsplit("/", 1)[-1].split(".")[0].replace("*", "x")
+
+
+@dataclass
+class PreferenceDataConfig:
+    """How preference pairs become rows: pair rows (reward, dpo) or prompt rows (ppo)."""
+
+    sources: list[PreferenceSource] = field(default_factory=list)
+    max_len: int = 256
+    """Longest prompt + response of one side; a pair row holds both sides (2 x max_len).
+    Prompts are cut from the left; a response longer than 3/4 of it is cut (counted)."""
+    max_prompt_len: int = 128
+    """PPO: longest prompt (cut from the left), [gMASK] included."""
+    validation_fraction: float = 0.1
+    """Share of pairs held out (by content hash): accuracy / validation reward."""
+    max_samples: int = 0
+    """Use at most this many pairs per source (0 = all)."""
+    output: str = ""
+    """Where the prepared rows go (default: `<stage output>_data`)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_len < 16 or self.max_prompt_len < 4:
+            raise ConfigError(f"PreferenceDataConfig: max_len must be >= 16 and max_prompt_len >= 4, "
+                              f"got {self.max_len}, {self.max_prompt_len}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"PreferenceDataConfig.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+
+@dataclass
+class RuleRewardConfig:
+    """A rule-based reward instead of a reward model (checks and experiments): the share of
+    response tokens that are in a target set."""
+
+    token_ids: list[int] = field(default_factory=list)
+    """Rewarded token ids."""
+    text: str = ""
+    """Or: rewarded tokens are those of this text (tokenized with the base's tokenizer)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token_ids or self.text)
+
+
+@dataclass
+class PPOConfig:
+    """PPO (InstructGPT / DeepSpeed-Chat): per engine step, each worker generates one response
+    per prompt of its batch, scores them, and runs ppo_epochs x minibatches optimizer steps."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ppo_epochs: int = 1
+    """Passes over the rollout buffer per iteration."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the buffer is split into this many minibatches)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the reference (initial value if adaptive)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef toward kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.5
+    """Weight of the value loss (actor and critic take one backward and one optimizer step)."""
+    critic_lr_scale: float = 1.0
+    """Critic learning rate = engine.optim.lr x this (DeepSpeed-Chat trains it at about half the actor's)."""
+    entropy_coef: float = 0.0
+    normalize_reward: bool = True
+    """Scores minus the running mean, over the running std (moments checkpointed)."""
+    reward_clip: float = 5.0
+    """Clip normalised scores to +-this (0 = off)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of a language-modelling loss on `ptx_data` in every optimizer step."""
+    ptx_data: str = ""
+    """A data-stage (or SFT prepared) output whose train rows feed PPO-ptx."""
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.minibatches < 1 or self.max_new_tokens < 1:
+            raise ConfigError("PPOConfig: ppo_epochs, minibatches and max_new_tokens must be >= 1")
+        if self.critic_lr_scale <= 0:
+            raise ConfigError(f"PPOConfig.critic_lr_scale must be > 0, got {self.critic_lr_scale}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("PPOConfig: ptx_coef > 0 needs ptx_data (a data-stage output)")
+        if not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
+            raise ConfigError(f"PPOConfig: gamma must be in (0, 1] and lam in [0, 1], got {self.gamma}, {self.lam}")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed share of flipped preference labels."""
+
+
+@dataclass
+class RLHFConfig:
+    """Reward modelling, PPO or DPO from an SFT inference checkpoint, on the training engine."""
+
+    output: str
+    """Where the exported checkpoint goes: the reward model (mode reward) or the policy."""
+    mode: Literal["reward", "ppo", "dpo"] = "reward"
+    base: str = ""
+    """The SFT stage's inference checkpoint: the reward model's backbone, the actor, the reference."""
+    reward_model: str = ""
+    """PPO: the reward stage's checkpoint (frozen reward, and the critic's initialisation)."""
+    rule_reward: RuleRewardConfig = field(default_factory=RuleRewardConfig)
+    """PPO without a reward model: a rule-based reward (the critic then starts from `base`)."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"hidden_dropout": 0.0, "attention_dropout": 0.0})
+    """GLMConfig fields changed for training (dropout off: PPO's ratios need a deterministic policy)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sample_prompts: list[str] = field(default_factory=lambda: ["你好", "What can you do?"])
+    """Answered by the exported policy (ppo, dpo) and logged to MLflow."""
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"RLHFConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "ppo" and self.engine.grad_accum_steps != 1:
+            raise ConfigError("ppo: engine.grad_accum_steps must be 1 (use ppo.minibatches; the rollout batch "
+                              "is engine.micro_batch_size prompts per worker)")
+
+    def data_fingerprint(self, base_identity: str) -> str:
+        """Hash of everything the prepared rows depend on (data config, layout, tokenizer)."""
+        d = asdict(self.data)
+        d.pop("output")
+        layout = "prompts" if self.mode == "ppo" else "pairs"
+        blob = json.dumps({"data": d, "layout": layout, "base": base_identity}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,257 @@
+"""Preference pairs -> rows of the sample schema, written like the SFT stage's prepared data
+(manifest.json, train/ and validation/ Parquet shards, tokenizer.model) so the engine's
+ShardSource reads them unchanged.
+
+- Pair rows (reward, dpo): segment 1 is prompt + [gMASK] [sop] chosen, segment 2 the same
+  prompt with the rejected reply; both in the ChatGLM format (`build_chat_prompt`, the
+  prompt a bidirectional prefix, targets response + [eop]). One row = one pair, so the
+  engine's per-row data position never separates the two sides.
+- Prompt rows (ppo): Part A only (prompt + [gMASK]), one per distinct prompt.
+
+Malformed pairs (missing side, empty chosen, not text, ...) are counted per reason and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from glm.generation import build_chat_prompt
+from glm.schema import COLUMNS, Sample, layout_prompted, pack_samples
+from glm.tokenizer import GLMTokenizer
+from stages import storage
+from stages.rlhf.config import PreferenceDataConfig
+from stages.sft.data import MANIFEST, _split_of, _write_split, completed
+from stages.sft.formatting import ASSISTANT_ROLES, USER_ROLES, BadRow
+
+
+@dataclass
+class PreferencePair:
+    query: str
+    chosen: str
+    rejected: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _reply(value, side: str) -> str:
+    if isinstance(value, dict):
+        value = value.get("content", value.get("value"))
+    if value is None:
+        raise BadRow("missing_side", f"no {side} reply")
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"{side} is {type(value).__name__}, not a string")
+    return value.strip()
+
+
+def _transcript_rounds(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """An hh-rlhf style "Human: ... Assistant: ..." transcript -> (last query, earlier rounds);
+    a prompt without those markers is the query itself."""
+    text = prompt.strip()
+    if not text.startswith("Human:"):
+        return text, []
+    turns, role, buf = [], None, []
+    for line in text.split("\n"):
+        for marker, who in (("Human:", "user"), ("Assistant:", "assistant")):
+            if line.startswith(marker):
+                if role is not None:
+                    turns.append((role, "\n".join(buf).strip()))
+                role, buf = who, [line[len(marker):]]
+                break
+        else:
+            buf.append(line)
+    turns.append((role, "\n".join(buf).strip()))
+    if turns[-1] == ("assistant", ""):  # the transcript ends with the reply to be written
+        turns.pop()
+    return _rounds_from_turns(turns)
+
+
+def _rounds_from_turns(turns: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+    if not turns or turns[-1][0] != "user":
+        raise BadRow("no_final_query", "the conversation does not end with a user turn")
+    history, pending = [], None
+    for role, text in turns[:-1]:
+        if role == "user" and pending is None:
+            pending = text
+        elif role == "assistant" and pending is not None:
+            history.append((pending, text))
+            pending = None
+        else:
+            raise BadRow("bad_turn_order", f"a {role} turn where the other role was expected")
+    if pending is not None:
+        raise BadRow("bad_turn_order", "two user turns in a row")
+    return turns[-1][1], history
+
+
+def parse_pair(row, fmt: str = "auto") -> PreferencePair:
+    """One JSON row -> PreferencePair, or BadRow naming why it does not fit."""
+    if not isinstance(row, dict):
+        raise BadRow("not_an_object", f"row is {type(row).__name__}")
+    if fmt == "auto":
+        fmt = ("conversation" if "conversation" in row else "instruction" if "instruction" in row
+               else "prompt" if "prompt" in row else "")
+        if not fmt:
+            raise BadRow("unknown_shape", f"no prompt, conversation or instruction field (keys: {sorted(row)[:8]})")
+    if fmt == "prompt":
+        if not isinstance(row.get("prompt"), str):
+            raise BadRow("wrong_type", "prompt is not a string")
+        query, history = _transcript_rounds(row["prompt"])
+    elif fmt == "conversation":
+        turns = row.get("conversation")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise BadRow("wrong_type", "conversation is not a list of turns")
+        parsed = []
+        for t in turns:
+            role = str(t.get("role", t.get("from", ""))).lower()
+            text = t.get("content", t.get("value"))
+            if not isinstance(text, str):
+                raise BadRow("wrong_type", "a turn's content is not a string")
+            parsed.append(("user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role, text))
+        if len(parsed) > 1 and parsed[0][0] == "system" and parsed[1][0] == "user":
+            # ChatGLM has no system role: the system message opens the first query (as in SFT)
+            parsed[:2] = [("user", f"{parsed[0][1]}\n{parsed[1][1]}")]
+        query, history = _rounds_from_turns(parsed)
+    else:
+        instruction, extra = row.get("instruction"), row.get("input") or ""
+        if not isinstance(instruction, str) or not isinstance(extra, str):
+            raise BadRow("wrong_type", "instruction / input is not a string")
+        query = f"{instruction}\n{extra}" if extra.strip() else instruction
+        raw = row.get("history") or []
+        if not isinstance(raw, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2
+                                                and all(isinstance(x, str) for x in h) for h in raw):
+            raise BadRow("bad_history", "history is not a list of [query, response] pairs")
+        history = [(q, r) for q, r in raw]
+    pair = PreferencePair(query.strip(), _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected"),
+                          history)
+    if not pair.query:
+        raise BadRow("empty_query", "the prompt is empty")
+    if not pair.chosen:
+        raise BadRow("empty_chosen", "the chosen reply is empty")
+    if not pair.rejected:
+        raise BadRow("empty_rejected", "the rejected reply is empty")
+    if pair.chosen == pair.rejected:
+        raise BadRow("identical_sides", "chosen and rejected are the same text")
+    return pair
+
+
+def prompt_ids(pair: PreferencePair, tokenizer: GLMTokenizer) -> list[int]:
+    return tokenizer.encode(build_chat_prompt(pair.query, pair.history))
+
+
+def side_sample(prompt: list[int], response: list[int], tokenizer: GLMTokenizer, max_len: int,
+                use_2d: bool) -> tuple[Sample, bool]:
+    """prompt + [gMASK] [sop] response in max_len tokens; (sample, whether the response was cut)."""
+    room = max_len - 2 - min(len(prompt), max_len // 4)  # keep at least a quarter for the prompt
+    cut = len(response) > room
+    return layout_prompted(prompt, response[:room], tokenizer.special, use_2d=use_2d,
+                           mask_token=tokenizer.special.gmask, max_len=max_len), cut
+
+
+def pair_row(pair: PreferencePair, tokenizer: GLMTokenizer, max_len: int, use_2d: bool) -> tuple[dict, bool]:
+    """The pair as one row of 2 x max_len: segment 1 chosen, segment 2 rejected."""
+    prompt = prompt_ids(pair, tokenizer)
+    chosen, cut_c = side_sample(prompt, tokenizer.encode(pair.chosen), tokenizer, max_len, use_2d)
+    rejected, cut_r = side_sample(prompt, tokenizer.encode(pair.rejected), tokenizer, max_len, use_2d)
+    return pack_samples([chosen, rejected], 2 * max_len, tokenizer.special.pad), cut_c or cut_r
+
+
+def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) -> dict:
+    """Part A only: the prompt (cut from the left) + [gMASK], as one row of max_prompt_len."""
+    part_a = prompt[-(max_prompt_len - 1):] + [tokenizer.special.gmask]
+    n = len(part_a)
+    sample = Sample()
+    sample.extend(part_a, [-100] * n, range(n), [0] * n, [1] * n)
+    return pack_samples([sample], max_prompt_len, tokenizer.special.pad)
+
+
+def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, use_2d: bool, fingerprint: str,
+            log=print) -> dict:
+    """Write pair rows (layout "pairs") or prompt rows ("prompts") to cfg.output, reusing a
+    complete output of the same fingerprint; returns the manifest."""
+    if (manifest := completed(cfg.output, fingerprint)) is not None:
+        log(f"[rlhf] prepared {layout} for {fingerprint} exist at {cfg.output}: reusing them")
+        return manifest
+    if not cfg.sources:
+        raise ValueError("rlhf config: data.sources is empty: name at least one JSONL file of preference pairs")
+    t0 = time.time()
+    files = {s.name: storage.expand(s.uri) for s in cfg.sources}  # fails early on a missing input
+    rows = {"train": [], "validation": []}
+    seen_prompts: set[tuple[int, ...]] = set()
+    sources = {}
+    for source in cfg.sources:
+        fs, paths = files[source.name]
+        stats = {"rows_read": 0, "pairs": 0, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
+        for path in paths:
+            for line_no, line in enumerate(storage.read_bytes(fs, path).decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                if cfg.max_samples and stats["pairs"] >= cfg.max_samples:
+                    break
+                stats["rows_read"] += 1
+                try:
+                    try:
+                        pair = parse_pair(json.loads(line), source.format)
+                    except json.JSONDecodeError as e:
+                        raise BadRow("bad_json", str(e)) from None
+                except BadRow as e:
+                    stats["rejected"][e.reason] += 1
+                    if len(stats["examples"]) < 5:
+                        stats["examples"].append(f"{path}:{line_no}: {e}")
+                    continue
+                stats["pairs"] += 1
+                split = _split_of(line, cfg.validation_fraction)
+                if layout == "pairs":
+                    row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d)
+                    stats["truncated"] += int(cut)
+                else:
+                    row = prompt_row(prompt_ids(pair, tokenizer), tokenizer, cfg.max_prompt_len)
+                    key = tuple(row["input_ids"])
+                    if key in seen_prompts:
+                        continue
+                    seen_prompts.add(key)
+                rows[split].append(row)
+                stats["rows"] += 1
+        log(f"[rlhf] {source.name}: {stats['rows_read']:,} rows, {stats['pairs']:,} pairs kept, {stats['rows']:,} "
+            f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
+            f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")
+        for example in stats["examples"]:
+            log(f"[rlhf]   rejected {example}")
+        stats["rejected"] = dict(stats["rejected"])
+        sources[source.name] = stats
+    if not rows["train"]:
+        raise ValueError(f"rlhf data: no usable pairs in {[s.uri for s in cfg.sources]} "
+                         f"(rejected: {[s['rejected'] for s in sources.values()]})")
+    if not rows["validation"] and len(rows["train"]) > 1:
+        rows["validation"].append(rows["train"].pop())
+
+    out_fs, out_root = storage.resolve(cfg.output)
+    staging = f"{out_root}.tmp-{uuid.uuid4().hex[:8]}"
+    out_fs.create_dir(staging, recursive=True)
+    try:
+        splits = {}
+        for split, items in rows.items():
+            random.Random(f"{cfg.seed}-{split}").shuffle(items)
+            splits[split] = _write_split(out_fs, staging, split, items, len(items))
+        seq_len = 2 * cfg.max_len if layout == "pairs" else cfg.max_prompt_len
+        manifest = {
+            "config_hash": fingerprint,
+            "kind": f"rlhf_{layout}",
+            "schema": {"columns": list(COLUMNS), "seq_len": seq_len,
+                       "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
+            "sources": sources,
+            "splits": splits,
+        }
+        storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
+        storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
+                            json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+        storage.replace_dir(out_fs, staging, out_root)
+    finally:
+        if storage.exists(out_fs, staging):
+            out_fs.delete_dir(staging)
+    log(f"[rlhf] prepared {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation "
+        f"{layout[:-1]} rows in {time.time() - t0:.1f}s -> {cfg.output}")
+    return manifest

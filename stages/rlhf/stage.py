@@ -1,0 +1,129 @@
+"""The RLHF stage: prepare preference data, then train on the engine in one of three modes.
+
+    reward  ScalarHeadModel(SFT backbone) on pair rows, pairwise loss  -> reward checkpoint
+    ppo     PPOModel(actor, critic, reference, reward) on prompt rows, iteration_fn
+            = one PPO iteration per engine step                        -> policy checkpoint
+    dpo     DPOModel(policy, reference) on pair rows, DPO loss          -> policy checkpoint
+
+Checkpoints, restarts, exact resume, the data position and MLflow come from the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict
+
+from stages import storage
+from stages.engine import TrainSpec, fit
+from stages.rlhf.config import RLHFConfig
+from stages.sft.stage import base_tokenizer
+from stages.tracking import default_tracking_uri
+
+
+def export_reward_model(model, base: str, output: str, metadata: dict) -> dict:
+    """Write the reward checkpoint (backbone inference checkpoint + value_head.safetensors)."""
+    from glm.value_head import save_reward_checkpoint
+
+    save_reward_checkpoint(model, base_tokenizer(base), output, metadata=metadata)
+    print(f"[rlhf] reward model written to {output}", flush=True)
+    return {"rlhf/reward_model.json": {"output": output, **metadata}}
+
+
+def export_policy(model, base: str, output: str, metadata: dict, prompts: list[str], max_new_tokens: int) -> dict:
+    """Write the trained policy (PPO actor or DPO policy) as an inference checkpoint; returns
+    sample chat answers for MLflow."""
+    from glm.checkpoint import save_inference_checkpoint
+    from glm.generation import GenerationConfig, chat
+
+    policy = (model.actor if hasattr(model, "actor") else model.policy).eval()
+    tokenizer = base_tokenizer(base)
+    save_inference_checkpoint(policy, tokenizer, output, metadata=metadata)
+    print(f"[rlhf] policy written to {output}", flush=True)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)
+    samples = [{"prompt": p, "response": chat(policy, tokenizer, p, config=config)[0]} for p in prompts]
+    for s in samples:
+        print(f"[rlhf] sample  {s['prompt']!r} -> {s['response']!r}", flush=True)
+    return {"rlhf/sample_generations.json": samples}
+
+
+def prepare_data(cfg: RLHFConfig) -> dict:
+    from glm.checkpoint import read_checkpoint_config
+    from stages.rlhf.data import prepare
+
+    config, _ = read_checkpoint_config(cfg.base)
+    longest = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens + 1 if cfg.mode == "ppo" else cfg.data.max_len
+    if longest > config.max_seq_len:
+        raise ValueError(f"rlhf config: sequences of {longest} tokens exceed the base model's max_seq_len "
+                         f"{config.max_seq_len} (data.max_len, or data.max_prompt_len + ppo.max_new_tokens)")
+    tokenizer = base_tokenizer(cfg.base)
+    identity = json.dumps({"tokenizer": hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
+                           "positions": config.position_encoding})
+    return prepare(cfg.data, tokenizer, layout="prompts" if cfg.mode == "ppo" else "pairs",
+                   use_2d=config.uses_2d_positions, fingerprint=cfg.data_fingerprint(identity))
+
+
+def _data_metrics(manifest: dict) -> dict[str, float]:
+    out = {f"data.{split}_rows": s["rows"] for split, s in manifest["splits"].items()}
+    for name, s in manifest["sources"].items():
+        out[f"data.{name}.kept"] = s["pairs"]
+        out[f"data.{name}.rejected"] = sum(s["rejected"].values())
+        out[f"data.{name}.truncated"] = s["truncated"]
+    return out
+
+
+def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
+    """The engine's TrainSpec for the configured mode (paths already absolute)."""
+    from stages.rlhf import models, ppo, steps
+
+    tokenizer = base_tokenizer(cfg.base)
+    metadata = {"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "run": cfg.engine.run_name}
+    policy_export = functools.partial(export_policy, base=cfg.base, output=cfg.output, metadata=metadata,
+                                      prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens)
+    extra = {}
+    if cfg.mode == "reward":
+        factory = functools.partial(models.build_reward_model, cfg.base, cfg.model_overrides)
+        step_fn = steps.reward_step
+        export = functools.partial(export_reward_model, base=cfg.base, output=cfg.output, metadata=metadata)
+    elif cfg.mode == "dpo":
+        factory = functools.partial(models.build_dpo_model, cfg.base, cfg.model_overrides)
+        step_fn = functools.partial(steps.dpo_step, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
+        export = policy_export
+    else:
+        if not cfg.reward_model and not cfg.rule_reward.enabled:
+            raise ValueError("rlhf config: mode ppo needs `reward_model` (the reward stage's output) or `rule_reward`")
+        rule_ids = list(cfg.rule_reward.token_ids) + (tokenizer.encode(cfg.rule_reward.text) if cfg.rule_reward.text else [])
+        factory = functools.partial(models.build_ppo_model, cfg.base, cfg.reward_model, rule_ids, cfg.model_overrides,
+                                    cfg.ppo.critic_lr_scale)
+        step_fn = functools.partial(ppo.ppo_validation_step, cfg=cfg.ppo, tokenizer=tokenizer)
+        extra = {"iteration_fn": functools.partial(ppo.ppo_iteration, cfg=cfg.ppo, special=tokenizer.special,
+                                                   vocab_limit=len(tokenizer)),
+                 "optimizer_steps_per_step": cfg.ppo.ppo_epochs * cfg.ppo.minibatches}
+        export = policy_export
+    tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
+    return TrainSpec(
+        model_factory=factory, data_uri=cfg.data.output, step_fn=step_fn, export_fn=export,
+        tracking_uri=tracking_uri, experiment=cfg.tracking.experiment,
+        params={"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "reward_model": cfg.reward_model,
+                "output": cfg.output, "data": asdict(cfg.data), "ppo": asdict(cfg.ppo), "dpo": asdict(cfg.dpo),
+                "model_overrides": cfg.model_overrides},
+        artifacts={"rlhf/data_manifest.json": manifest}, start_metrics=_data_metrics(manifest), **extra)
+
+
+def run(cfg: RLHFConfig):
+    """Prepare the data, train the configured mode, export; rerunning the same run name resumes."""
+    if not cfg.base:
+        raise ValueError("rlhf config: `base` (the SFT stage's inference checkpoint) is not set")
+    cfg.__post_init__()  # again: the CLI may have changed the mode
+    cfg.base, cfg.output = storage.absolute(cfg.base), storage.absolute(cfg.output)
+    if cfg.reward_model:
+        cfg.reward_model = storage.absolute(cfg.reward_model)
+    if cfg.ppo.ptx_data:
+        cfg.ppo.ptx_data = storage.absolute(cfg.ppo.ptx_data)
+    cfg.data.output = storage.absolute(cfg.data.output or f"{cfg.output}_data")
+    for source in cfg.data.sources:
+        source.uri = storage.absolute(source.uri)
+    print(f"[rlhf] mode {cfg.mode}: base {cfg.base} -> {cfg.output}", flush=True)
+    manifest = prepare_data(cfg)
+    return fit(train_spec(cfg, manifest), cfg.engine)
