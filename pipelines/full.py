@@ -76,6 +76,9 @@ class PipelineConfig:
     """stages.pretrain PretrainConfig fields (data, output, engine run name and storage are filled in)."""
     sft: dict[str, Any] = field(default_factory=dict)
     """stages.sft SFTConfig fields (base, output, engine run name and storage are filled in)."""
+    rlhf: dict[str, Any] = field(default_factory=dict)
+    """`reward` and `policy`: stages.rlhf RLHFConfig fields of the reward model (optional) and of
+    the PPO or DPO policy (bases, outputs, reward model, run names are filled in)."""
     quantize: dict[str, Any] = field(default_factory=dict)
     """stages.quantize QuantizeConfig fields (checkpoint = the last training stage's model)."""
     eval: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +143,26 @@ def _wire_sft(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
     _engine_defaults(cfg, p, "sft")
 
 
+def _wire_rlhf(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
+    base = outputs["sft"]["model"] if "sft" in outputs else _need(outputs, "pretrain", "model", "rlhf")
+    tracking = asdict(p.tracking)
+    policy = cfg.setdefault("policy", {})
+    if "reward" in cfg:
+        reward = cfg["reward"]
+        reward.setdefault("mode", "reward")
+        reward["base"] = reward.get("base") or base
+        reward.setdefault("output", posixpath.join(p.work_dir, "rlhf", "reward_model"))
+        _engine_defaults(reward, p, "reward")
+        reward["tracking"] = {**tracking, **reward.get("tracking", {})}
+        if policy.get("mode", "ppo") == "ppo":
+            policy["reward_model"] = policy.get("reward_model") or reward["output"]
+    policy.setdefault("mode", "ppo")
+    policy["base"] = policy.get("base") or base
+    policy.setdefault("output", posixpath.join(p.work_dir, "rlhf", "model"))
+    _engine_defaults(policy, p, policy["mode"])
+    policy["tracking"] = {**tracking, **policy.get("tracking", {})}
+
+
 def _wire_quantize(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
     trained = [s for s in ("rlhf", "sft", "pretrain") if s in outputs]
     if not cfg.get("checkpoint") and not trained:
@@ -179,6 +202,14 @@ def _run_sft(cfg) -> None:
     run(cfg)
 
 
+def _run_rlhf(cfg) -> None:
+    from stages.rlhf.stage import run
+
+    if cfg.reward is not None:
+        run(cfg.reward)
+    run(cfg.policy)
+
+
 def _run_quantize(cfg) -> None:
     from stages.quantize.stage import run
 
@@ -209,6 +240,8 @@ STAGES: dict[str, Stage] = {
                       _run_pretrain, lambda c: {"model": c.output}),
     "sft": Stage("sft", _config_class("stages.sft.config", "SFTConfig"), _wire_sft, _run_sft,
                  lambda c: {"model": c.output, "data": c.data.output or f"{c.output}_data"}),
+    "rlhf": Stage("rlhf", _config_class("stages.rlhf.config", "RLHFChainConfig"), _wire_rlhf, _run_rlhf,
+                  lambda c: {"model": c.policy.output, **({"reward_model": c.reward.output} if c.reward else {})}),
     "quantize": Stage("quantize", _config_class("stages.quantize.config", "QuantizeConfig"), _wire_quantize,
                       _run_quantize, lambda c: {"model": c.output}),
     "serve": Stage("serve", _config_class("stages.serve.config", "ServeConfig"), _wire_serve, _run_serve,

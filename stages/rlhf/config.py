@@ -172,3 +172,20 @@ class RLHFConfig:
         layout = "prompts" if self.mode == "ppo" else "pairs"
         blob = json.dumps({"data": d, "layout": layout, "base": base_identity}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RLHFChainConfig:
+    """What the pipeline's rlhf stage runs: a reward model, then the policy (PPO against that
+    reward model, or DPO, which needs none)."""
+
+    policy: RLHFConfig
+    """mode ppo or dpo; its output is the model the next stages take."""
+    reward: RLHFConfig | None = None
+    """mode reward; trained first and used as the policy's reward_model (PPO without one set)."""
+
+    def __post_init__(self) -> None:
+        if self.policy.mode not in ("ppo", "dpo"):
+            raise ConfigError(f"rlhf.policy.mode must be 'ppo' or 'dpo', got {self.policy.mode!r}")
+        if self.reward is not None and self.reward.mode != "reward":
+            raise ConfigError(f"rlhf.reward.mode must be 'reward', got {self.reward.mode!r}")

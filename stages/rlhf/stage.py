@@ -19,7 +19,7 @@ from stages import storage
 from stages.engine import TrainSpec, fit
 from stages.rlhf.config import RLHFConfig
 from stages.sft.stage import base_tokenizer
-from stages.tracking import default_tracking_uri
+from stages.tracking import active_run_id, default_tracking_uri
 
 
 def export_reward_model(model, base: str, output: str, metadata: dict) -> dict:
@@ -104,7 +104,7 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
     return TrainSpec(
         model_factory=factory, data_uri=cfg.data.output, step_fn=step_fn, export_fn=export,
-        tracking_uri=tracking_uri, experiment=cfg.tracking.experiment,
+        tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, parent_run_id=active_run_id(),
         params={"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "reward_model": cfg.reward_model,
                 "output": cfg.output, "data": asdict(cfg.data), "ppo": asdict(cfg.ppo), "dpo": asdict(cfg.dpo),
                 "model_overrides": cfg.model_overrides},
