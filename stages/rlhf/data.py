@@ -14,10 +14,8 @@ Malformed pairs (missing side, empty chosen, not text, ...) are counted per reas
 from __future__ import annotations
 
 import json
-import posixpath
 import random
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,7 +24,7 @@ from glm.schema import COLUMNS, Sample, layout_prompted, pack_samples
 from glm.tokenizer import GLMTokenizer
 from stages import storage
 from stages.rlhf.config import PreferenceDataConfig
-from stages.sft.data import MANIFEST, _split_of, _write_split, completed
+from stages.sft.data import _split_of, completed, write_prepared
 from stages.sft.formatting import ASSISTANT_ROLES, USER_ROLES, BadRow
 
 
@@ -228,30 +226,15 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
     if not rows["validation"] and len(rows["train"]) > 1:
         rows["validation"].append(rows["train"].pop())
 
-    out_fs, out_root = storage.resolve(cfg.output)
-    staging = f"{out_root}.tmp-{uuid.uuid4().hex[:8]}"
-    out_fs.create_dir(staging, recursive=True)
-    try:
-        splits = {}
-        for split, items in rows.items():
-            random.Random(f"{cfg.seed}-{split}").shuffle(items)
-            splits[split] = _write_split(out_fs, staging, split, items, len(items))
-        seq_len = 2 * cfg.max_len if layout == "pairs" else cfg.max_prompt_len
-        manifest = {
-            "config_hash": fingerprint,
-            "kind": f"rlhf_{layout}",
-            "schema": {"columns": list(COLUMNS), "seq_len": seq_len,
-                       "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
-            "sources": sources,
-            "splits": splits,
-        }
-        storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
-        storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
-                            json.dumps(manifest, indent=2, ensure_ascii=False).encode())
-        storage.replace_dir(out_fs, staging, out_root)
-    finally:
-        if storage.exists(out_fs, staging):
-            out_fs.delete_dir(staging)
+    for split, items in rows.items():
+        random.Random(f"{cfg.seed}-{split}").shuffle(items)
+    seq_len = 2 * cfg.max_len if layout == "pairs" else cfg.max_prompt_len
+    manifest = write_prepared(cfg.output, {split: (items, len(items)) for split, items in rows.items()}, tokenizer, {
+        "config_hash": fingerprint, "kind": f"rlhf_{layout}",
+        "schema": {"columns": list(COLUMNS), "seq_len": seq_len,
+                   "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
+        "sources": sources})
+    splits = manifest["splits"]
     log(f"[rlhf] prepared {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation "
         f"{layout[:-1]} rows in {time.time() - t0:.1f}s -> {cfg.output}")
     return manifest

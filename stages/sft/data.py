@@ -97,24 +97,33 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
     if not samples["validation"] and len(samples["train"]) > 1:
         samples["validation"].append(samples["train"].pop())  # a held-out loss needs at least one
 
-    out_fs, out_root = storage.resolve(cfg.output)
+    splits = {}
+    for split, items in samples.items():
+        random.Random(f"{cfg.seed}-{split}").shuffle(items)
+        splits[split] = (pack_rows(items, cfg.seq_len, tokenizer.special.pad, pack=cfg.pack), len(items))
+    manifest = write_prepared(cfg.output, splits, tokenizer, {
+        "config_hash": fingerprint, "kind": "sft",
+        "schema": {"columns": list(COLUMNS), "seq_len": cfg.seq_len,
+                   "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
+        "sources": sources})
+    splits = manifest["splits"]
+    log(f"[sft] prepared {splits['train']['rows']:,} train rows ({splits['train']['samples']:,} samples) and "
+        f"{splits['validation']['rows']:,} validation rows in {time.time() - t0:.1f}s -> {cfg.output}")
+    return manifest
+
+
+def write_prepared(output: str, splits: dict[str, tuple[list[dict], int]], tokenizer: GLMTokenizer,
+                   manifest: dict) -> dict:
+    """Write rows of the sample schema in the data stage's layout (Parquet shards per split,
+    tokenizer.model, manifest.json), staged and moved into place last; returns the manifest
+    with its `tokenizer` and `splits` entries filled in. `splits`: name -> (rows, samples)."""
+    out_fs, out_root = storage.resolve(output)
     staging = f"{out_root}.tmp-{uuid.uuid4().hex[:8]}"
     out_fs.create_dir(staging, recursive=True)
     try:
-        splits = {}
-        for split, items in samples.items():
-            random.Random(f"{cfg.seed}-{split}").shuffle(items)
-            rows = pack_rows(items, cfg.seq_len, tokenizer.special.pad, pack=cfg.pack)
-            splits[split] = _write_split(out_fs, staging, split, rows, len(items))
-        manifest = {
-            "config_hash": fingerprint,
-            "kind": "sft",
-            "tokenizer": {"sha256": hashlib.sha256(tokenizer.to_bytes()).hexdigest(), "pieces": len(tokenizer)},
-            "schema": {"columns": list(COLUMNS), "seq_len": cfg.seq_len,
-                       "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
-            "sources": sources,
-            "splits": splits,
-        }
+        manifest = {**manifest,
+                    "tokenizer": {"sha256": hashlib.sha256(tokenizer.to_bytes()).hexdigest(), "pieces": len(tokenizer)},
+                    "splits": {split: _write_split(out_fs, staging, split, rows, n) for split, (rows, n) in splits.items()}}
         storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
         storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
                             json.dumps(manifest, indent=2, ensure_ascii=False).encode())
@@ -122,8 +131,6 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
     finally:
         if storage.exists(out_fs, staging):
             out_fs.delete_dir(staging)
-    log(f"[sft] prepared {splits['train']['rows']:,} train rows ({splits['train']['samples']:,} samples) and "
-        f"{splits['validation']['rows']:,} validation rows in {time.time() - t0:.1f}s -> {cfg.output}")
     return manifest
 
 
