@@ -272,11 +272,13 @@ def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipe
     return from_dict(stage.config_class(), raw, f"{where}: {name}")
 
 
-def fingerprint(cfg) -> str:
-    """Hash of a stage config (tracking excluded: where it logs does not change what it makes)."""
+def fingerprint(cfg, upstream: str = "") -> str:
+    """Hash of a stage config and of the stages before it (`upstream`: the previous stage's
+    hash), so a change anywhere reruns everything after it; tracking excluded (where a stage
+    logs does not change what it makes)."""
     d = asdict(cfg)
     d.pop("tracking", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([d, upstream], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Markers:
@@ -323,6 +325,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     tracker = _PipelineRun(p)
     outputs: dict[str, dict[str, str]] = {}
     t_start = time.time()
+    upstream = ""  # hash chain: a stage's hash covers every stage before it
     try:
         for name in p.stages:
             cfg = stage_config(p, name, outputs)
@@ -332,7 +335,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                     outputs[name] = STAGES[name].run(cfg)
                     tracker.stage_done(name, outputs[name], 0.0)
                 continue
-            config_hash = fingerprint(cfg)
+            config_hash = upstream = fingerprint(cfg, upstream)
             done = markers.finished(name, config_hash)
             if name not in selected:
                 # an earlier stage outside the selection: later stages take its (existing) outputs
@@ -353,7 +356,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                 tracker.stage_done(name, outputs[name], time.time() - t0)
                 print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
             if name in p.eval_after:
-                _evaluate(p, name, outputs[name]["model"], markers, tracker)
+                _evaluate(p, name, outputs[name]["model"], config_hash, markers, tracker)
         final = _final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
             tracker.register(final)
@@ -373,12 +376,13 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     return outputs
 
 
-def _evaluate(p: PipelineConfig, after: str, model: str, markers: "Markers", tracker: "_PipelineRun") -> None:
-    """Evaluate a stage's model (skipped when its report for the same config exists)."""
+def _evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers: "Markers",
+              tracker: "_PipelineRun") -> None:
+    """Evaluate a stage's model (skipped when its report for the same config and model exists)."""
     from stages.eval.stage import run as run_eval
 
     cfg = eval_config(p, after, model)
-    name, config_hash = f"eval-{after}", fingerprint(cfg)
+    name, config_hash = f"eval-{after}", fingerprint(cfg, model_hash)
     if (done := markers.finished(name, config_hash)) is not None:
         print(f"== {name}: report for config {config_hash} exists ({done['outputs']['report']}): skipped", flush=True)
         tracker.stage_skipped(name, done)

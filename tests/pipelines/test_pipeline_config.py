@@ -54,3 +54,14 @@ def test_a_stage_without_its_input_says_which_stage_to_run():
     p = PipelineConfig(stages=["sft"], sft={"data": {"sources": [{"uri": "x.jsonl"}]}})
     with pytest.raises(RuntimeError, match="sft needs the output of the pretrain stage"):
         stage_config(p, "sft", {})
+
+
+def test_a_stage_hash_covers_its_config_and_everything_upstream():
+    from pipelines.full import fingerprint
+
+    p = load_config(str(SMOKE))
+    c = wired(p)
+    pretrain = fingerprint(c["pretrain"], fingerprint(c["data"]))
+    assert fingerprint(c["sft"], pretrain) != fingerprint(c["sft"], fingerprint(c["pretrain"], "another data hash"))
+    c["sft"].tracking.experiment = "elsewhere"
+    assert fingerprint(c["sft"], pretrain) == fingerprint(wired(p)["sft"], pretrain)  # where it logs is not what it makes
