@@ -71,6 +71,8 @@ def test_submitted_pipeline_job_runs_and_is_tracked(head, tmp_path, tokenizer):
                  "tokenizer": {"path": str(tokenizer.save(tmp_path))},
                  "objective": {"seq_len": 64, "mask_window": 32}, "mip": {"token_share": 0.0}, "num_buckets": 2},
         "pretrain": {"model": {"preset": "tiny"}, "engine": engine},
+        # relative: resolved in the job's working directory, the uploaded copy of the repo
+        "eval": {"tasks": ["stages/eval/tasks/en/boolq.yaml"], "max_items": 4},
         "tracking": {"enabled": True, "tracking_uri": tracking, "experiment": "job"},
         "check": {"max_tokens": 2},
     }
@@ -93,6 +95,6 @@ def test_submitted_pipeline_job_runs_and_is_tracked(head, tmp_path, tokenizer):
     [parent] = [r for r in runs if r.info.run_name == "job"]
     assert parent.info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert children == {"data", "job-pretrain"}
+    assert children == {"data", "job-pretrain", "eval-pretrain"}
     version = client.get_model_version_by_alias("glm-chat", "newest")
     assert version.source == str(tmp_path / "work/pretrain/model")
