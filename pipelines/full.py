@@ -332,8 +332,9 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
             if STAGES[name].deploys:
                 if name in selected:
                     print(f"== {name}", flush=True)
+                    t0 = time.time()
                     outputs[name] = STAGES[name].run(cfg)
-                    tracker.stage_done(name, outputs[name], 0.0)
+                    tracker.stage_done(name, outputs[name], time.time() - t0)
                 continue
             config_hash = upstream = fingerprint(cfg, upstream)
             done = markers.finished(name, config_hash)

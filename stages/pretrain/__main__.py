@@ -8,7 +8,7 @@ last checkpoint. At the end the inference checkpoint is written to the output.
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit
+from stages.cli import load_config_or_exit, run_stage
 from stages.pretrain.config import PretrainConfig
 
 
@@ -28,13 +28,7 @@ def main(argv=None) -> int:
     cfg.tracking.enabled = cfg.tracking.enabled or args.track
     from stages.pretrain.stage import run
 
-    try:
-        run(cfg)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {cfg.output}")
-    return 0
+    return run_stage(run, cfg, cfg.output, {FileNotFoundError: 2})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Example (see stages/quantize/configs/sample.yaml):
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit
+from stages.cli import load_config_or_exit, run_stage
 from stages.quantize.config import QuantizeConfig
 
 
@@ -42,16 +42,7 @@ def main(argv=None) -> int:
     cfg.tracking.enabled = cfg.tracking.enabled or args.track
     from stages.quantize.stage import QualityGateError, run
 
-    try:
-        run(cfg)
-    except QualityGateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {cfg.output}")
-    return 0
+    return run_stage(run, cfg, cfg.output, {QualityGateError: 1, FileNotFoundError: 2, ValueError: 2})
 
 
 if __name__ == "__main__":

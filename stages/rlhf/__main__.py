@@ -20,7 +20,7 @@ Typical order:  --mode reward  ->  --mode ppo --reward-model <reward output>.
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit
+from stages.cli import load_config_or_exit, run_stage
 from stages.rlhf.config import MODES, RLHFConfig
 
 
@@ -44,13 +44,7 @@ def main(argv=None) -> int:
     cfg.tracking.enabled = cfg.tracking.enabled or args.track
     from stages.rlhf.stage import run
 
-    try:
-        run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {cfg.output}")
-    return 0
+    return run_stage(run, cfg, cfg.output)
 
 
 if __name__ == "__main__":

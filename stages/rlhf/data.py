@@ -13,7 +13,7 @@ Malformed pairs (missing side, empty chosen, not text, ...) are counted per reas
 
 from __future__ import annotations
 
-import json
+import functools
 import random
 import time
 from collections import Counter
@@ -24,7 +24,7 @@ from glm.schema import COLUMNS, Sample, layout_prompted, pack_samples
 from glm.tokenizer import GLMTokenizer
 from stages import storage
 from stages.rlhf.config import PreferenceDataConfig
-from stages.sft.data import _split_of, completed, write_prepared
+from stages.sft.data import completed, read_jsonl_rows, split_of, write_prepared
 from stages.sft.formatting import ASSISTANT_ROLES, USER_ROLES, BadRow
 
 
@@ -183,36 +183,21 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
     for source in cfg.sources:
         fs, paths = files[source.name]
         stats = {"rows_read": 0, "pairs": 0, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
-        for path in paths:
-            for line_no, line in enumerate(storage.read_bytes(fs, path).decode("utf-8").splitlines(), start=1):
-                if not line.strip():
+        parse = functools.partial(parse_pair, fmt=source.format)
+        for line, pair in read_jsonl_rows(fs, paths, parse, stats, limit=cfg.max_samples):
+            stats["pairs"] += 1
+            split = split_of(line, cfg.validation_fraction)
+            if layout == "pairs":
+                row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d)
+                stats["truncated"] += int(cut)
+            else:
+                row = prompt_row(prompt_ids(pair, tokenizer), tokenizer, cfg.max_prompt_len)
+                key = tuple(row["input_ids"])
+                if key in seen_prompts:
                     continue
-                if cfg.max_samples and stats["pairs"] >= cfg.max_samples:
-                    break
-                stats["rows_read"] += 1
-                try:
-                    try:
-                        pair = parse_pair(json.loads(line), source.format)
-                    except json.JSONDecodeError as e:
-                        raise BadRow("bad_json", str(e)) from None
-                except BadRow as e:
-                    stats["rejected"][e.reason] += 1
-                    if len(stats["examples"]) < 5:
-                        stats["examples"].append(f"{path}:{line_no}: {e}")
-                    continue
-                stats["pairs"] += 1
-                split = _split_of(line, cfg.validation_fraction)
-                if layout == "pairs":
-                    row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d)
-                    stats["truncated"] += int(cut)
-                else:
-                    row = prompt_row(prompt_ids(pair, tokenizer), tokenizer, cfg.max_prompt_len)
-                    key = tuple(row["input_ids"])
-                    if key in seen_prompts:
-                        continue
-                    seen_prompts.add(key)
-                rows[split].append(row)
-                stats["rows"] += 1
+                seen_prompts.add(key)
+            rows[split].append(row)
+            stats["rows"] += 1
         log(f"[rlhf] {source.name}: {stats['rows_read']:,} rows, {stats['pairs']:,} pairs kept, {stats['rows']:,} "
             f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
             f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")

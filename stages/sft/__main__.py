@@ -14,7 +14,7 @@ Fine-tunes a pretrained inference checkpoint into a chat model:
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit
+from stages.cli import load_config_or_exit, run_stage
 from stages.sft.config import SFTConfig
 
 
@@ -36,13 +36,7 @@ def main(argv=None) -> int:
     cfg.tracking.enabled = cfg.tracking.enabled or args.track
     from stages.sft.stage import run
 
-    try:
-        run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"output: {cfg.output}")
-    return 0
+    return run_stage(run, cfg, cfg.output)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ in the driver process rather than as a Ray Data job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -42,7 +43,39 @@ def completed(uri: str, fingerprint: str) -> dict | None:
     return manifest if manifest.get("config_hash") == fingerprint else None
 
 
-def _split_of(conv_key: str, fraction: float) -> str:
+def read_jsonl_rows(fs, paths: list[str], parse, stats: dict, limit: int = 0):
+    """Parse each non-empty line of JSONL files with `parse(obj)`. Lines it rejects (BadRow, or
+    invalid JSON as `bad_json`) are counted in stats["rejected"] by reason, the file and line of
+    the first five kept in stats["examples"]; yields (line, parsed) for the others, at most
+    `limit` (0 = all). stats["rows_read"] counts the lines read."""
+    kept = 0
+    for path in paths:
+        for line_no, line in enumerate(storage.read_bytes(fs, path).decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if limit and kept >= limit:
+                return
+            stats["rows_read"] += 1
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadRow("bad_json", str(e)) from None
+                item = parse(obj)
+            except BadRow as e:
+                stats["rejected"][e.reason] += 1
+                if len(stats["examples"]) < 5:
+                    stats["examples"].append(f"{path}:{line_no}: {e}")
+                continue
+            kept += 1
+            yield line, item
+
+
+def _conversation_samples(row, fmt: str, **kwargs) -> list:
+    return conversation_samples(parse_row(row, fmt), **kwargs)
+
+
+def split_of(conv_key: str, fraction: float) -> str:
     h = int.from_bytes(hashlib.sha256(conv_key.encode()).digest()[:8], "big")
     return "validation" if (h % 1_000_000) / 1_000_000 < fraction else "train"
 
@@ -61,29 +94,12 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
     for source in cfg.sources:
         fs, paths = files[source.name]
         stats = {"rows_read": 0, "conversations": 0, "samples": 0, "rejected": Counter(), "examples": []}
-        for path in paths:
-            for line_no, line in enumerate(storage.read_bytes(fs, path).decode("utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                if cfg.max_samples and stats["conversations"] >= cfg.max_samples:
-                    break
-                stats["rows_read"] += 1
-                try:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRow("bad_json", str(e)) from None
-                    conv = parse_row(row, source.format)
-                    made = conversation_samples(conv, tokenizer, cfg.seq_len, use_2d=use_2d,
-                                                last_turn_only=cfg.train_on == "last_turn")
-                except BadRow as e:
-                    stats["rejected"][e.reason] += 1
-                    if len(stats["examples"]) < 5:
-                        stats["examples"].append(f"{path}:{line_no}: {e}")
-                    continue
-                stats["conversations"] += 1
-                stats["samples"] += len(made)
-                samples[_split_of(line, cfg.validation_fraction)] += made
+        to_samples = functools.partial(_conversation_samples, fmt=source.format, tokenizer=tokenizer,
+                                       seq_len=cfg.seq_len, use_2d=use_2d, last_turn_only=cfg.train_on == "last_turn")
+        for line, made in read_jsonl_rows(fs, paths, to_samples, stats, limit=cfg.max_samples):
+            stats["conversations"] += 1
+            stats["samples"] += len(made)
+            samples[split_of(line, cfg.validation_fraction)] += made
         rejected = sum(stats["rejected"].values())
         log(f"[sft] {source.name}: {stats['rows_read']:,} rows, {stats['conversations']:,} conversations kept, "
             f"{stats['samples']:,} samples, {rejected:,} rejected {dict(stats['rejected']) or ''}")
