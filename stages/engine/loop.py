@@ -119,7 +119,12 @@ def build_optimizer(model, cfg: EngineConfig):
             if params:
                 groups.append({"params": params, "lr": cfg.optim.lr * s,
                                "weight_decay": cfg.optim.weight_decay if matrices else 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    if cfg.offload_optimizer and cfg.cpu_adam and cfg.zero_stage >= 2:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled on first use
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
 
 
 def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], float]:
@@ -154,8 +159,8 @@ def deepspeed_config(cfg: EngineConfig, load_universal: bool = False) -> dict:
     }
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
-        # the engine's torch AdamW steps the offloaded fp32 state on the CPU unless cpu_adam asks
-        # for DeepSpeed's compiled one (DeepSpeed refuses a torch optimizer without this flag)
+        # DeepSpeed's CPU Adam (cpu_adam), or torch's AdamW stepping the offloaded state on the
+        # CPU, which DeepSpeed accepts only with this flag off
         config["zero_force_ds_cpu_optimizer"] = cfg.cpu_adam
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
