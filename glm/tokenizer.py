@@ -197,6 +197,14 @@ class GLMTokenizer:
     def _plain(self, text: str) -> list[int]:
         return self.sp.encode(text) if text else []
 
+    @property
+    def max_piece_chars(self) -> int:
+        """Most characters one token stands for: a text longer than n x this has more than n
+        tokens (lets a server refuse an over-long text without encoding it)."""
+        if getattr(self, "_max_piece_chars", None) is None:
+            self._max_piece_chars = max(len(self.sp.id_to_piece(i)) for i in range(len(self)))
+        return self._max_piece_chars
+
     @staticmethod
     def has_control_strings(text: str) -> bool:
         """Whether `text` contains a string that names a special token ("[eop]", "</s>", ...)."""
