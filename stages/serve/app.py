@@ -425,6 +425,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
+        max_constructor_retry_count=2,  # a replica that cannot load its checkpoint will not on a 20th try
         # Serve's own overflow (its body is plain text; Ray Serve does not let apps shape it):
         # at least the status and Retry-After match the replica's own overload answer
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
