@@ -42,7 +42,15 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 OPEN_PATHS = ("/", "/health")
 """Routes that need no API key (the web page asks for the key itself)."""
 GUARD: dict[str, Any] = {"api_key": "", "max_request_bytes": 1_048_576}
-"""The replica's key and body limit (set by GLMServer.__init__; one replica per process)."""
+"""The replica's key and body limit (set by GLMServer.__init__; one replica per process). Read
+and written through `_guard()`: Serve ships the deployment class and the app by value, each
+with its own copy of this module's globals, so only the imported module is shared."""
+
+
+def _guard() -> dict[str, Any]:
+    import importlib
+
+    return importlib.import_module("stages.serve.app").GUARD
 
 
 class ErrorResponse(JSONResponse):
@@ -70,7 +78,7 @@ class Guard:
         error = self._check_headers(scope)
         if error is not None:
             return await error_response(error)(scope, receive, send)
-        limit, seen = GUARD["max_request_bytes"], 0
+        limit, seen = _guard()["max_request_bytes"], 0
 
         async def limited_receive():
             nonlocal seen
@@ -87,7 +95,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         root, path = scope.get("root_path", ""), scope.get("path", "")
         path = path[len(root):] if root and path.startswith(root) else path
-        key = GUARD["api_key"]
+        guard = _guard()
+        key = guard["api_key"]
         if key and (path or "/") not in OPEN_PATHS:
             scheme, _, given = headers.get("authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
@@ -97,9 +106,9 @@ class Guard:
         if length is not None:
             if not length.strip().isdigit():
                 return APIError(400, f"invalid Content-Length header {length[:40]!r}")
-            if int(length) > GUARD["max_request_bytes"]:
+            if int(length) > guard["max_request_bytes"]:
                 return APIError(413, f"request body of {int(length)} bytes is larger than this server's limit of "
-                                     f"{GUARD['max_request_bytes']} bytes", code="request_too_large")
+                                     f"{guard['max_request_bytes']} bytes", code="request_too_large")
         return None
 
 
@@ -170,7 +179,7 @@ class GLMServer:
         self.context = self.model.config.max_seq_len
         self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
                                    self.config.max_beam_requests)
-        GUARD.update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes)
+        _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes)
         self.created = int(time.time())
         logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
@@ -381,6 +390,7 @@ class GLMServer:
     def _fill_budget(self, requested: int | None, text_tokens: int, masks: int) -> int:
         """Tokens per mask such that every span fits the context however long the earlier ones
         were: text + masks x max_tokens + [sop] <= context. Checked before generating anything."""
+        max_new_tokens(None, text_tokens, self.context, 1, "text")  # the text alone must leave room
         room = self.context - text_tokens - 1
         if requested is None:
             per_mask = min(self.config.default_max_tokens, room // masks)

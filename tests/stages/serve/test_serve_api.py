@@ -144,8 +144,8 @@ BAD = [  # (route, body or raw string, status, words the message must contain)
     ("/v1/completions", {"model": "glm-tiny", "prompt": ["p"] * 16, "n": 8, "max_tokens": 2}, 400,
      "holds at most 12"),
     ("/v1/completions", {"model": "glm-tiny", "prompt": "x" * 200_000}, 400, "context window"),
-    ("/v1/glm/fill", {"text": "[MASK] " * 200, "max_tokens": 16}, 400, "200 masks x max_tokens 16 do not fit"),
-    ("/v1/glm/fill", {"text": "[MASK] " * 200}, 400, "leave no room"),
+    ("/v1/glm/fill", {"text": "[MASK] " * 20, "max_tokens": 16}, 400, "20 masks x max_tokens 16 do not fit"),
+    ("/v1/glm/fill", {"text": "[MASK]" * 150}, 400, "150 masks leave no room"),
 ]
 
 
