@@ -237,7 +237,8 @@ class Hostile:
 
     def giant_body(self, rng):
         size = rng.choice([1_100_000, 2_000_000, 20_000_000])
-        prompt = rng.choice(["x", "\u5b57", "[MASK]"]) * (size // 3)
+        unit = rng.choice(["x", "\u5b57", "[MASK]"])
+        prompt = unit * (size // len(unit.encode()))  # a body of about `size` bytes
         data = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 4}, ensure_ascii=False).encode()
         return self.post("/v1/completions", data=data)
 
@@ -365,6 +366,11 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import ray
+
+    if not ray.is_initialized():  # the replica's request log would drown the progress lines
+        ray.init(num_cpus=max(os.cpu_count() or 2, int(args.num_cpus) + 1), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     ensure_ray(min_cpus=int(args.num_cpus) + 1)
     config = ServeConfig(checkpoint=str(checkpoint), host="127.0.0.1", port=port, api_key=KEY, model_name=MODEL,
                          num_cpus=args.num_cpus, num_gpus=1 if torch.cuda.is_available() else 0, max_batch_size=8,
