@@ -15,7 +15,11 @@ request goes to 127.0.0.1.
    control strings in chat / completion / fill text, fills with hundreds of masks, n x prompts
    beyond capacity, beam-search floods, streams and bodies abandoned mid-way) while one client
    sends the same normal requests one after another; every answer's status is counted;
-3. after: one normal request (`alive_after`).
+3. beam flood (issue 17's case): 8 requests of num_beams 8, max_tokens 500 (min_tokens 500) are
+   sent at once, then normal requests one after another for --flood-seconds; their worst
+   latency is `beam_flood_max_normal_latency_s` (the flood's clients then leave, which cancels
+   the searches);
+4. after: one normal request (`alive_after`).
 
 Bounded: the hostile count, each request's timeout (--request-timeout) and the whole run
 (--max-seconds: the abuse phase stops sending when it is reached).
@@ -336,6 +340,33 @@ def timed_normal(url: str, i: int, timeout: float) -> tuple[int, float]:
     return code, time.perf_counter() - t
 
 
+def beam_flood(url: str, seconds: float, timeout: float) -> list[tuple[int, float]]:
+    """8 beam searches (8 beams, 500 tokens each) at once, then normal requests for `seconds`."""
+    import requests
+
+    body = {"model": MODEL, "prompt": "The history of", "num_beams": 8, "max_tokens": 500, "min_tokens": 500}
+    left = threading.Event()
+
+    def flooder(_):
+        try:
+            requests.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=seconds + 5)
+        except requests.RequestException:
+            pass  # the client leaves: the server cancels the search
+        left.set()
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(flooder, i) for i in range(8)]
+        time.sleep(1.0)  # let the searches start
+        results, end, i = [], time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            results.append(timed_normal(url, i, timeout))
+            i += 1
+        for f in futures:
+            f.result()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="inference checkpoint (default: runs/smoke/sft/model, else a random "
@@ -346,6 +377,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=60.0, help="client timeout of one request (s)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="bound of the abuse phase (s)")
+    parser.add_argument("--flood-seconds", type=float, default=15.0, help="length of the beam-flood phase (s)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the replica")
     args = parser.parse_args()
 
@@ -434,6 +466,8 @@ def main() -> None:
         print(f"abuse: {sent} hostile requests in {abuse_s:.1f}s; statuses {dict(statuses)}", flush=True)
         for kind, counts in sorted(by_kind.items()):
             print(f"  {kind}: {dict(counts)}", flush=True)
+        flood = beam_flood(url, args.flood_seconds, args.request_timeout)
+        print(f"beam flood: normal requests {flood}", flush=True)
         code, lat = timed_normal(url, 0, args.request_timeout)
         alive_after = code == 200
     finally:
@@ -455,6 +489,9 @@ def main() -> None:
         "latency_bound_s": round(bound, 3),
         "within_bound": max_normal is not None and max_normal <= bound,
         "alive_after": alive_after,
+        "beam_flood_normal_requests": len(flood),
+        "beam_flood_normal_failed": sum(code != 200 for code, _ in flood),
+        "beam_flood_max_normal_latency_s": round(max(lat for _, lat in flood), 3) if flood else None,
         "server_errors_by_kind": dict(errors),
         "statuses": {str(k): v for k, v in sorted(statuses.items(), key=lambda kv: str(kv[0]))},
         "abuse_seconds": round(abuse_s, 1), "workers": args.workers, "replica_cpus": args.num_cpus,

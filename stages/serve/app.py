@@ -41,7 +41,8 @@ logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 OPEN_PATHS = ("/", "/health")
 """Routes that need no API key (the web page asks for the key itself)."""
-GUARD: dict[str, Any] = {"api_key": "", "max_request_bytes": 1_048_576}
+GUARD: dict[str, Any] = {"api_key": "", "max_request_bytes": 1_048_576, "max_inflight": 120, "inflight": 0,
+                         "body_timeout_s": 30.0}
 """The replica's key and body limit (set by GLMServer.__init__; one replica per process). Read
 and written through `_guard()`: Serve ships the deployment class and the app by value, each
 with its own copy of this module's globals, so only the imported module is shared."""
@@ -67,7 +68,8 @@ def error_response(error: APIError) -> ErrorResponse:
 
 
 class Guard:
-    """ASGI middleware run before routing and body parsing: the API key, then the body size."""
+    """ASGI middleware run before routing and body parsing: the replica's in-flight bound, the
+    API key, then the body size and the time it takes to arrive."""
 
     def __init__(self, app):
         self.app = app
@@ -75,20 +77,37 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        guard = _guard()
+        if guard["inflight"] >= guard["max_inflight"]:
+            # answered here, in our error shape, so Serve's own queue (plain-text answers) stays empty
+            return await error_response(APIError(429, f"server overloaded: {guard['inflight']} requests in flight on "
+                                                      f"this replica; retry later", type="server_error",
+                                                 code="overloaded"))(scope, receive, send)
         error = self._check_headers(scope)
         if error is not None:
             return await error_response(error)(scope, receive, send)
-        limit, seen = _guard()["max_request_bytes"], 0
+        limit, seen, complete = guard["max_request_bytes"], 0, False
+        deadline = time.monotonic() + guard["body_timeout_s"]
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: disconnect notices, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {guard['body_timeout_s']:g}s") from None
             seen += len(message.get("body", b""))
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
             if seen > limit:  # a streamed (chunked) body: FastAPI turns this into our 413 handler
                 raise HTTPException(413, f"request body larger than {limit} bytes")
             return message
 
-        await self.app(scope, limited_receive, send)
+        guard["inflight"] += 1
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            guard["inflight"] -= 1
 
     @staticmethod
     def _check_headers(scope) -> APIError | None:
@@ -179,7 +198,11 @@ class GLMServer:
         self.context = self.model.config.max_seq_len
         self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
                                    self.config.max_beam_requests)
-        _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes)
+        # in-flight bound a little under Serve's max_ongoing_requests: overload is answered by this
+        # replica (JSON) before Serve would start queueing (and answering in plain text)
+        _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes,
+                        max_inflight=max(1, self.config.max_ongoing_requests - 8),
+                        body_timeout_s=self.config.body_timeout_s)
         self.created = int(time.time())
         logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)

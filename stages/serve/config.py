@@ -47,6 +47,8 @@ class ServeConfig:
     """Beam searches decoded at once per replica (each steps beside the batch); more wait."""
     max_request_bytes: int = 1_048_576
     """Largest request body; a larger one is answered 413 before it is read or parsed."""
+    body_timeout_s: float = 30.0
+    """A request body must arrive within this long (408 otherwise: a trickled upload frees its slot)."""
     default_max_tokens: int = 256
     """max_tokens when a request gives none (capped by the room left in the context window)."""
     default_temperature: float = 0.95
@@ -62,8 +64,9 @@ class ServeConfig:
     num_gpus: float = 0.0
     """GPUs per replica."""
     max_ongoing_requests: int = 128
-    """Requests Serve sends to one replica at once; must exceed max_batch_size + max_waiting, so
-    the replica answers overload itself (an OpenAI error, 429) before Serve's queue fills."""
+    """Requests Serve sends to one replica at once; at least max_batch_size + max_waiting + 16.
+    The replica answers 429 itself (an OpenAI error) from max_ongoing_requests - 8 requests in
+    flight, so Serve's own queue (plain-text answers) does not fill."""
     max_queued_requests: int = 256
     """Requests Serve holds when every replica is full; more get Serve's own 429 (plain text:
     Ray Serve does not let an application shape that body)."""
@@ -74,7 +77,8 @@ class ServeConfig:
             "max_waiting": self.max_waiting >= 0,
             "max_beam_requests": self.max_beam_requests >= 1,
             "max_request_bytes": self.max_request_bytes >= 1024,
-            "max_ongoing_requests": self.max_ongoing_requests > self.max_batch_size + self.max_waiting,
+            "body_timeout_s": self.body_timeout_s > 0,
+            "max_ongoing_requests": self.max_ongoing_requests >= self.max_batch_size + self.max_waiting + 16,
             "max_queued_requests": self.max_queued_requests >= 1,
             "default_max_tokens": self.default_max_tokens >= 1,
             "default_temperature": self.default_temperature >= 0,
@@ -89,7 +93,7 @@ class ServeConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"ServeConfig: invalid value for {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
-                             + (" (max_ongoing_requests must exceed max_batch_size + max_waiting)"
+                             + (" (max_ongoing_requests must be at least max_batch_size + max_waiting + 16)"
                                 if "max_ongoing_requests" in bad else ""))
 
     def resolved_api_key(self) -> str:

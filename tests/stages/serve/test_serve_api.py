@@ -201,6 +201,20 @@ def test_large_body_is_413_before_parsing(glm_server):
     assert requests.get(glm_server.url + "/health", timeout=10).status_code == 200
 
 
+def test_a_body_that_never_arrives_is_408_not_a_held_slot(glm_server):
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(glm_server.url)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {glm_server.api_key}\r\nContent-Length: 1000\r\n\r\n")
+    with socket.create_connection((url.hostname, url.port), timeout=60) as s:
+        s.sendall(head.encode() + b'{"model": "glm-tiny", "prompt": "')  # ... and nothing more
+        answer = s.recv(65536)
+    assert answer.split(b" ", 2)[1] == b"408", answer[:200]
+    assert b"not received within 3s" in answer
+
+
 def test_api_key_is_checked_first_and_covers_the_api_pages(glm_server):
     url, key = glm_server.url, glm_server.api_key
     body = {"model": "glm-tiny", "messages": USER, "max_tokens": 2, "temperature": 0}
