@@ -8,11 +8,12 @@ columns; (2) picks every row's next token with `glm.generation.process_logits` a
 rows and runs one cached forward step for the rest. A request alone in the batch computes
 exactly what `generate_spans` computes for it, so greedy and seeded outputs match glm/.
 
-Beam search (num_beams > 1) keeps its own beams-as-batch cache: each such request advances
-one beam step (`glm.generation.beam_search_steps`) per decode step, beside the batch, and at
-most `max_beam_requests` run at once (more wait, without holding up the requests behind them).
-So a normal request's latency grows by a few forward passes per step, never by whole beam
-searches.
+Beam search (num_beams > 1) keeps its own beams-as-batch cache: such requests advance by
+beam steps (`glm.generation.beam_search_steps`, one forward pass each) beside the batch: one
+beam search per decode step, in turn, while rows are decoding; every one of them each step
+when none are. At most `max_beam_requests` run at once (more wait, without holding up the
+requests behind them). So a normal request's latency grows by one beam forward pass per
+token, never by whole beam searches.
 
 Failures are per request: a row whose sampling, text decoding or admission fails (or a beam
 search that fails) ends with an error event and every other row keeps decoding. Only a failure
@@ -130,6 +131,7 @@ class DecodeEngine:
         self._closed = False
         self._rows: list[_Row] = []
         self._beams: list[_Beam] = []
+        self._beam_turn = 0
         self._cache: KVCache | None = None
         self._segment_ids = self._prefix_mask = self._logits = None
         self.stats = collections.Counter()  # iterations, steps, beam_steps, tokens, batch_rows, prefills, failed
@@ -288,10 +290,20 @@ class DecodeEngine:
         self._decode(next_tokens)
 
     def _advance_beams(self) -> None:
-        """One step of every running beam search."""
+        """One step of every running beam search; while rows are decoding, one step of one beam
+        search in turn (each costs a forward pass of num_beams rows, which every row waits for)."""
+        if not self._beams:
+            return
+        turn = self._beams
+        if self._rows:
+            self._beam_turn = (self._beam_turn + 1) % len(self._beams)
+            turn = [self._beams[self._beam_turn]]
         going = []
         for beam in self._beams:
             request = beam.row.request
+            if beam not in turn and not request.cancelled:
+                going.append(beam)
+                continue
             if request.cancelled:
                 beam.steps.close()
                 self._finish(beam.row, "cancelled")
