@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 from stages.cli import load_config_or_exit
 from stages.serve.config import ServeConfig
@@ -96,6 +97,12 @@ def main(argv=None) -> int:
 
             config.checkpoint = str(newest_checkpoint())
             print(f"serving the newest checkpoint: {config.checkpoint}", flush=True)
+        if "://" not in config.checkpoint:  # a missing or truncated local checkpoint: say so before starting Ray
+            from glm.checkpoint import check_checkpoint_files
+
+            if not (Path(config.checkpoint) / "config.json").is_file():
+                raise FileNotFoundError(f"not an inference checkpoint (no config.json): {config.checkpoint}")
+            check_checkpoint_files(config.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
