@@ -2,8 +2,12 @@
 
     <dir>/model.safetensors   weights (no pickle); a tied lm_head is stored once
     <dir>/config.json         {"format": ..., "model": GLMConfig fields, "metadata": {...},
-                               "quantization": {"bits", "group_size", "scheme"} (quantized only)}
+                               "quantization": {"bits", "group_size", "scheme"} (quantized only),
+                               "weights": {"file", "bytes", "sha256"} (of model.safetensors)}
     <dir>/tokenizer.model     the SentencePiece model
+
+Every writer records the weights file's size and SHA-256; loading verifies them (a truncated or
+altered file is refused, naming the file) and refuses non-finite weights (naming the tensor).
 
 `dir` may be a local path or a URI (s3://, gs://, ...): remote directories are written to a
 local temporary directory and copied with pyarrow's file systems (imported only then).
@@ -11,7 +15,9 @@ local temporary directory and copied with pyarrow's file systems (imported only 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +29,8 @@ from glm.config import GLMConfig
 from glm.model import GLMModel
 from glm.quantization import QuantSpec, cast_model, model_quantization, prepare_quantized
 from glm.tokenizer import GLMTokenizer
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "glm-inference-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,6 +90,12 @@ def publish_checkpoint(local_dir: str | Path, uri: str | Path) -> str:
     def fill(staging: Path) -> None:
         for name in names:
             shutil.copyfile(local_dir / name, staging / name)
+        data = json.loads((staging / CONFIG_FILE).read_text())
+        if data.get("weights"):
+            _verify_weights(staging, data["weights"])  # never publish a damaged copy
+        else:  # written before checksums were recorded: record them now
+            data["weights"] = _weights_record(staging)
+            (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2))
 
     return _write_dir(str(uri), fill)
 
@@ -92,7 +106,61 @@ def _write_config(staging: Path, config: GLMConfig, metadata: dict[str, Any] | N
     if quantization is not None:
         data["quantization"] = quantization.to_dict()
     data["metadata"] = metadata or {}
+    data["weights"] = _weights_record(staging)  # the weights file is written before the config
     (staging / CONFIG_FILE).write_text(json.dumps(data, indent=2))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weights_record(directory: Path) -> dict[str, Any]:
+    path = directory / WEIGHTS_FILE
+    return {"file": WEIGHTS_FILE, "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+
+
+def _check_size(directory: Path, record: dict[str, Any]) -> Path:
+    path = directory / record.get("file", WEIGHTS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights missing: {path}")
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise ValueError(f"checkpoint weights {path} are damaged: {size} bytes, but the checkpoint recorded "
+                         f"{record.get('bytes')} (truncated or replaced)")
+    return path
+
+
+def _verify_weights(directory: Path, record: dict[str, Any]) -> None:
+    """Size, then SHA-256, of the weights file against the checkpoint's record (ValueError)."""
+    path = _check_size(directory, record)
+    digest = _file_sha256(path)
+    if digest != record.get("sha256"):
+        raise ValueError(f"checkpoint weights {path} are damaged: SHA-256 {digest} does not match the recorded "
+                         f"{record.get('sha256')}")
+
+
+def check_checkpoint_files(directory: str | Path) -> None:
+    """Cheap check of a local checkpoint before handing it to a server: config readable and
+    the weights file present with its recorded size (the full checksum is verified at load)."""
+    directory = Path(directory)
+    data = json.loads((directory / CONFIG_FILE).read_text())
+    if data.get("weights"):
+        _check_size(directory, data["weights"])
+    elif not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint weights missing: {directory / WEIGHTS_FILE}")
+
+
+def _check_finite(model: GLMModel, where: str) -> None:
+    """Refuse weights with NaN or infinity, naming the first such tensor."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: tensor {name!r} has {bad} non-finite values (NaN or infinity); "
+                             f"refusing to load these weights")
 
 
 def _write_dir(uri: str, fill: Callable[[Path], None]) -> str:
@@ -152,12 +220,18 @@ def load_inference_checkpoint(
 
     Full-precision and quantized checkpoints alike: a quantized one comes back with
     `glm.quantization.QuantizedLinear` layers (integer weights, fp16 scales, which `dtype`
-    leaves in fp16).
+    leaves in fp16). The weights file is verified against its recorded size and SHA-256 and
+    non-finite weights are refused (ValueError naming the file or the tensor).
     """
     from safetensors.torch import load_model
 
     with _fetched(str(uri)) as local:
         config, _, spec = _parse_config(local / CONFIG_FILE)
+        record = json.loads((local / CONFIG_FILE).read_text()).get("weights")
+        if record:
+            _verify_weights(local, record)
+        else:
+            logger.warning("%s was written without a weights checksum (an older checkpoint): not verified", uri)
         with torch.device("meta"):
             model = GLMModel(config)
             if spec is not None:
@@ -165,6 +239,7 @@ def load_inference_checkpoint(
         model = model.to_empty(device=device)
         load_model(model, str(local / WEIGHTS_FILE), strict=True, device=str(device))
         tokenizer = GLMTokenizer.load(local / GLMTokenizer.MODEL_FILE)
+    _check_finite(model, str(uri))
     if dtype is not None:
         model = cast_model(model, dtype)
     return model.eval(), tokenizer

@@ -206,12 +206,27 @@ def _length_penalty(length: int, lp: float) -> float:
     return ((5.0 + length) / 6.0) ** lp
 
 
-@torch.no_grad()
 def beam_search(
     model: GLMModel, query: SpanQuery, special: SpecialTokens, config: GenerationConfig,
     vocab_limit: int | None = None,
 ) -> list[int]:
-    """Beam search for one span, beams as the batch dimension of one KV cache.
+    """Beam search for one span (see `beam_search_steps`); returns the best hypothesis's tokens."""
+    steps = beam_search_steps(model, query, special, config, vocab_limit)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.no_grad()  # applies to every resumption of the generator
+def beam_search_steps(
+    model: GLMModel, query: SpanQuery, special: SpecialTokens, config: GenerationConfig,
+    vocab_limit: int | None = None,
+):
+    """Beam search for one span, beams as the batch dimension of one KV cache; a generator that
+    yields after each forward step (so a server can interleave it with other work) and returns
+    the best hypothesis's tokens.
 
     Scores are cumulative log-probs; a finished hypothesis (ended by a stop token, counted in
     its length) scores log-prob / ((5 + len) / 6) ** lp. Search stops when no live beam, at
@@ -264,6 +279,7 @@ def beam_search(
         segment_ids = torch.cat((segment_ids[:1].expand(n, -1), torch.ones(n, 1, dtype=torch.long, device=device)), 1)
         prefix_mask = torch.cat((prefix_mask[:1].expand(n, -1), torch.zeros(n, 1, dtype=torch.long, device=device)), 1)
         tokens = torch.tensor([b[1][-1] for b in beams], device=device)[:, None]
+        yield
         out = model(tokens, pos, block, segment_ids, prefix_mask, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     if not finished:
@@ -284,33 +300,45 @@ class FillResult:
     """Generated token ids of each mask, left to right."""
 
 
+def mask_positions(ids: list[int], special: SpecialTokens) -> list[int]:
+    """Positions of the mask tokens in `ids` (the blanks to fill, left to right)."""
+    masks = set(special.mask_ids)
+    return [j for j, t in enumerate(ids) if t in masks]
+
+
+def splice_span(ids: list[int], positions: list[int], span: list[int]) -> tuple[list[int], list[int]]:
+    """Replace the mask at positions[0] by `span`; the other positions shift with it. A mask
+    token the model generates inside a span is text of that span, never a new blank to fill
+    (otherwise a span that generates a mask would be filled again, forever under greedy)."""
+    j = positions[0]
+    return ids[:j] + span + ids[j + 1:], [p + len(span) - 1 for p in positions[1:]]
+
+
 def fill_blanks(
     model: GLMModel, tokenizer: GLMTokenizer, texts: list[str], config: GenerationConfig
 ) -> list[FillResult]:
     """GLM blank filling (GLM_SPEC.md section 5) for a batch of texts.
 
-    A text without [MASK] / [sMASK] / [gMASK] gets [gMASK] appended. Masks are filled one at a
-    time, left to right: Part A = the current text, then [sop] + generation until [eop]; the
+    A text without [MASK] / [sMASK] / [gMASK] gets [gMASK] appended (mask strings in the text are
+    the blank-filling syntax: `GLMTokenizer.encode_with_masks`). Masks are filled one at a
+    time, left to right, each exactly once: Part A = the current text, then [sop] + generation until [eop]; the
     span is spliced in place of the mask before the next one is filled.
     """
     special = tokenizer.special
-    mask_ids = set(special.mask_ids)
-    states = []
+    states, todo = [], []  # todo[i]: positions of text i's masks still to fill (only the text's own)
     for text in texts:
-        ids = tokenizer.encode(text)
-        if not mask_ids.intersection(ids):
+        ids, masks = tokenizer.encode_with_masks(text)
+        if not masks:
             ids.append(special.gmask)
         states.append(FillResult(text="", token_ids=ids))
-    while True:
-        pending = [(i, next(j for j, t in enumerate(s.token_ids) if t in mask_ids))
-                   for i, s in enumerate(states) if mask_ids.intersection(s.token_ids)]
-        if not pending:
-            break
+        todo.append(mask_positions(ids, special))
+    while any(todo):
+        pending = [(i, todo[i][0]) for i in range(len(states)) if todo[i]]
         queries = [SpanQuery(states[i].token_ids, j, states[i].token_ids[j] == special.gmask) for i, j in pending]
         spans = generate_spans(model, queries, special, config, vocab_limit=len(tokenizer))
         for (i, j), span in zip(pending, spans):
             s = states[i]
-            s.token_ids = s.token_ids[:j] + span + s.token_ids[j + 1:]
+            s.token_ids, todo[i] = splice_span(s.token_ids, todo[i], span)
             s.spans.append(span)
     for s in states:
         s.text = tokenizer.decode(s.token_ids)

@@ -18,6 +18,12 @@ from glm.schema import SpecialTokens
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
 MASK, SMASK, GMASK, SOP, EOP = "[MASK]", "[sMASK]", "[gMASK]", "[sop]", "[eop]"
 GLM_SPECIAL = (MASK, SMASK, GMASK, SOP, EOP)
+MASK_STRINGS = (MASK, SMASK, GMASK)
+"""The mask syntax `encode_with_masks` honours (GLM blank filling: /v1/glm/fill, fill_blanks)."""
+CONTROL_STRINGS = GLM_SPECIAL + (PAD, UNK, EOS)
+"""Strings that name a special token; in user text they are only ever text."""
+_CONTROL_RE = re.compile("|".join(re.escape(s) for s in sorted(CONTROL_STRINGS, key=len, reverse=True)))
+_MASK_RE = re.compile("|".join(re.escape(s) for s in sorted(MASK_STRINGS, key=len, reverse=True)))
 # SentencePiece stores spaces as U+2581 internally, so runs of spaces are given in that form.
 WHITESPACE_PIECES = ("\n", "\t") + tuple("\u2581" * n for n in (16, 8, 4, 3, 2))
 
@@ -149,11 +155,60 @@ class GLMTokenizer:
         return len(self)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; "[MASK]", "[gMASK]" ... in the text become their special ids."""
-        return self.sp.encode(text)
+        """Token ids of `text` as plain text: never a special id.
+
+        "[MASK]", "[eop]", "</s>" ... typed in the text are encoded as their characters (the
+        first character as its own piece, so SentencePiece cannot match the special symbol);
+        special tokens enter a sequence only through the code that builds GLM layouts (or
+        `encode_with_masks`, the blank-filling syntax). Decoding gives the text back.
+        """
+        if not _CONTROL_RE.search(text):
+            return self.sp.encode(text)
+        ids: list[int] = []
+        start = 0
+        for match in _CONTROL_RE.finditer(text):
+            ids += self._plain(text[start:match.start()])
+            ids += self._plain(match.group()[0]) + self._plain(match.group()[1:])
+            start = match.end()
+        return ids + self._plain(text[start:])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        """`encode` of each text (plain text: never a special id)."""
+        if not any(_CONTROL_RE.search(t) for t in texts):
+            return self.sp.encode(texts)
+        return [self.encode(t) for t in texts]
+
+    def encode_with_masks(self, text: str) -> tuple[list[int], int]:
+        """Blank-filling syntax: "[MASK]", "[sMASK]" and "[gMASK]" in `text` become mask ids,
+        everything else is plain text (as `encode`). Returns (ids, number of masks).
+
+        The one place where user text may name a special token: GLM blank filling
+        (`glm.generation.fill_blanks`, the serve route /v1/glm/fill)."""
+        ids: list[int] = []
+        masks, start = 0, 0
+        by_string = {MASK: self.special.mask, SMASK: self.special.smask, GMASK: self.special.gmask}
+        for match in _MASK_RE.finditer(text):
+            ids += self.encode(text[start:match.start()])
+            ids.append(by_string[match.group()])
+            masks += 1
+            start = match.end()
+        return ids + self.encode(text[start:]), masks
+
+    def _plain(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    @property
+    def max_piece_chars(self) -> int:
+        """Most characters one token stands for: a text longer than n x this has more than n
+        tokens (lets a server refuse an over-long text without encoding it)."""
+        if getattr(self, "_max_piece_chars", None) is None:
+            self._max_piece_chars = max(len(self.sp.id_to_piece(i)) for i in range(len(self)))
+        return self._max_piece_chars
+
+    @staticmethod
+    def has_control_strings(text: str) -> bool:
+        """Whether `text` contains a string that names a special token ("[eop]", "</s>", ...)."""
+        return _CONTROL_RE.search(text) is not None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

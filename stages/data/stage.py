@@ -126,7 +126,9 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         tokenized = placed.map_batches(
             steps.Tokenize, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.workers),
             fn_constructor_args=(tokenizer.to_bytes(),)).materialize()
-        doc_tokens = tokenized.select_columns(["source", "n_tokens"]).to_pandas().groupby("source")["n_tokens"].sum().to_dict()
+        per_source = tokenized.select_columns(["source", "n_tokens", "control_strings"]).to_pandas().groupby("source")
+        doc_tokens = per_source["n_tokens"].sum().to_dict()
+        control_docs = {int(k): int(v) for k, v in per_source["control_strings"].sum().to_dict().items()}
         special = dataclasses.asdict(tokenizer.special)
         rows_dir = f"{staging}/_rows"
         meta = tokenized.groupby(["split", "bucket"], num_partitions=partitions).map_groups(
@@ -157,7 +159,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
                  f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
 
         # 7. manifest, tokenizer, move into place
-        manifest = _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer)
+        manifest = _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer, control_docs)
         storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
         storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
                             json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
@@ -254,7 +256,7 @@ def _global_index(meta, mip_meta, cfg: DataConfig):
     return index, {"rows": rows, "mip_token_share": share, "mip_tokens": mip_tokens}
 
 
-def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer) -> dict:
+def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer, control_docs) -> dict:
     sources = {}
     for i, s in enumerate(cfg.sources):
         rejected = {r: counts.get((i, r), 0) for r in REASONS if r != "duplicate"}
@@ -262,7 +264,10 @@ def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards,
         read = sum(v for (src, _), v in counts.items() if src == i)
         sources[s.name] = {"language": s.language, "weight": s.weight, "rows_read": read,
                            "kept": read - sum(rejected.values()), "rejected": rejected,
-                           "tokens": doc_tokens.get(i, 0)}
+                           "tokens": doc_tokens.get(i, 0),
+                           # documents (after weights) holding "[eop]", "[MASK]", "</s>" ... as text:
+                           # encoded as plain text, never as control tokens
+                           "documents_with_control_strings": control_docs.get(i, 0)}
     train = meta[meta["split"] == "train"]
     mask_rows = train[train["kind"] == KIND_MASK]
     text_in_mask = int(mask_rows["text_tokens"].sum())

@@ -83,10 +83,12 @@ class Tokenize:
         self.tokenizer = GLMTokenizer(tokenizer_bytes)
 
     def __call__(self, batch: dict) -> pa.Table:
-        ids = self.tokenizer.encode_batch([str(t) for t in batch["text"]])
+        texts = [str(t) for t in batch["text"]]
+        ids = self.tokenizer.encode_batch(texts)  # control strings ("[eop]", ...) in a document stay text
         return pa.table({"source": batch["source"], "split": batch["split"], "bucket": batch["bucket"],
                          "order": batch["order"], "tokens": pa.array(ids, type=pa.list_(pa.int32())),
-                         "n_tokens": [len(t) for t in ids]})
+                         "n_tokens": [len(t) for t in ids],
+                         "control_strings": [GLMTokenizer.has_control_strings(t) for t in texts]})
 
 
 META_SCHEMA = pa.schema(

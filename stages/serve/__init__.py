@@ -8,6 +8,6 @@ Importing this package is light: Ray, FastAPI and torch load when `deploy` runs.
 """
 
 from stages.serve.config import ServeConfig
-from stages.serve.stage import deploy, newest_checkpoint, shutdown
+from stages.serve.stage import ReplicaStartError, deploy, newest_checkpoint, shutdown
 
-__all__ = ["ServeConfig", "deploy", "newest_checkpoint", "shutdown"]
+__all__ = ["ReplicaStartError", "ServeConfig", "deploy", "newest_checkpoint", "shutdown"]

@@ -3,7 +3,10 @@
 Serves an inference checkpoint (default: the newest under ./runs) with the OpenAI-compatible
 API, GLM blank filling and a web chat page, in the foreground until Ctrl-C. Starts a local Ray
 instance unless --address names a cluster. Binds 127.0.0.1 unless --host says otherwise; with
-an API key (--api-key or GLM_SERVE_API_KEY) the /v1 routes need `Authorization: Bearer KEY`.
+an API key (--api-key or GLM_SERVE_API_KEY) every route but /health and the web page needs
+`Authorization: Bearer KEY`. Binding beyond loopback without a key refuses to start unless
+--allow-unauthenticated says the endpoint is meant to be open. Exit status 2 when the config,
+the checkpoint or the replica's start-up fails (the replica's own error is printed).
 Flags override the fields of --config (a YAML of ServeConfig fields).
 """
 
@@ -17,6 +20,7 @@ import signal
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 from stages.cli import load_config_or_exit
 from stages.serve.config import ServeConfig
@@ -68,6 +72,9 @@ def main(argv=None) -> int:
         parser.add_argument(flag, type=tp, help=text)
     parser.add_argument("--api-key", default=os.environ.get("GLM_SERVE_API_KEY"),
                         help="require this Bearer key on /v1 routes (default: $GLM_SERVE_API_KEY; none: open)")
+    parser.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                        help="serve beyond loopback without an API key on purpose (refused otherwise)")
+    parser.add_argument("--max-request-bytes", type=int, help="largest request body; larger get 413 (default 1 MiB)")
     parser.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
     parser.add_argument("--track", action="store_true",
                         help="log the config and endpoint to MLflow (a 'serve' run, ended at shutdown)")
@@ -78,13 +85,24 @@ def main(argv=None) -> int:
         if value is not None:
             setattr(config, name, value)
     config.api_key = args.api_key or config.api_key
+    if args.allow_unauthenticated:
+        config.allow_unauthenticated = True
+    if args.max_request_bytes is not None:
+        config.max_request_bytes = args.max_request_bytes
     try:
         config = ServeConfig(**config.to_dict())  # validate the merged values
+        config.check_exposure()
         if not config.checkpoint:
             from stages.serve.stage import newest_checkpoint
 
             config.checkpoint = str(newest_checkpoint())
             print(f"serving the newest checkpoint: {config.checkpoint}", flush=True)
+        if "://" not in config.checkpoint:  # a missing or truncated local checkpoint: say so before starting Ray
+            from glm.checkpoint import check_checkpoint_files
+
+            if not (Path(config.checkpoint) / "config.json").is_file():
+                raise FileNotFoundError(f"not an inference checkpoint (no config.json): {config.checkpoint}")
+            check_checkpoint_files(config.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +110,7 @@ def main(argv=None) -> int:
     import ray
 
     from stages.cluster import ensure_ray
-    from stages.serve.stage import deploy, shutdown
+    from stages.serve.stage import ReplicaStartError, deploy, shutdown
 
     if args.address:
         ray.init(address=args.address)
@@ -103,7 +121,7 @@ def main(argv=None) -> int:
     with stage_run(args.track, "serve", params) as run:
         try:
             url = deploy(config)
-        except (FileNotFoundError, ValueError, TimeoutError) as e:
+        except (FileNotFoundError, ValueError, TimeoutError, ReplicaStartError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         run.set_tags({"endpoint": url})

@@ -4,6 +4,11 @@ Routes (docs/serve.md): POST /v1/chat/completions, POST /v1/completions (both wi
 streaming), POST /v1/glm/fill, GET /v1/models, GET /health, and the web chat page at /.
 `build_app(args)` is the import path for Serve config files; `stages.serve.stage.deploy`
 runs it from Python.
+
+Abuse handling: an ASGI guard checks the API key (any letter case of "Bearer") and the body
+size (413 above `max_request_bytes`, from Content-Length or while the body streams in) before
+FastAPI reads or parses anything; every answer that is not a success is an OpenAI error object,
+rendered ASCII-only so no input (a lone surrogate, say) can break the error itself.
 """
 
 
@@ -17,30 +22,122 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm.config import from_dict
-from glm.generation import GenerationConfig, SpanQuery
+from glm.generation import GenerationConfig, SpanQuery, mask_positions, splice_span
 from stages.serve.config import ServeConfig
 from stages.serve.engine import EngineOverloaded, EngineStopped, SpanEvent, SpanRequest
 from stages.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, FillRequest, chat_prompt, generation_query, max_new_tokens,
+    APIError, ChatCompletionRequest, CompletionRequest, FillRequest, chat_prompt, check_prompt_chars,
+    generation_query, max_new_tokens,
 )
 
 logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
+OPEN_PATHS = ("/", "/health")
+"""Routes that need no API key (the web page asks for the key itself)."""
+GUARD: dict[str, Any] = {"api_key": "", "max_request_bytes": 1_048_576, "max_inflight": 120, "inflight": 0,
+                         "body_timeout_s": 30.0}
+"""The replica's key and body limit (set by GLMServer.__init__; one replica per process). Read
+and written through `_guard()`: Serve ships the deployment class and the app by value, each
+with its own copy of this module's globals, so only the imported module is shared."""
+
+
+def _guard() -> dict[str, Any]:
+    import importlib
+
+    return importlib.import_module("stages.serve.app").GUARD
+
+
+class ErrorResponse(JSONResponse):
+    """An OpenAI error object, ASCII-escaped (a lone surrogate echoed from the input cannot
+    make rendering the error fail)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error_response(error: APIError) -> ErrorResponse:
+    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return ErrorResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware run before routing and body parsing: the replica's in-flight bound, the
+    API key, then the body size and the time it takes to arrive."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        guard = _guard()
+        if guard["inflight"] >= guard["max_inflight"]:
+            # answered here, in our error shape, so Serve's own queue (plain-text answers) stays empty
+            return await error_response(APIError(429, f"server overloaded: {guard['inflight']} requests in flight on "
+                                                      f"this replica; retry later", type="server_error",
+                                                 code="overloaded"))(scope, receive, send)
+        error = self._check_headers(scope)
+        if error is not None:
+            return await error_response(error)(scope, receive, send)
+        limit, seen, complete = guard["max_request_bytes"], 0, False
+        deadline = time.monotonic() + guard["body_timeout_s"]
+
+        async def limited_receive():
+            nonlocal seen, complete
+            if complete:  # after the body: disconnect notices, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {guard['body_timeout_s']:g}s") from None
+            seen += len(message.get("body", b""))
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
+            if seen > limit:  # a streamed (chunked) body: FastAPI turns this into our 413 handler
+                raise HTTPException(413, f"request body larger than {limit} bytes")
+            return message
+
+        guard["inflight"] += 1
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            guard["inflight"] -= 1
+
+    @staticmethod
+    def _check_headers(scope) -> APIError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        root, path = scope.get("root_path", ""), scope.get("path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        guard = _guard()
+        key = guard["api_key"]
+        if key and (path or "/") not in OPEN_PATHS:
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+                return APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return APIError(400, f"invalid Content-Length header {length[:40]!r}")
+            if int(length) > guard["max_request_bytes"]:
+                return APIError(413, f"request body of {int(length)} bytes is larger than this server's limit of "
+                                     f"{guard['max_request_bytes']} bytes", code="request_too_large")
+        return None
+
 
 api = FastAPI(title="GLM", description="OpenAI-compatible GLM endpoint with GLM blank filling")
+api.add_middleware(Guard)
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return error_response(exc)
 
 
 @api.exception_handler(RequestValidationError)
@@ -57,13 +154,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     elif first.get("type") == "missing":
         message = f"missing required parameter {param!r}" if param else "missing request body"
     else:
-        message = f"{param}: {first.get('msg')} (got {first.get('input')!r})" if param else str(first.get("msg"))
-    return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+        got = repr(first.get("input"))
+        got = got if len(got) <= 200 else got[:200] + "..."
+        message = f"{param}: {first.get('msg')} (got {got})" if param else str(first.get("msg"))
+    return error_response(APIError(400, message, param=param))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+    code = "request_too_large" if exc.status_code == 413 else None
+    return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unforeseen: still an OpenAI error object (500), and the server keeps serving."""
+    logger.exception("unexpected error in %s", request.url.path)
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
 def _sse(data: dict | str) -> str:
@@ -89,7 +196,13 @@ class GLMServer:
         t0 = time.time()
         self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
         self.context = self.model.config.max_seq_len
-        self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting)
+        self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
+                                   self.config.max_beam_requests)
+        # in-flight bound a little under Serve's max_ongoing_requests: overload is answered by this
+        # replica (JSON) before Serve would start queueing (and answering in plain text)
+        _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes,
+                        max_inflight=max(1, self.config.max_ongoing_requests - 8),
+                        body_timeout_s=self.config.body_timeout_s)
         self.created = int(time.time())
         logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
@@ -106,14 +219,6 @@ class GLMServer:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if not self.config.api_key:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
@@ -125,6 +230,10 @@ class GLMServer:
         All or nothing: when the engine refuses one, the ones already queued are cancelled and
         the client gets 429.
         """
+        if len(jobs) > self.engine.capacity:
+            raise APIError(400, f"this request needs {len(jobs)} generations (prompts x n) but a replica holds at most "
+                                f"{self.engine.capacity} at once (max_batch_size + max_waiting); send fewer",
+                           param="n")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         try:
@@ -175,6 +284,9 @@ class GLMServer:
     def _prepare(self, body, prompts: list[str], param: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
         """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
         body.stop_strings()  # validates before anything is queued
+        body.check_ranges(len(self.tokenizer), self.context)
+        for prompt in prompts:
+            check_prompt_chars(prompt, self.context, self.tokenizer.max_piece_chars, param)
         jobs, prompt_tokens = [], 0
         for prompt in prompts:
             query = generation_query(self.tokenizer, prompt)
@@ -235,7 +347,6 @@ class GLMServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._authorize(request)
         self._check_model(body.model)
         body.max_tokens = body.max_tokens or body.max_completion_tokens
         jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages")
@@ -252,7 +363,6 @@ class GLMServer:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        self._authorize(request)
         self._check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > 16:
@@ -273,35 +383,53 @@ class GLMServer:
     @api.post("/v1/glm/fill")
     async def fill(self, body: FillRequest, request: Request):
         """GLM blank filling, masks left to right (as `glm.generation.fill_blanks`)."""
-        self._authorize(request)
         self._check_model(body.model)
         if body.stream or body.n != 1:
             raise APIError(400, "/v1/glm/fill supports neither stream nor n > 1", param="stream" if body.stream else "n")
         stop = body.stop_strings()
+        body.check_ranges(len(self.tokenizer), self.context)
+        check_prompt_chars(body.text, self.context, self.tokenizer.max_piece_chars, "text")
         special = self.tokenizer.special
-        masks = set(special.mask_ids)
-        ids = self.tokenizer.encode(body.text)
-        if not masks.intersection(ids):
+        ids, masks = self.tokenizer.encode_with_masks(body.text)  # the one route where mask strings are masks
+        if not masks:
             ids.append(special.gmask)
+            masks = 1
+        per_mask = self._fill_budget(body.max_tokens, len(ids), masks)
+        config = body.generation_config(per_mask, self.config.default_temperature, self.config.default_top_p, 0)
         prompt_tokens, spans, finals = len(ids) + 1, [], []
-        max_new_tokens(body.max_tokens, len(ids), self.context, self.config.default_max_tokens, "text")  # 400 early
-        while masks.intersection(ids):
-            j = next(k for k, t in enumerate(ids) if t in masks)
-            limit = max_new_tokens(body.max_tokens, len(ids), self.context, self.config.default_max_tokens, "text")
-            config = body.generation_config(limit, self.config.default_temperature, self.config.default_top_p, 0)
+        todo = mask_positions(ids, special)
+        while todo:  # each of the text's own masks exactly once (a generated mask token is text)
+            j = todo[0]
             [final] = await self._finals([(SpanQuery(ids, j, ids[j] == special.gmask), config)], stop)
-            ids = ids[:j] + final.tokens + ids[j + 1:]
+            ids, todo = splice_span(ids, todo, final.tokens)
             spans.append(final.text)
             finals.append(final)
         return {
             "id": f"fill-{uuid.uuid4().hex}", "object": "glm.fill", "created": int(time.time()),
-            "model": self.config.model_name, "text": self.tokenizer.decode(ids), "spans": spans,
+            "model": self.config.model_name, "text": self.tokenizer.decode(ids), "spans": spans, "masks": masks,
             "usage": self._usage(prompt_tokens, finals),
         }
 
+    def _fill_budget(self, requested: int | None, text_tokens: int, masks: int) -> int:
+        """Tokens per mask such that every span fits the context however long the earlier ones
+        were: text + masks x max_tokens + [sop] <= context. Checked before generating anything."""
+        max_new_tokens(None, text_tokens, self.context, 1, "text")  # the text alone must leave room
+        room = self.context - text_tokens - 1
+        if requested is None:
+            per_mask = min(self.config.default_max_tokens, room // masks)
+            if per_mask < 1:
+                raise APIError(400, f"text too long to fill: {text_tokens} tokens with {masks} masks leave no room "
+                                    f"in this model's {self.context}-token context window", param="text",
+                               code="context_length_exceeded")
+            return per_mask
+        if text_tokens + masks * requested + 1 > self.context:
+            raise APIError(400, f"{masks} masks x max_tokens {requested} do not fit: the text uses {text_tokens} of "
+                                f"this model's {self.context}-token context window, leaving {room} "
+                                f"({room // masks} per mask)", param="max_tokens", code="context_length_exceeded")
+        return requested
+
     @api.get("/v1/models")
     async def models(self, request: Request):
-        self._authorize(request)
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
                                             "owned_by": "glm-pipeline", "context_window": self.context}]}
 
@@ -322,9 +450,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     config = from_dict(ServeConfig, dict(args), where="serve application args")
     if not config.checkpoint:
         raise ValueError("serve application args: 'checkpoint' (an inference checkpoint directory or URI) is required")
+    from ray.serve.config import BackpressureConfig
+
+    config.check_exposure()
     return GLMServer.options(
         num_replicas=config.num_replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
+        max_constructor_retry_count=2,  # a replica that cannot load its checkpoint will not on a 20th try
+        # Serve's own overflow (its body is plain text; Ray Serve does not let apps shape it):
+        # at least the status and Retry-After match the replica's own overload answer
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
     ).bind(config.to_dict())

@@ -8,8 +8,16 @@ columns; (2) picks every row's next token with `glm.generation.process_logits` a
 rows and runs one cached forward step for the rest. A request alone in the batch computes
 exactly what `generate_spans` computes for it, so greedy and seeded outputs match glm/.
 
-Beam search (num_beams > 1) keeps its own beams-as-batch cache: such a request runs whole,
-through `glm.generation.beam_search`, between decode steps.
+Beam search (num_beams > 1) keeps its own beams-as-batch cache: such requests advance by
+beam steps (`glm.generation.beam_search_steps`, one forward pass each) beside the batch: one
+beam search per decode step, in turn, while rows are decoding; every one of them each step
+when none are. At most `max_beam_requests` run at once (more wait, without holding up the
+requests behind them). So a normal request's latency grows by one beam forward pass per
+token, never by whole beam searches.
+
+Failures are per request: a row whose sampling, text decoding or admission fails (or a beam
+search that fails) ends with an error event and every other row keeps decoding. Only a failure
+of the shared forward pass fails the rows decoded with it.
 
 This module uses torch and glm/ only (no Ray), so it also runs in-process (benchmarks, tests).
 """
@@ -23,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from glm.generation import GenerationConfig, SpanQuery, PartBBatch, beam_search, process_logits, sample_next
+from glm.generation import GenerationConfig, SpanQuery, PartBBatch, beam_search_steps, process_logits, sample_next
 from glm.model import GLMModel, KVCache
 from glm.schema import part_b_positions
 from glm.tokenizer import GLMTokenizer
@@ -64,6 +72,8 @@ class SpanRequest:
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends before the first occurrence, which is not returned."""
     cancelled: bool = False
+    done: bool = False
+    """Set when the final event was sent."""
 
 
 class _Row:
@@ -82,6 +92,16 @@ class _Row:
             self.generator.manual_seed(self.config.seed if self.config.seed is not None else torch.seed())
 
 
+class _Beam:
+    """A running beam search: its generator (one forward step per `next`) and its text."""
+
+    def __init__(self, engine: "DecodeEngine", request: SpanRequest):
+        stop_ids = sorted({*engine._base_stop_ids, *request.config.stop_token_ids})
+        self.row = _Row(request, engine.tokenizer, stop_ids, engine.device)
+        self.steps = beam_search_steps(engine.model, request.query, engine.tokenizer.special, request.config,
+                                       engine.vocab_limit)
+
+
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     missing = length - t.shape[dim]
     if missing == 0:
@@ -94,11 +114,13 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class DecodeEngine:
     """Continuous-batching generation of Part-B spans for one model (thread-safe `submit`)."""
 
-    def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, max_batch_size: int = 8, max_waiting: int = 64):
-        if max_batch_size < 1 or max_waiting < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
+    def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, max_batch_size: int = 8, max_waiting: int = 64,
+                 max_beam_requests: int = 2):
+        if max_batch_size < 1 or max_waiting < 0 or max_beam_requests < 1:
+            raise ValueError(f"max_batch_size and max_beam_requests must be >= 1 and max_waiting >= 0, got "
+                             f"{max_batch_size}, {max_beam_requests}, {max_waiting}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.max_batch_size, self.max_waiting, self.max_beam_requests = max_batch_size, max_waiting, max_beam_requests
         self.device = next(model.parameters()).device
         self.use_2d = model.config.uses_2d_positions
         self.vocab_limit = len(tokenizer)
@@ -108,9 +130,11 @@ class DecodeEngine:
         self._wake = threading.Condition()
         self._closed = False
         self._rows: list[_Row] = []
+        self._beams: list[_Beam] = []
+        self._beam_turn = 0
         self._cache: KVCache | None = None
         self._segment_ids = self._prefix_mask = self._logits = None
-        self.stats = collections.Counter()  # steps, tokens, batch_rows (sum of batch sizes), prefills
+        self.stats = collections.Counter()  # iterations, steps, beam_steps, tokens, batch_rows, prefills, failed
         self._thread = threading.Thread(target=self._loop, name="glm-decode-loop", daemon=True)
         self._thread.start()
 
@@ -135,9 +159,15 @@ class DecodeEngine:
         request.cancelled = True
 
     @property
+    def capacity(self) -> int:
+        """Most requests the engine holds at once (running + waiting) when otherwise idle."""
+        return self.max_batch_size + self.max_waiting
+
+    @property
     def load(self) -> dict[str, int]:
         """Requests running and waiting now, and tokens generated since start."""
-        return {"running": len(self._rows), "waiting": len(self._waiting), "tokens_generated": self.stats["tokens"]}
+        return {"running": len(self._rows) + len(self._beams), "waiting": len(self._waiting),
+                "tokens_generated": self.stats["tokens"]}
 
     @property
     def alive(self) -> bool:
@@ -156,43 +186,97 @@ class DecodeEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not self._rows:
+                while not self._closed and not self._waiting and not self._rows and not self._beams:
                     self._wake.wait()
                 if self._closed:
                     break
-                room = self.max_batch_size - len(self._rows)
-                new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                new = self._take_waiting()
             try:
                 self._step(new)
-            except Exception as e:  # a bug or OOM must not hang clients: fail the batch, keep serving
-                message = f"generation failed: {type(e).__name__}: {e}"
-                affected = {id(r): r for r in new + [row.request for row in self._rows]}
-                for request in affected.values():  # a request already finished ignores this
-                    request.on_event(SpanEvent(done=True, finish_reason="error", error=message))
-                self._rows, self._cache = [], None
-        for request in list(self._waiting) + [r.request for r in self._rows]:
-            request.on_event(SpanEvent(done=True, finish_reason="error", error="the server is shutting down"))
+            except Exception as e:  # a bug or OOM in the shared forward pass: fail what it touched, keep serving
+                affected = new + [row.request for row in self._rows] + [b.row.request for b in self._beams]
+                for request in affected:
+                    self._fail(request, e)
+                self._rows, self._beams, self._cache = [], [], None
+        for request in list(self._waiting) + [r.request for r in self._rows] + [b.row.request for b in self._beams]:
+            self._emit(request, SpanEvent(done=True, finish_reason="error", error="the server is shutting down"))
+
+    def _take_waiting(self) -> list[SpanRequest]:
+        """Waiting requests that fit now: rows up to max_batch_size, beam searches up to
+        max_beam_requests; a request that does not fit keeps its place without blocking others."""
+        room = self.max_batch_size - len(self._rows)
+        beam_room = self.max_beam_requests - len(self._beams)
+        new, kept = [], collections.deque()
+        while self._waiting:
+            request = self._waiting.popleft()
+            if request.config.num_beams > 1 and beam_room > 0:
+                beam_room -= 1
+                new.append(request)
+            elif request.config.num_beams == 1 and room > 0:
+                room -= 1
+                new.append(request)
+            else:
+                kept.append(request)
+        self._waiting = kept
+        return new
+
+    @staticmethod
+    def _emit(request: SpanRequest, event: SpanEvent) -> None:
+        """Send an event (once a request is done, nothing more); a failing listener never stops the loop."""
+        if request.done:
+            return
+        request.done = event.done
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - e.g. the client's event loop is gone
+            request.cancelled = True
+
+    def _fail(self, request: SpanRequest, error: BaseException) -> None:
+        """End one request with an error event (the others are not affected)."""
+        if not request.done:
+            self.stats["failed"] += 1
+        self._emit(request, SpanEvent(done=True, finish_reason="error",
+                                      error=f"generation failed: {type(error).__name__}: {error}"))
 
     @torch.no_grad()
     def _step(self, new: list[SpanRequest]) -> None:
+        self.stats["iterations"] += 1
         live = [r for r in new if not r.cancelled]
         for r in new:
             if r.cancelled:
-                r.on_event(SpanEvent(done=True, finish_reason="cancelled"))
+                self._emit(r, SpanEvent(done=True, finish_reason="cancelled"))
         for request in live:
             if request.config.num_beams > 1:
-                self._run_beam(request)
-        self._admit([r for r in live if r.config.num_beams == 1])
-        if not self._rows:
-            return
-        picks = []  # each row under its own settings; one device sync for the whole step
+                try:
+                    self._beams.append(_Beam(self, request))
+                except Exception as e:  # noqa: BLE001 - e.g. a bad setting: this request only
+                    self._fail(request, e)
+        self._admit_each([r for r in live if r.config.num_beams == 1])
+        if self._rows:
+            self._decode_rows()
+        self._advance_beams()
+
+    def _decode_rows(self) -> None:
+        """Pick and record every row's next token (each row on its own: a failure ends that row
+        only), then run one forward step for the rows still going."""
+        picks, picked = [], []  # each row under its own settings; one device sync for the whole step
         for i, row in enumerate(self._rows):
-            logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
-                                    row.config, self.vocab_limit)
-            picks.append(sample_next(logits, row.config, row.generator))
+            try:
+                logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
+                                        row.config, self.vocab_limit)
+                picks.append(sample_next(logits, row.config, row.generator))
+                picked.append(i)
+            except Exception as e:  # noqa: BLE001 - numeric trouble in one row's settings
+                self._fail(row.request, e)
         keep, next_tokens = [], []
-        for i, (row, token) in enumerate(zip(self._rows, torch.cat(picks).tolist())):
-            if self._advance(row, token):
+        for i, token in zip(picked, torch.cat(picks).tolist() if picks else []):
+            row = self._rows[i]
+            try:
+                going = self._advance(row, token)
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error decoding this row's text
+                self._fail(row.request, e)
+                going = False
+            if going:
                 keep.append(i)
                 next_tokens.append(token)
         self.stats["steps"] += 1
@@ -204,6 +288,35 @@ class DecodeEngine:
                 return
             self._select(keep)
         self._decode(next_tokens)
+
+    def _advance_beams(self) -> None:
+        """One step of every running beam search; while rows are decoding, one step of one beam
+        search in turn (each costs a forward pass of num_beams rows, which every row waits for)."""
+        if not self._beams:
+            return
+        turn = self._beams
+        if self._rows:
+            self._beam_turn = (self._beam_turn + 1) % len(self._beams)
+            turn = [self._beams[self._beam_turn]]
+        going = []
+        for beam in self._beams:
+            request = beam.row.request
+            if beam not in turn and not request.cancelled:
+                going.append(beam)
+                continue
+            if request.cancelled:
+                beam.steps.close()
+                self._finish(beam.row, "cancelled")
+                continue
+            try:
+                next(beam.steps)
+                self.stats["beam_steps"] += 1
+                going.append(beam)
+            except StopIteration as result:
+                self._finish_beam(beam.row, result.value)
+            except Exception as e:  # noqa: BLE001 - this beam search only
+                self._fail(request, e)
+        self._beams = going
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Record a sampled token for a row; emits events. False when the row is finished."""
@@ -225,18 +338,16 @@ class DecodeEngine:
             self._finish(row, "length", delta)
             return False
         if delta:
-            request.on_event(SpanEvent(delta=delta))
+            self._emit(request, SpanEvent(delta=delta))
         return True
 
     def _finish(self, row: _Row, reason: str, delta: str = "") -> None:
         delta += row.text.finish()
-        row.request.on_event(SpanEvent(delta=delta, done=True, finish_reason=reason, tokens=list(row.generated),
-                                       text=row.text.text))
+        self._emit(row.request, SpanEvent(delta=delta, done=True, finish_reason=reason, tokens=list(row.generated),
+                                          text=row.text.text))
 
-    def _run_beam(self, request: SpanRequest) -> None:
-        stop_ids = sorted({*self._base_stop_ids, *request.config.stop_token_ids})
-        row = _Row(request, self.tokenizer, stop_ids, self.device)
-        tokens = beam_search(self.model, request.query, self.tokenizer.special, request.config, self.vocab_limit)
+    def _finish_beam(self, row: _Row, tokens: list[int]) -> None:
+        """A finished beam search: its best hypothesis, cut at a stop string."""
         delta = ""
         for token in tokens:
             row.generated.append(token)
@@ -244,13 +355,29 @@ class DecodeEngine:
             if row.text.stopped:
                 break
         self.stats["tokens"] += len(row.generated)
-        finished_by_length = len(tokens) >= request.config.max_new_tokens and not row.text.stopped
+        finished_by_length = len(tokens) >= row.config.max_new_tokens and not row.text.stopped
         self._finish(row, "length" if finished_by_length else "stop", delta)
 
-    def _admit(self, requests: list[SpanRequest]) -> None:
-        """Prefill new requests together and merge them into the running batch."""
+    def _admit_each(self, requests: list[SpanRequest]) -> None:
+        """Admit new requests together; when that fails, one by one, so that only the request
+        that cannot be admitted fails."""
         if not requests:
             return
+        try:
+            self._admit(requests)
+        except Exception as e:  # noqa: BLE001
+            if len(requests) == 1:
+                self._fail(requests[0], e)
+                return
+            for request in requests:
+                try:
+                    self._admit([request])
+                except Exception as e1:  # noqa: BLE001
+                    self._fail(request, e1)
+
+    def _admit(self, requests: list[SpanRequest]) -> None:
+        """Prefill new requests together and merge them into the running batch (all state is
+        assigned at the end, so a failure leaves the running batch as it was)."""
         self.stats["prefills"] += 1
         special = self.tokenizer.special
         batch = PartBBatch([r.query for r in requests], special, self.use_2d, self.device)
@@ -264,13 +391,14 @@ class DecodeEngine:
             self._segment_ids, self._prefix_mask, self._logits = batch.segment_ids, batch.prefix_mask, logits
             return
         T = max(self._segment_ids.shape[1], batch.segment_ids.shape[1])
-        self._cache = [
+        cache = [
             (torch.cat((_left_pad(k0, T, 2), _left_pad(k1, T, 2))), torch.cat((_left_pad(v0, T, 2), _left_pad(v1, T, 2))))
             for (k0, v0), (k1, v1) in zip(self._cache, out.past_key_values)
         ]  # (B, nh, T, hd); padded columns are segment 0, invisible to every query
-        self._segment_ids = torch.cat((_left_pad(self._segment_ids, T, 1), _left_pad(batch.segment_ids, T, 1)))
-        self._prefix_mask = torch.cat((_left_pad(self._prefix_mask, T, 1), _left_pad(batch.prefix_mask, T, 1)))
-        self._logits = torch.cat((self._logits, logits))
+        segment_ids = torch.cat((_left_pad(self._segment_ids, T, 1), _left_pad(batch.segment_ids, T, 1)))
+        prefix_mask = torch.cat((_left_pad(self._prefix_mask, T, 1), _left_pad(batch.prefix_mask, T, 1)))
+        logits = torch.cat((self._logits, logits))
+        self._cache, self._segment_ids, self._prefix_mask, self._logits = cache, segment_ids, prefix_mask, logits
         self._rows += rows
 
     def _select(self, keep: list[int]) -> None:

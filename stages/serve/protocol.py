@@ -4,13 +4,18 @@ Requests are pydantic models with OpenAI's ranges (unknown fields are refused by
 typo never silently changes decoding); `top_k`, `num_beams`, `length_penalty`,
 `no_repeat_ngram_size` and `min_tokens` are extensions. Every failure becomes an `APIError`,
 answered as `{"error": {"message", "type", "param", "code"}}` with its status code.
+
+Ranges are chosen so that no accepted value can overflow or break decoding: the seed fits 64
+bits unsigned, a temperature below `MIN_TEMPERATURE` decodes greedily (dividing logits by
+1e-300 gives inf / NaN), penalties are finite, and strings must be valid Unicode (a lone
+surrogate cannot be encoded).
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from glm.generation import GenerationConfig, SpanQuery, build_chat_prompt
 from glm.tokenizer import GLMTokenizer
@@ -28,32 +33,71 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MIN_TEMPERATURE = 0.01
+"""A temperature in (0, MIN_TEMPERATURE) decodes greedily (what it approaches) instead of overflowing."""
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+SEED_MAX = 2**64 - 1
+
+
+def _check_unicode(value, where: str = "") -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800" from JSON)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'a string'} contains a lone surrogate (not valid Unicode text)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, "a parameter name")
+            _check_unicode(v, str(k) if isinstance(k, str) and k.isascii() else "")
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, where)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
     user: Optional[str] = None
     stream_options: Optional[dict] = None
     top_k: int = Field(0, ge=0)
     num_beams: int = Field(1, ge=1, le=8)
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
     no_repeat_ngram_size: int = Field(0, ge=0)
     min_tokens: int = Field(0, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        _check_unicode(data)
+        return data
+
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise APIError(400, f"stop: at most 4 stop sequences, got {len(stops)}", param="stop")
+        if len(stops) > MAX_STOPS:
+            raise APIError(400, f"stop: at most {MAX_STOPS} stop sequences, got {len(stops)}", param="stop")
         if any(not s for s in stops):
             raise APIError(400, "stop: stop sequences must be non-empty strings", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: a stop sequence may have at most {MAX_STOP_CHARS} characters, got "
+                                f"{max(len(s) for s in stops)}", param="stop")
         return stops
+
+    def check_ranges(self, vocab_size: int, context: int) -> None:
+        """Ranges that depend on the served model: top_k <= vocabulary, n-gram size <= context."""
+        if self.top_k > vocab_size:
+            raise APIError(400, f"top_k: at most the vocabulary size {vocab_size}, got {self.top_k}", param="top_k")
+        if self.no_repeat_ngram_size > context:
+            raise APIError(400, f"no_repeat_ngram_size: at most the context window {context}, got "
+                                f"{self.no_repeat_ngram_size}", param="no_repeat_ngram_size")
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -66,6 +110,8 @@ class _Request(BaseModel):
                                 "leave it out", param="num_beams")
         temperature = 0.0 if self.num_beams > 1 else (
             self.temperature if self.temperature is not None else default_temperature)
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0  # greedy: what sampling approaches as the temperature goes to 0
         if self.min_tokens > max_new_tokens:
             raise APIError(400, f"min_tokens {self.min_tokens} exceeds max_tokens {max_new_tokens}", param="min_tokens")
         return GenerationConfig(
@@ -78,7 +124,7 @@ class _Request(BaseModel):
             length_penalty=self.length_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             min_new_tokens=self.min_tokens,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed is None else (self.seed + choice) % (SEED_MAX + 1),
         )
 
 
@@ -135,10 +181,18 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 def generation_query(tokenizer: GLMTokenizer, prompt: str) -> SpanQuery:
-    """Part A = the prompt + [gMASK]: generation continues the text (mask strings a user types
-    in a chat or completion prompt stay plain text, as in `glm.generation.chat`)."""
+    """Part A = the prompt + [gMASK]: generation continues the text (control strings a user
+    types in a chat or completion prompt, "[MASK]", "[eop]", ..., are encoded as plain text)."""
     ids = tokenizer.encode(prompt) + [tokenizer.special.gmask]
     return SpanQuery(ids, len(ids) - 1, True)
+
+
+def check_prompt_chars(text: str, context: int, max_piece_chars: int, param: str) -> None:
+    """400 before tokenizing a text that cannot fit: every token covers at most
+    `max_piece_chars` characters, so a longer text has more than `context` tokens."""
+    if len(text) > context * max_piece_chars:
+        raise APIError(400, f"prompt too long: {len(text)} characters is more than this model's context window "
+                            f"of {context} tokens can hold", param=param, code="context_length_exceeded")
 
 
 def max_new_tokens(requested: int | None, prompt_tokens: int, context: int, default: int,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -33,25 +34,66 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"the GLM endpoint at {url} did not become healthy within {timeout_s:.0f}s (last: {last})")
 
 
+class ReplicaStartError(RuntimeError):
+    """The replica could not start (its constructor failed): the message is the replica's own error."""
+
+
+def replica_error(app_name: str = APP_NAME) -> str:
+    """The last line of the exception a failed replica raised (e.g. a checkpoint file that did
+    not load), from Serve's status; '' when Serve reports none."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - status itself unavailable
+        return ""
+    if app is None:
+        return ""
+    messages = [d.message for d in app.deployments.values() if d.message] + [app.message or ""]
+    for message in messages:
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        # a traceback ends with 'SomeError: message'; prefer our own errors' lines over Ray's wrappers
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+        if errors:
+            return errors[-1]
+    return next((m.strip() for m in messages if m.strip()), "")
+
+
 def deploy(config: ServeConfig, app_name: str = APP_NAME, timeout_s: float = 300.0) -> str:
     """Start the GLM application on the connected Ray (Serve's HTTP proxy on config.host:port);
     returns the base URL once /health answers. Call `ray.init` (or `stages.cluster.ensure_ray`)
     first. A local checkpoint path is made absolute, since replicas have their own working
-    directory."""
+    directory.
+
+    Raises ValueError for a config that exposes the endpoint without an API key (see
+    `ServeConfig.check_exposure`), FileNotFoundError / ValueError for a local checkpoint that is
+    missing or incomplete, and ReplicaStartError (with the replica's own error) when the replica
+    fails to start."""
     from ray import serve
 
+    from glm.checkpoint import check_checkpoint_files
     from stages.serve.app import build_app
 
     if not config.checkpoint:
         raise ValueError("ServeConfig.checkpoint is required: an inference checkpoint directory or URI")
-    args = config.to_dict()
+    config.check_exposure()
+    args = {**config.to_dict(), "api_key": config.resolved_api_key()}
     if "://" not in config.checkpoint:
         path = Path(config.checkpoint).resolve()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not an inference checkpoint (no config.json): {path}")
+        check_checkpoint_files(path)  # cheap: files present with their recorded sizes (the replica verifies sums)
         args["checkpoint"] = str(path)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(args), name=app_name, route_prefix=config.route_prefix)
+    try:
+        serve.run(build_app(args), name=app_name, route_prefix=config.route_prefix)
+    except RuntimeError as e:
+        cause = replica_error(app_name) or str(e)
+        try:
+            serve.delete(app_name)
+        except Exception:  # noqa: BLE001 - best effort: the app failed anyway
+            pass
+        raise ReplicaStartError(f"the GLM replica failed to start: {cause}") from None
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     url = f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
     _wait_healthy(url, timeout_s)

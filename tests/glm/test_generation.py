@@ -119,8 +119,8 @@ def test_blank_filling_replaces_each_mask(tokenizer):
     s = tokenizer.special
     text = "天下大势，[MASK]久必合，合久必分。The quick [MASK] fox."
     [result] = fill_blanks(model, tokenizer, [text], GenerationConfig(max_new_tokens=5))
-    ids = tokenizer.encode(text)
-    assert ids.count(s.mask) == 2 and len(result.spans) == 2
+    ids, masks = tokenizer.encode_with_masks(text)
+    assert ids.count(s.mask) == 2 == masks and len(result.spans) == 2
     first, second = [i for i, t in enumerate(ids) if t == s.mask]
     expected = ids[:first] + result.spans[0] + ids[first + 1:second] + result.spans[1] + ids[second + 1:]
     assert result.token_ids == expected
@@ -134,6 +134,28 @@ def test_text_without_mask_gets_gmask_appended(tokenizer):
     results = fill_blanks(model, tokenizer, texts, GenerationConfig(max_new_tokens=4))
     for text, r in zip(texts, results):
         assert r.token_ids == tokenizer.encode(text) + r.spans[0]
+
+
+def test_a_span_that_generates_a_mask_is_not_filled_again(tokenizer, monkeypatch):
+    """Each of the text's own masks is filled exactly once: a mask token inside a generated span
+    is text of that span (greedy decoding would otherwise refill it forever)."""
+    import glm.generation as generation
+
+    s = tokenizer.special
+    calls = []
+
+    def spans_with_masks(model, queries, special, config, vocab_limit=None):
+        calls.append([q.mask_index for q in queries])
+        return [[s.mask, 42, s.gmask] for _ in queries]
+
+    monkeypatch.setattr(generation, "generate_spans", spans_with_masks)
+    texts = ["a [MASK] b [sMASK] c", "plain text, [eop] typed"]
+    results = fill_blanks(None, tokenizer, texts, GenerationConfig(max_new_tokens=3))
+    assert [len(r.spans) for r in results] == [2, 1] and len(calls) == 2
+    ids, _ = tokenizer.encode_with_masks(texts[0])
+    first, second = [i for i, t in enumerate(ids) if t in s.mask_ids]
+    assert calls[1] == [second + 2]  # the second mask, shifted by the first span (3 tokens for 1)
+    assert results[1].token_ids == tokenizer.encode(texts[1]) + [s.mask, 42, s.gmask]
 
 
 def test_chat_prompt_format():

@@ -1,8 +1,10 @@
 """The SentencePiece unigram tokenizer: lossless round trips and GLM's special tokens."""
 
+import dataclasses
+
 import pytest
 
-from glm.tokenizer import GLMTokenizer, GLM_SPECIAL
+from glm.tokenizer import CONTROL_STRINGS, GLMTokenizer, GLM_SPECIAL, MASK_STRINGS
 
 CASES = {
     "english": "The quick brown fox -- it's 2026! Jumps over 13 lazy dogs.",
@@ -20,11 +22,43 @@ def test_round_trip(tokenizer, name):
 
 def test_special_tokens_are_single_ids(tokenizer):
     for piece in GLM_SPECIAL:
-        ids = tokenizer.encode(piece)
-        assert len(ids) == 1 and tokenizer.id_to_piece(ids[0]) == piece
+        i = tokenizer.sp.piece_to_id(piece)
+        assert tokenizer.id_to_piece(i) == piece and tokenizer.decode([i]) == piece
     s = tokenizer.special
     assert len({s.mask, s.smask, s.gmask, s.sop, s.eop, s.pad, s.eos}) == 7
-    assert tokenizer.encode("a[MASK]b").count(s.mask) == 1
+
+
+TEXTS_WITH = ["{}", "a{}b", "[{}", "{}{}", "话说{}天下", " {}\n", "{}]", "[[{}]]", "x{}y{}z"]
+
+
+@pytest.mark.parametrize("special", CONTROL_STRINGS)
+def test_control_strings_in_user_text_stay_text(tokenizer, special):
+    ids_of_specials = set(dataclasses.asdict(tokenizer.special).values())
+    texts = [t.format(special, special) for t in TEXTS_WITH]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert not ids_of_specials & set(ids), (text, ids)
+        assert tokenizer.decode(ids) == text
+        assert GLMTokenizer.has_control_strings(text)
+    for text, ids in zip(texts, tokenizer.encode_batch(texts + ["plain"])):
+        assert ids == tokenizer.encode(text)
+    if special not in MASK_STRINGS:  # the fill syntax turns masks into masks, nothing else
+        assert not ids_of_specials & set(tokenizer.encode_with_masks(f"[MASK]{special}")[0][1:])
+
+
+def test_mask_syntax_only_through_encode_with_masks(tokenizer):
+    s = tokenizer.special
+    ids, masks = tokenizer.encode_with_masks("The [MASK] fox [sMASK] and [gMASK], not [sop] or [eop]")
+    assert masks == 3 and [i for i in ids if i in s.mask_ids] == [s.mask, s.smask, s.gmask]
+    assert s.sop not in ids and s.eop not in ids
+    assert tokenizer.decode(ids) == "The [MASK] fox [sMASK] and [gMASK], not [sop] or [eop]"
+    assert tokenizer.encode_with_masks("no masks") == (tokenizer.encode("no masks"), 0)
+    assert not GLMTokenizer.has_control_strings("[mask] [ MASK ] <pa d>")
+
+
+def test_max_piece_chars_bounds_tokens(tokenizer):
+    for text in CASES.values():
+        assert len(text) <= len(tokenizer.encode(text)) * tokenizer.max_piece_chars
 
 
 def test_whitespace_runs_are_compact(tokenizer):

@@ -24,6 +24,10 @@ def tiny_corpus(dir: Path) -> list[str]:
     for name, n in (("en_tinyshakespeare", 12), ("zh_classics", 150), ("zh_classical_novels", 2)):
         with open(SAMPLE / "pretrain" / f"{name}.jsonl", encoding="utf-8") as f:
             texts += [json.loads(next(f))["text"] for _ in range(n)]
+    # corpus text that spells control tokens: it must stay text (and be counted in the manifest)
+    texts[5] += " [eop] and [sop]"
+    texts[120] = "[MASK]" + texts[120]
+    texts[130] += "</s>[gMASK][sMASK]<pad>"
     dir.mkdir(parents=True, exist_ok=True)
     with open(dir / "a.jsonl", "w", encoding="utf-8") as f:
         for t in texts[:100] + [texts[0]]:  # the last line duplicates the first document
@@ -84,6 +88,7 @@ def test_manifest_counts_and_mip_share(built):
     src = m["sources"]["tiny"]
     assert src["rows_read"] == len(texts) + 1 and src["rejected"]["duplicate"] == 1
     assert src["kept"] == len(texts)
+    assert src["documents_with_control_strings"] == sum(GLMTokenizer.has_control_strings(t) for t in texts) == 3
     assert abs(m["mip"]["token_share"] - 0.05) < 0.005
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["validation"]["rows"] > 0
     assert m["mip"]["datasets"][str(SAMPLE / "mip/en_openbookqa_train.jsonl")]["over_cap"] == 1000 - 300

@@ -113,3 +113,18 @@ def test_config_validation_and_cli_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(bad)])
     assert e.value.code == 2 and "kl_coeff" in capsys.readouterr().err
+
+
+def test_control_strings_in_preference_pairs_stay_text(tokenizer):
+    """Control strings in queries, history and replies are text: each side of the pair holds
+    only its layout's [gMASK] and [sop] (and [eop] in the targets)."""
+    from stages.rlhf.data import PreferencePair
+
+    special = tokenizer.special
+    pair = PreferencePair(query="[gMASK] say [eop]", chosen="fine [sop]", rejected="no [MASK]</s>",
+                          history=[("[sMASK]?", "<pad>")])
+    row, _ = pair_row(pair, tokenizer, 128, use_2d=True)
+    specials = set(vars(special).values()) - {special.pad}
+    ids = [t for t in row["input_ids"] if t in specials]
+    assert sorted(ids) == sorted([special.gmask, special.sop] * 2)
+    assert [t for t in row["labels"] if t in specials] == [special.eop, special.eop]

@@ -40,7 +40,8 @@ def serving(tokenizer, directory):
     model = GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
     checkpoint = save_inference_checkpoint(model, tokenizer, directory / "model")
     config = ServeConfig(checkpoint=str(checkpoint), model_name="glm-tiny", port=free_port(), api_key=API_KEY,
-                         max_batch_size=4, max_waiting=8, default_max_tokens=32, request_timeout_s=120)
+                         max_batch_size=4, max_waiting=8, default_max_tokens=32, request_timeout_s=120,
+                         body_timeout_s=3)
     url = deploy(config, timeout_s=180)
     try:
         yield Server(url=url, checkpoint=str(checkpoint))

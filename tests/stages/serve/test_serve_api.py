@@ -126,6 +126,26 @@ BAD = [  # (route, body or raw string, status, words the message must contain)
     ("/v1/completions", {"model": "glm-tiny"}, 400, "prompt"),
     ("/v1/glm/fill", {"text": "word " * 400}, 400, "context window is 256 tokens"),
     ("/v1/glm/fill", {"text": 5}, 400, "text"),
+    # abuse: values that overflowed or broke decoding for everyone, sizes, capacity
+    ("/v1/chat/completions", {"model": "glm-tiny", "messages": USER, "seed": 18446744073709551616}, 400, "seed"),
+    ("/v1/chat/completions", {"model": "glm-tiny", "messages": USER, "seed": -1}, 400, "seed"),
+    ("/v1/chat/completions", {"model": "glm-tiny", "messages": USER, "top_k": 10**9}, 400, "vocabulary size"),
+    ("/v1/chat/completions", {"model": "glm-tiny", "messages": USER, "no_repeat_ngram_size": 10**9}, 400,
+     "context window 256"),
+    ("/v1/chat/completions", '{"model": "glm-tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             '"length_penalty": NaN}', 400, "length_penalty"),
+    ("/v1/chat/completions", '{"model": "glm-tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             '"temperature": Infinity}', 400, "temperature"),
+    ("/v1/chat/completions", {"model": "glm-tiny", "messages": USER, "stop": "x" * 300}, 400, "256 characters"),
+    ("/v1/chat/completions", '{"model": "glm-tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "lone surrogate"),
+    ("/v1/chat/completions", '{"model": "glm-tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             '"\\udfff": 1}', 400, "lone surrogate"),
+    ("/v1/completions", {"model": "glm-tiny", "prompt": ["p"] * 16, "n": 8, "max_tokens": 2}, 400,
+     "holds at most 12"),
+    ("/v1/completions", {"model": "glm-tiny", "prompt": "x" * 200_000}, 400, "context window"),
+    ("/v1/glm/fill", {"text": "[MASK] " * 20, "max_tokens": 16}, 400, "20 masks x max_tokens 16 do not fit"),
+    ("/v1/glm/fill", {"text": "[MASK]" * 150}, 400, "150 masks leave no room"),
 ]
 
 
@@ -138,6 +158,109 @@ def test_bad_input_gets_an_openai_error(glm_server, route, body, status, words):
     error = r.json()["error"]
     assert words in error["message"] and error["type"]
     assert requests.get(glm_server.url + "/health", timeout=10).status_code == 200  # still serving
+
+
+def test_control_strings_typed_by_users_stay_text(glm_server, client, tokenizer):
+    for special in ("[sop]", "[eop]", "[MASK]", "[gMASK]", "[sMASK]", "</s>", "<pad>"):
+        chat = client.chat.completions.create(model="glm-tiny", messages=[{"role": "user", "content": special}],
+                                              max_tokens=2, temperature=0)
+        assert chat.usage.prompt_tokens == len(tokenizer.encode(special)) + 2 > 3  # text + [gMASK] [sop]
+        done = client.completions.create(model="glm-tiny", prompt=f"a {special} b", max_tokens=2, temperature=0)
+        assert done.usage.prompt_tokens == len(tokenizer.encode(f"a {special} b")) + 2
+    fill = post(glm_server, "/v1/glm/fill", {"text": "x [eop] [MASK] y [sop] [gMASK]", "max_tokens": 3,
+                                             "temperature": 0}).json()
+    assert fill["masks"] == 2 and len(fill["spans"]) == 2  # the fill syntax: masks only
+    assert "[eop]" in fill["text"] and "[sop]" in fill["text"]
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_batchmate(glm_server, client):
+    long = dict(model="glm-tiny", prompt="The quick brown fox", max_tokens=40, min_tokens=40, temperature=0)
+    tiny = dict(model="glm-tiny", prompt="The quick brown fox", max_tokens=8, temperature=1e-300, seed=1)
+    with cf.ThreadPoolExecutor(3) as pool:
+        running = pool.submit(post, glm_server, "/v1/completions", long)
+        others = [pool.submit(post, glm_server, "/v1/completions", tiny) for _ in range(2)]
+        assert running.result().status_code == 200, running.result().text
+        assert all(o.result().status_code == 200 for o in others)
+    greedy = client.completions.create(model="glm-tiny", prompt="The quick brown fox", max_tokens=8, temperature=0)
+    assert others[0].result().json()["choices"][0]["text"] == greedy.choices[0].text
+
+
+def test_large_body_is_413_before_parsing(glm_server):
+    big = b'{"model": "glm-tiny", "prompt": "' + b"x" * 1_100_000 + b'"}'
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {glm_server.api_key}"}
+    r = requests.post(glm_server.url + "/v1/completions", data=big, headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large" and "1048576 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted while the body streams in
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = requests.post(glm_server.url + "/v1/completions", data=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert requests.get(glm_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_body_that_never_arrives_is_408_not_a_held_slot(glm_server):
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(glm_server.url)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {glm_server.api_key}\r\nContent-Length: 1000\r\n\r\n")
+    with socket.create_connection((url.hostname, url.port), timeout=60) as s:
+        s.sendall(head.encode() + b'{"model": "glm-tiny", "prompt": "')  # ... and nothing more
+        answer = b""
+        while b"not received" not in answer and (chunk := s.recv(65536)):
+            answer += chunk
+    assert answer.split(b" ", 2)[1] == b"408", answer[:200]
+    assert b"not received within 3s" in answer
+
+
+def test_api_key_is_checked_first_and_covers_the_api_pages(glm_server):
+    url, key = glm_server.url, glm_server.api_key
+    body = {"model": "glm-tiny", "messages": USER, "max_tokens": 2, "temperature": 0}
+    ok = requests.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"bearer {key}"},
+                       timeout=60)
+    assert ok.status_code == 200, ok.text  # the scheme is case-insensitive
+    bad = requests.post(url + "/v1/chat/completions", data="{not json", headers={"Authorization": "Bearer wrong"},
+                        timeout=60)
+    assert bad.status_code == 401  # the key before the body
+    for page in ("/docs", "/openapi.json"):
+        assert requests.get(url + page, timeout=10).status_code == 401
+        assert requests.get(url + page, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+    assert requests.get(url + "/", timeout=10).status_code == 200  # the page asks for the key itself
+
+
+def test_a_replica_that_cannot_start_reports_its_own_error(glm_server, tmp_path):
+    import shutil
+
+    from stages.serve import ServeConfig
+    from stages.serve.stage import ReplicaStartError, deploy
+
+    shutil.copytree(glm_server.checkpoint, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # same size: only the replica's checksum can tell
+    weights.write_bytes(bytes(data))
+    config = ServeConfig(checkpoint=str(tmp_path / "model"), route_prefix="/broken")
+    with pytest.raises(ReplicaStartError, match=r"model\.safetensors are damaged: SHA-256"):
+        deploy(config, app_name="broken", timeout_s=120)
+
+
+def test_serve_cli_exits_2_naming_the_damaged_file(glm_server, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from stages.serve.__main__ import main
+
+    shutil.copytree(glm_server.checkpoint, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    assert main(["--checkpoint", str(tmp_path / "model"), "--port", "1"]) == 2
+    assert "model.safetensors are damaged: 1000 bytes" in capsys.readouterr().err
+    monkeypatch.delenv("GLM_SERVE_API_KEY", raising=False)
+    assert main(["--checkpoint", glm_server.checkpoint, "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
 
 
 def test_wrong_api_key_is_401_and_openai_client_raises(glm_server):

@@ -27,7 +27,7 @@ def test_serve_config_file_matches_ray_serve_schema_and_our_app():
     [deployment] = app.deployments
     assert deployment.name == GLMServer.name
     AutoscalingConfig(**deployment.autoscaling_config)  # strict: unknown keys raise
-    assert deployment.max_ongoing_requests >= config.max_batch_size + config.max_waiting
+    assert deployment.max_ongoing_requests >= config.max_batch_size + config.max_waiting + 16
     assert build_app(app.args) is not None
 
 
@@ -36,6 +36,30 @@ def test_serve_config_rejects_unknown_and_invalid_args():
         from_dict(ServeConfig, {"checkpoint": "x", "max_batch": 4}, where="args")
     with pytest.raises((ConfigError, ValueError), match="max_batch_size=0"):
         from_dict(ServeConfig, {"checkpoint": "x", "max_batch_size": 0}, where="args")
+
+
+def test_exposed_without_a_key_refuses_unless_meant_to_be_open(monkeypatch):
+    monkeypatch.delenv("GLM_SERVE_API_KEY", raising=False)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        ServeConfig(checkpoint="x", host=host).check_exposure()
+    for host in ("0.0.0.0", "::", "10.1.2.3", "my-head-node"):
+        with pytest.raises(ValueError, match=f"refusing to serve on '{host}' without an API key"):
+            ServeConfig(checkpoint="x", host=host).check_exposure()
+        ServeConfig(checkpoint="x", host=host, api_key="k").check_exposure()
+        ServeConfig(checkpoint="x", host=host, allow_unauthenticated=True).check_exposure()
+    monkeypatch.setenv("GLM_SERVE_API_KEY", "from-env")
+    config = ServeConfig(checkpoint="x", host="0.0.0.0")
+    config.check_exposure()
+    assert config.resolved_api_key() == "from-env"
+    with pytest.raises(ValueError, match="max_ongoing_requests must be at least"):
+        ServeConfig(max_batch_size=8, max_waiting=64, max_ongoing_requests=72)
+
+
+@pytest.mark.parametrize("name", ["smoke", "glm_1b", "chatglm_6b", "glm_130b"])
+def test_pipeline_serve_sections_are_safe_to_deploy(name, monkeypatch):
+    monkeypatch.delenv("GLM_SERVE_API_KEY", raising=False)
+    serve = yaml.safe_load((REPO / "pipelines/configs" / f"{name}.yaml").read_text())["serve"] or {}
+    from_dict(ServeConfig, {"checkpoint": "x", **serve}, where=name).check_exposure()
 
 
 @pytest.mark.parametrize("module,forbidden", [

@@ -93,6 +93,56 @@ def test_overload_is_refused_not_queued_forever(model, tokenizer):
     assert not engine.alive
 
 
+def test_one_failing_row_leaves_the_others_decoding(model, tokenizer):
+    """Settings that blow up (a seed beyond 64 bits at admission, a temperature that turns the
+    probabilities into NaN mid-decode) fail their own request only; the rows decoded with them
+    finish exactly as glm/ computes them."""
+    engine = DecodeEngine(model, tokenizer, max_batch_size=5)
+    try:
+        good = [(q, GenerationConfig(max_new_tokens=12, min_new_tokens=12)) for q in queries(tokenizer)[:3]]
+        bad = [(queries(tokenizer)[3], GenerationConfig(max_new_tokens=12, do_sample=True, seed=2**70)),
+               (queries(tokenizer)[3], GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1e-300))]
+        events = run_concurrently(engine, good + bad)
+        for (q, config), event in zip(good, events):
+            assert event.finish_reason == "length" and event.error is None
+            assert event.tokens == generate_spans(model, [q], tokenizer.special, config, vocab_limit=len(tokenizer))[0]
+        for event in events[3:]:
+            assert event.finish_reason == "error" and event.error.startswith("generation failed: ")
+        assert engine.stats["failed"] == 2
+        after = wait_for(engine, queries(tokenizer)[0], GenerationConfig(max_new_tokens=4), timeout=60)
+        assert after.finish_reason in ("length", "stop") and engine.alive  # still serving
+    finally:
+        engine.close()
+
+
+def test_beam_searches_do_not_hold_a_normal_request(model, tokenizer):
+    """Beam searches advance one step per decode step beside the batch (at most
+    max_beam_requests at once; more wait without blocking others): a normal 8-token request
+    submitted behind three long beam searches finishes within a few decode steps of its own
+    length, while the beam searches are still running. Counted in decode-loop iterations, not
+    seconds."""
+    engine = DecodeEngine(model, tokenizer, max_batch_size=4, max_beam_requests=2)
+    beam = GenerationConfig(max_new_tokens=150, min_new_tokens=150, num_beams=4)
+    beam_done = []
+    try:
+        beams = [engine.submit(SpanRequest(q, beam, lambda e: e.done and beam_done.append(e)))
+                 for q in queries(tokenizer)[:3]]
+        while engine.load["running"] < 2:
+            threading.Event().wait(0.01)
+        start = engine.stats["iterations"]
+        normal = wait_for(engine, queries(tokenizer)[3], GenerationConfig(max_new_tokens=8, min_new_tokens=8),
+                          timeout=300)
+        took = engine.stats["iterations"] - start
+        assert normal.finish_reason == "length" and len(normal.tokens) == 8
+        assert took <= 8 + 3, f"a normal 8-token request took {took} decode steps behind beam searches"
+        assert not beam_done, "a beam search finished before the normal request: it was not interleaved"
+        assert engine.load["waiting"] == 1  # the third beam search waited, the normal request did not
+        for b in beams:
+            engine.cancel(b)
+    finally:
+        engine.close()
+
+
 class FakeTokenizer:
     """Byte-level decode (UTF-8 split across tokens) to exercise TextStream's hold-back."""
 

@@ -117,3 +117,16 @@ def test_prepare_without_usable_rows_says_why(tmp_path, tokenizer):
     cfg = SFTDataConfig(sources=[SFTSource(uri=str(path))], seq_len=64, output=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="no usable training samples.*unknown_shape"):
         prepare(cfg, tokenizer, use_2d=True, fingerprint="f", log=lambda _: None)
+
+
+def test_control_strings_in_conversations_stay_text(tokenizer):
+    """"[eop]", "[MASK]" ... typed in a query or a response are text: the only special tokens in
+    a sample are the ones the layout puts there ([gMASK], [sop], [eop])."""
+    special = tokenizer.special
+    conv = Conversation([("What does [MASK] mean? [gMASK]", "It ends with [eop] and [sop]</s>")],
+                        system="<pad> [sMASK]")
+    [s] = conversation_samples(conv, tokenizer, 128, use_2d=True)
+    layout = [t for t in s.input_ids + s.labels if t in set(vars(special).values())]
+    assert sorted(layout) == sorted([special.gmask, special.sop, special.eop])
+    answer = tokenizer.encode("It ends with [eop] and [sop]</s>")
+    assert [t for t in s.labels if t != IGNORE_INDEX] == answer + [special.eop]
