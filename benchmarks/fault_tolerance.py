@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per worker per step")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
     parser.add_argument("--offload", action="store_true", help="optimizer state offloaded to the CPU (ZeRO 2/3)")
+    parser.add_argument("--cpu-adam", action="store_true", help="with --offload: DeepSpeed's CPU Adam, not torch AdamW")
     parser.add_argument("--nan-at", default="", help="comma-separated steps (1-based) with a NaN micro-batch")
     parser.add_argument("--kill-in-checkpoint", action="store_true", help="kills land inside checkpoint writes")
     parser.add_argument("--resume-workers", type=int, default=0,
@@ -72,7 +73,7 @@ def main() -> None:
         def engine(name: str, **kw) -> EngineConfig:
             return EngineConfig(run_name=name, storage_path=str(work / "ray"), num_workers=2, micro_batch_size=micro,
                                 global_batch_size=micro * args.grad_accum * 2, train_steps=args.steps,
-                                zero_stage=args.zero, offload_optimizer=args.offload,
+                                zero_stage=args.zero, offload_optimizer=args.offload, cpu_adam=args.cpu_adam,
                                 optim=OptimConfig(lr=1e-3, warmup_steps=2), checkpoint_every=args.checkpoint_every,
                                 log_every=args.steps, max_failures=args.kills, seed=11, check_replicas=True, **kw)
 
@@ -109,7 +110,7 @@ def main() -> None:
         useful = sum(faulty[s]["seconds"] for s in steps)
         result = {
             "benchmark": "fault_tolerance", "steps": args.steps, "grad_accum": args.grad_accum, "zero": args.zero,
-            "offload": args.offload, "kill_in_checkpoint": args.kill_in_checkpoint,
+            "offload": args.offload, "cpu_adam": args.cpu_adam, "kill_in_checkpoint": args.kill_in_checkpoint,
             "resume_workers": args.resume_workers or 2, "kills_at": kills, "restarts": restarts,
             "workers_per_attempt": [e["world"] for e in faulty_events if e["event"] == "start"],
             "losses_identical": identical, "max_loss_rel_diff": max(rel),
