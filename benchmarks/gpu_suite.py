@@ -41,6 +41,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,6 +181,24 @@ def synthetic_rows(n: int, seq_len: int, vocab: int, special, use_2d: bool, seed
         rows.append(pack_samples([layout_gmask(tokens, (seq_len - 1) // 2, special, use_2d=use_2d)], seq_len,
                                  special.pad))
     return {c: np.array([r[c] for r in rows], dtype=np.int64) for c in COLUMNS}
+
+
+def suite_tokenizer(dry: bool):
+    """The sample tokenizer of the suite's parts, trained once per suite run (cached in the
+    directory $GPU_SUITE_CACHE that the suite gives its parts)."""
+    from eval_speed import sample_tokenizer
+    from glm.tokenizer import GLMTokenizer
+
+    cache = os.environ.get("GPU_SUITE_CACHE")
+    path = Path(cache) / f"tokenizer_{'dry' if dry else 'full'}.model" if cache else None
+    if path and path.exists():
+        return GLMTokenizer(path.read_bytes())
+    tokenizer = sample_tokenizer(4, 2600, max_chars=1500) if dry else sample_tokenizer()
+    if path:
+        tmp = path.with_suffix(f".{os.getpid()}")
+        tmp.write_bytes(tokenizer.to_bytes())
+        os.replace(tmp, path)
+    return tokenizer
 
 
 # Part 1 ------------------------------------------------------------------------------------
@@ -450,10 +469,9 @@ def _queries(tokenizer, prompts: list[str]):
 def part_serve_engine(ctx: Context) -> None:
     import torch
 
-    from eval_speed import sample_tokenizer
     from serve_load import PROMPTS, decode_load
 
-    tokenizer = sample_tokenizer()
+    tokenizer = suite_tokenizer(ctx.dry)
     if ctx.dry:
         preset_name, dtype, max_tokens, levels = "tiny", torch.float32, 8, {1: 2, 8: 8, 32: 32}
     else:
@@ -488,7 +506,7 @@ def part_batched_eval(ctx: Context) -> None:
         preset_name, dtype, items, batch, repeats = "tiny", torch.float32, 16, 8, 1
     else:
         preset_name, dtype, items, batch, repeats = "chatglm_6b", torch.float16, 64, 16, 2
-    model, tokenizer = build_model(None, ctx.device, preset_name, dtype)
+    model, tokenizer = build_model(None, ctx.device, preset_name, dtype, tokenizer=suite_tokenizer(ctx.dry))
     ctx.rec.update(preset=preset_name)
     r = measure(model, tokenizer, items, batch, repeats, log)
     ctx.rec.update(status="ok", **r)
@@ -504,7 +522,8 @@ def part_ppo_iteration(ctx: Context) -> None:
         preset_name, prompts, new_tokens, prompt_len = "tiny", 4, 8, 32
     else:
         preset_name, prompts, new_tokens, prompt_len = "glm_350m", 8, 32, 64
-    s = ppo.setup(preset_name, prompts, 2, new_tokens, prompt_len, ctx.device, log=log)
+    s = ppo.setup(preset_name, prompts, 2, new_tokens, prompt_len, ctx.device, log=log,
+                  tokenizer=suite_tokenizer(ctx.dry))
     ctx.rec.update(preset=preset_name, prompts=prompts, new_tokens=new_tokens,
                    parameters_per_model=s["parameters_per_model"], precision="fp32", goal={"rollout_speedup": 3.0})
     log(f"[ppo_iteration] {preset_name}: {prompts} prompts x {new_tokens} new tokens on {ctx.device} ...")
@@ -560,17 +579,15 @@ def part_engine_in_process(ctx: Context) -> None:
     from stages.engine.trainer import final_steps
     from stages.sft.data import write_prepared
 
-    from eval_speed import sample_tokenizer
-
     cuda = ctx.device == "cuda"
     if ctx.dry:
         preset_name, seq, micro, steps, every, kill = "tiny", 64, 2, 6, 3, 4
     else:
         preset_name, seq, micro, steps, every, kill = "glm_350m", 1024, 4, 8, 4, 6
     precision = "bf16" if cuda else "fp32"
-    tokenizer = sample_tokenizer(lines_per_file=5, vocab_size=1000)
+    tokenizer = suite_tokenizer(ctx.dry)
     vocab = padded_vocab_size(len(tokenizer))
-    work = Path(tempfile.mkdtemp(prefix="gpu_suite_engine_"))
+    work = Path(tempfile.mkdtemp(prefix="gpu_suite_engine_", dir=os.environ.get("GPU_SUITE_CACHE")))
     rows = synthetic_rows(micro * steps + 8, seq, vocab, tokenizer.special, False, 1, token_limit=len(tokenizer))
     as_dicts = [{c: rows[c][i].tolist() for c in COLUMNS} for i in range(len(rows["input_ids"]))]
     data = str(work / "data")
@@ -631,6 +648,13 @@ PART_FUNCTIONS = {
 }
 
 
+def third_party_modules() -> list[str]:
+    """Top-level modules loaded in this process that are neither the standard library nor this repo's."""
+    local = {"glm", "kernels", "stages", "tests", "conftest"} | {p.stem for p in BENCH.glob("*.py")}
+    names = {k.split(".")[0] for k, v in list(sys.modules.items()) if v is not None}
+    return sorted(n for n in names - set(sys.stdlib_module_names) - local if not n.startswith("_"))
+
+
 def run_part(args) -> int:
     rec = Recorder(args.result)
     try:
@@ -646,6 +670,7 @@ def run_part(args) -> int:
         PART_FUNCTIONS[args.run_part](ctx)
         if rec.data.get("status") == "running":
             rec.update(status="ok")
+        rec.update(third_party_modules=third_party_modules())
         return 0
     except BaseException as e:  # noqa: BLE001  (the parent reads the reason from the result file)
         traceback.print_exc()
@@ -725,8 +750,10 @@ def goals(parts: dict) -> list[dict]:
 
 
 class Suite:
-    def __init__(self, args):
+    def __init__(self, args, parts: list[Part] | None = None):
         self.args = args
+        self.all_parts = parts or PARTS
+        self.selected: list[str] = []
         self.dry = args.dry_run
         self.budget = args.budget_s or (DRY_BUDGET_S if self.dry else DEFAULT_BUDGET_S)
         self.start = time.time()
@@ -743,6 +770,7 @@ class Suite:
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
             self.log_file = open(Path(os.environ["OUT"]) / ("gpu_suite_dry.log" if self.dry else "gpu_suite.log"), "a")
         self.env = environment()
+        self.cache = tempfile.mkdtemp(prefix="gpu_suite_cache_")  # shared by the parts (the tokenizer)
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -751,7 +779,7 @@ class Suite:
             self.log_file.flush()
 
     def result(self) -> dict:
-        selected = [p for p in PARTS if p.name in self.selected]
+        selected = [p for p in self.all_parts if p.name in self.selected]
         parts = [{"part": p.number, "name": p.name, "what": p.what, **self.parts.get(p.name, {"status": "not run"})}
                  for p in selected]
         return {"suite": "gpu_suite", "dry_run": self.dry, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
@@ -786,32 +814,31 @@ class Suite:
         if limit < 5:
             self.parts[part.name] = {"status": "skipped", "reason": f"suite budget spent ({left:.0f} s left)"}
             return
-        self.say(f"[suite] part {part.number}/7 {part.name}: {part.what} (limit {limit:.0f} s, "
+        self.say(f"[suite] part {part.number}/{len(self.all_parts)} {part.name}: {part.what} (limit {limit:.0f} s, "
                  f"{left:.0f} s of the budget left)")
         fd, result_file = tempfile.mkstemp(prefix=f"gpu_suite_{part.name}_", suffix=".json")
         os.close(fd)
         Path(result_file).write_text(json.dumps({"status": "started"}))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", "GPU_SUITE_CACHE": self.cache}
         if self.dry and part.name == "quant_kernels":
             env["TRITON_INTERPRET"] = "1"  # the Triton kernel runs in Triton's CPU interpreter
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-part", part.name, "--result", result_file,
-               "--deadline", str(time.time() + limit)]
-        if self.dry:
-            cmd.append("--dry-run")
-        if self.args.peak_flops:
-            cmd += ["--peak-flops", str(self.args.peak_flops)]
+        cmd = self.part_command(part, result_file, time.time() + limit)
         t = time.time()
         status = None
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", start_new_session=True)
         pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
         pump.start()
+        interrupted = False
         try:
             code = self.proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             self._kill()
             code, status = None, "timeout"
+        except KeyboardInterrupt:  # SIGINT / SIGTERM: keep this part's figures, then stop
+            self._kill()
+            code, status, interrupted = None, "interrupted", True
         pump.join(timeout=5)
         self.proc = None
         try:
@@ -820,8 +847,6 @@ class Suite:
             data = {}
         with contextlib.suppress(OSError):
             os.unlink(result_file)
-        if self.interrupted:
-            status = "interrupted"
         if status is None:
             status = data.get("status", "error")
             if code != 0 and status in ("ok", "running", "started"):
@@ -833,6 +858,18 @@ class Suite:
             data["exit_code"] = code
         self.parts[part.name] = data
         self.say(f"[suite] part {part.number} {part.name}: {status} in {data['seconds']} s")
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def part_command(self, part: Part, result_file: str, deadline: float) -> list[str]:
+        """The child process of a part: this script with --run-part."""
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-part", part.name, "--result", result_file,
+               "--deadline", str(deadline)]
+        if self.dry:
+            cmd.append("--dry-run")
+        if self.args.peak_flops:
+            cmd += ["--peak-flops", str(self.args.peak_flops)]
+        return cmd
 
     def _kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -847,14 +884,20 @@ class Suite:
         raise KeyboardInterrupt
 
     def run(self) -> int:
-        self.selected = [p.name for p in PARTS if not self.args.parts or str(p.number) in self.args.parts
+        self.selected = [p.name for p in self.all_parts if not self.args.parts or str(p.number) in self.args.parts
                          or p.name in self.args.parts]
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run(self) -> int:
         self.say(f"[suite] {'dry run (tiny shapes, CPU)' if self.dry else 'GPU run'}: parts {self.selected}, "
                  f"budget {self.budget:.0f} s, device {self.env.get('device')}, torch {self.env.get('torch')}")
         try:
-            for part in PARTS:
+            for part in self.all_parts:
                 if part.name in self.selected:
                     self.run_one(part)
                     self.write()
@@ -862,6 +905,7 @@ class Suite:
             self.interrupted = True
             self.say("[suite] interrupted: writing what was measured")
         result = self.write()
+        shutil.rmtree(self.cache, ignore_errors=True)
         self.say(f"[suite] {result['statuses']} in {result['wall_s']} s; JSON in {', '.join(map(str, self.outs))}")
         print(json.dumps(result), flush=True)
         if self.log_file:
@@ -871,7 +915,7 @@ class Suite:
         return 130 if self.interrupted else (1 if bad else 0)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (CI): proves every part runs")
     parser.add_argument("--parts", nargs="+", metavar="PART",
@@ -886,7 +930,11 @@ def main() -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--engine-attempt", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     if args.engine_attempt:
         return engine_attempt(args.engine_attempt)
     if args.run_part:

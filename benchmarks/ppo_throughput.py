@@ -65,9 +65,10 @@ def sync(device) -> None:
 
 
 def setup(preset_name: str, prompts: int, iterations: int, new_tokens: int, max_prompt_len: int, device,
-          threads: int | None = None, log=print) -> dict:
-    """Tokenizer, the PPO model of a preset (actor, critic, reference, reward) on `device`, a
-    LocalEngine, the PPO config and prompt rows (prompts x iterations) from the shipped slices."""
+          threads: int | None = None, log=print, tokenizer=None) -> dict:
+    """Tokenizer (default: trained on the shipped preference slices), the PPO model of a preset
+    (actor, critic, reference, reward) on `device`, a LocalEngine, the PPO config and prompt
+    rows (prompts x iterations) from the shipped slices."""
     import torch
 
     from glm.config import padded_vocab_size, preset
@@ -84,9 +85,10 @@ def setup(preset_name: str, prompts: int, iterations: int, new_tokens: int, max_
         torch.set_num_threads(threads)
     lines = [json.loads(l) for f in ("en_hh_rlhf_harmless_base", "zh_oasst1_pairs")
              for l in open(REPO / f"data/sample/preference/{f}.jsonl", encoding="utf-8")]
-    log(f"tokenizer from the preference slices ({len(lines)} rows) ...")
-    tokenizer = train_tokenizer([l["chosen"] + "\n" + l["rejected"] for l in lines], vocab_size=4000,
-                                character_coverage=0.995)
+    if tokenizer is None:
+        log(f"tokenizer from the preference slices ({len(lines)} rows) ...")
+        tokenizer = train_tokenizer([l["chosen"] + "\n" + l["rejected"] for l in lines], vocab_size=4000,
+                                    character_coverage=0.995)
     pairs = []
     for line in lines:
         try:
