@@ -41,11 +41,19 @@ class EngineConfig:
     micro_batch_size: int = 4
     """Rows per worker per forward pass."""
     grad_accum_steps: int = 1
+    """Micro-batches per worker per optimizer step (when global_batch_size is 0)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all workers; 0 = micro_batch_size x grad_accum_steps x
+    num_workers. When set, the accumulation is derived from the workers actually running, so a
+    run checkpointed with N workers resumes with M at the same global batch (it must be a
+    multiple of micro_batch_size x workers)."""
     batch_warmup_steps: int = 0
-    """Ramp the rows per micro-batch linearly from batch_warmup_start to micro_batch_size over
-    this many steps (GLM-130B: batch 192 -> 4224 over 2.5% of samples); 0 = off."""
+    """Ramp the global batch linearly from batch_warmup_start sequences to the full global batch
+    over this many steps, through gradient accumulation (the micro-batch keeps its size; the
+    batch is rounded down to a multiple of micro_batch_size x workers, at least one micro-batch
+    per worker). GLM-130B: 192 -> 4224 sequences over 2.5% of samples. 0 = off."""
     batch_warmup_start: int = 1
-    """Rows per micro-batch at step 0 of the batch-size warm-up."""
+    """Global batch (sequences) at step 0 of the batch-size warm-up."""
     train_steps: int = 100
     """Optimizer steps in the whole run."""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -57,6 +65,11 @@ class EngineConfig:
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
+    """Complete engine checkpoints kept (older ones are deleted once a newer one is complete)."""
+    resume_from: str = ""
+    """A run directory (<storage>/<run>) or one checkpoint directory of another run, path or URI:
+    its newest complete checkpoint is loaded when this run has none of its own (continuing a
+    run under a changed config on purpose). "" = start fresh when this run has no checkpoint."""
     max_failures: int = 3
     """Worker-group restarts after a crash before the run fails."""
     validate_every: int = 0
@@ -65,6 +78,14 @@ class EngineConfig:
     validate_at_start: bool = False
     """Also measure the validation loss before the first step (step 0; fine-tuning baselines)."""
     log_every: int = 10
+    max_consecutive_skips: int = 10
+    """Stop the run with an error after this many consecutive optimizer steps skipped for
+    non-finite losses or gradients (0 = never stop)."""
+    cpu_adam: bool = False
+    """With offload_optimizer: DeepSpeed's compiled CPU Adam (built on first use with the
+    machine's C++ toolchain) instead of torch's AdamW running on the offloaded state."""
+    check_replicas: bool = False
+    """At the end, hash every rank's full parameters and report whether the replicas are identical."""
     skip_data_ranges: list[list[int]] = field(default_factory=list)
     """[start, end) ranges of data indices never trained on (GLM-130B's skip-train-iteration-range)."""
     grad_spike_factor: float = 5.0
@@ -76,23 +97,43 @@ class EngineConfig:
     """Testing: in attempt k, rank `fail_rank` exits (os._exit(1)) when it reaches step
     fail_at_steps[k]; put a checkpoint between consecutive failure steps."""
     fail_rank: int = 1
+    fail_in_checkpoint: bool = False
+    """Testing: the injected failure happens inside the checkpoint write of the first checkpoint
+    at or after fail_at_steps[k] (after this rank's shard is written, before the checkpoint is
+    complete) instead of at the start of the step."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.train_steps < 1:
             raise ConfigError("num_workers, micro_batch_size, grad_accum_steps and train_steps must be >= 1")
+        if self.global_batch_size:
+            self.check_world(self.num_workers)
+        if self.batch_warmup_steps < 0 or self.batch_warmup_start < 1:
+            raise ConfigError("batch_warmup_steps must be >= 0 and batch_warmup_start >= 1")
         if self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be >= 1")
         for r in self.skip_data_ranges:
             if len(r) != 2 or r[0] >= r[1]:
                 raise ConfigError(f"skip_data_ranges: {r} is not a [start, end) range")
 
-    def micro_batch_at(self, step: int) -> int:
-        """Rows per worker per micro-batch at an optimizer step (the batch-size warm-up)."""
-        if step >= self.batch_warmup_steps:
-            return self.micro_batch_size
-        start = min(self.batch_warmup_start, self.micro_batch_size)
-        return start + (self.micro_batch_size - start) * step // self.batch_warmup_steps
+    def check_world(self, world: int) -> None:
+        if self.full_global_batch(world) % (self.micro_batch_size * world):
+            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size} x {world} workers")
 
-    def global_batch_at(self, step: int) -> int:
-        """Rows of all workers in one optimizer step."""
-        return self.micro_batch_at(step) * self.grad_accum_steps * self.num_workers
+    def full_global_batch(self, world: int) -> int:
+        """Sequences per optimizer step after the warm-up."""
+        return self.global_batch_size or self.micro_batch_size * self.grad_accum_steps * world
+
+    def global_batch_at(self, step: int, world: int | None = None) -> int:
+        """Sequences of all workers in one optimizer step (the batch-size warm-up included)."""
+        world = world or self.num_workers
+        full, unit = self.full_global_batch(world), self.micro_batch_size * world
+        if step < self.batch_warmup_steps:
+            start = min(self.batch_warmup_start, full)
+            full = start + (full - start) * step // self.batch_warmup_steps
+        return max(unit, full // unit * unit)
+
+    def micro_batches_at(self, step: int, world: int | None = None) -> int:
+        """Micro-batches each worker accumulates in one optimizer step."""
+        world = world or self.num_workers
+        return self.global_batch_at(step, world) // (self.micro_batch_size * world)

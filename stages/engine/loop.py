@@ -1,28 +1,36 @@
-"""The one training loop, run by every Ray Train worker. Stages plug in a TrainSpec.
+"""The one training loop, run by every Ray Train worker (or a plain process: runtime.py).
+Stages plug in a TrainSpec.
 
 Exact resume: the batch of a step is a function of the consumed-sample count (engine-owned
-data position), every rank's torch RNG state is gathered into the checkpoint, and DeepSpeed
-restores model, optimizer and LR schedule. A killed run therefore replays the same losses.
+data position), every rank's RNG states (torch CPU and CUDA, numpy, Python) are gathered into
+the checkpoint, and DeepSpeed restores model, optimizer and LR schedule. A killed run
+therefore replays the same losses. Checkpoints count only when complete (checkpoints.py);
+one written by N workers resumes with M through DeepSpeed's universal checkpoint.
+
+Gradient accumulation is the engine's: every micro-batch runs backward on every rank (the
+last one marked as DeepSpeed's accumulation boundary), then one DeepSpeed step. A non-finite loss anywhere poisons the reduced gradient, so DeepSpeed
+skips that update on every rank alike (replicas stay identical); the skip is counted, and a
+run of max_consecutive_skips stops the run with an error instead of restarting forever.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from contextlib import nullcontext
 import os
 import posixpath
-import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from stages import storage
+from stages.engine import steplog
+from stages.engine.checkpoints import (UNIVERSAL, CheckpointStore, convert_to_universal, find_checkpoint, local_copy,
+                                       tag_for)
 from stages.engine.config import EngineConfig
-
-TAG_FILE = "engine_tag.txt"
-STEP_LOG = "steps.jsonl"
+from stages.engine.steplog import StepLog
 
 
 @dataclass
@@ -67,7 +75,8 @@ class TrainSpec:
     start_metrics: dict[str, float] = field(default_factory=dict)
     """Metrics logged at step 0 when the MLflow run is created (e.g. data counts)."""
     nonfinite_steps: list[int] = field(default_factory=list)
-    """Testing: steps whose loss is replaced by NaN."""
+    """Testing: at these (0-based) steps one micro-batch of one rank (the last micro-batch of
+    rank step % world) gets a NaN loss."""
 
 
 @dataclass
@@ -127,13 +136,15 @@ def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], flo
     return factor
 
 
-def deepspeed_config(cfg: EngineConfig) -> dict:
+def deepspeed_config(cfg: EngineConfig, load_universal: bool = False) -> dict:
+    """DeepSpeed's config from the engine's. The engine owns gradient accumulation (it marks the
+    last micro-batch of a step as DeepSpeed's accumulation boundary and scales the losses
+    itself), so the number of micro-batches may change from step to step (batch warm-up,
+    another worker count); DeepSpeed's own accumulation count is bookkeeping only."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer and cfg.zero_stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
@@ -141,50 +152,81 @@ def deepspeed_config(cfg: EngineConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer and cfg.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        # the engine's torch AdamW steps the offloaded fp32 state on the CPU unless cpu_adam asks
+        # for DeepSpeed's compiled one (DeepSpeed refuses a torch optimizer without this flag)
+        config["zero_force_ds_cpu_optimizer"] = cfg.cpu_adam
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def train_loop(config: dict) -> None:
     """Entry point of each Ray Train worker."""
+    from stages.engine.runtime import RayRuntime
+
+    run_training(config["spec"], config["engine"], RayRuntime())
+
+
+def run_uri(cfg: EngineConfig) -> str:
+    """<storage>/<run>: the engine's checkpoints and step log (path or URI)."""
+    return posixpath.join(storage.absolute(cfg.storage_path).rstrip("/"), cfg.run_name)
+
+
+def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
+    """The training loop of one worker (rank rt.rank of rt.world), under Ray Train or not."""
     import deepspeed
-    import ray.train
     import torch
     import torch.distributed as dist
 
     from stages.engine.data import ShardSource
 
-    spec: TrainSpec = config["spec"]
-    cfg: EngineConfig = config["engine"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() and cfg.use_gpu is not False \
-        else torch.device("cpu")
+    rank, world = rt.rank, rt.world
+    cfg.check_world(world)
+    use_cuda = torch.cuda.is_available() and cfg.use_gpu is not False
+    device = torch.device("cuda", rt.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    store = CheckpointStore(run_uri(cfg))
+
+    # where this attempt starts: this run's newest complete checkpoint, else resume_from's
+    plan = [None, [], 0]
+    if rank == 0:
+        plan = [*_choose_checkpoint(store, cfg), steplog.attempts(run_uri(cfg))]
+    dist.broadcast_object_list(plan, src=0)
+    found, rejected, attempt = plan
+    elastic = found is not None and found.record["world"] != world
+    if elastic and rank == 0:
+        print(f"[engine] {found.uri} was written by {found.record['world']} workers, resuming with {world}: "
+              f"converting it to DeepSpeed's universal checkpoint", flush=True)
+        convert_to_universal(found)
+    dist.barrier()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = spec.model_factory()
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, spec.optimizer_steps_per_step))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, elastic))
+    _guard_plain_optimizer(engine)
     torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout differs per rank
 
-    source = ShardSource(spec.data_uri, "train", cfg.seed, cfg.skip_data_ranges)
-    state = {"step": 0, "consumed": 0, "skipped_steps": 0, "mlflow_run_id": None, "attempt": 0, "stage": {}}
-    run_dir = _run_dir(cfg)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and (found := latest_complete_checkpoint(run_dir, world)):
-        # A checkpoint reported just before a crash can be persisted but not yet registered
-        # by the controller: use the newest complete one on storage rather than start over.
-        checkpoint = ray.train.Checkpoint.from_directory(found)
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            tag = open(os.path.join(d, TAG_FILE)).read().strip()
-            _, client = engine.load_checkpoint(d, tag=tag)
-        state.update(client["engine_state"])  # includes the iteration_fn's stage state
-        state["attempt"] += 1
-        torch.set_rng_state(client["rng"][rank])
-        if rank == 0:
-            print(f"[engine] resumed from {tag}: step {state['step']}, {state['consumed']:,} samples consumed", flush=True)
+    state = {"step": 0, "consumed": 0, "skipped_steps": 0, "consecutive_skips": 0, "mlflow_run_id": None,
+             "stage": {}}
+    log = StepLog(run_uri(cfg), attempt) if rank == 0 else None
+    if found is not None:
+        _load(engine, found, elastic, state, rank)
+        if not found.uri.startswith(run_uri(cfg) + "/"):  # another run's checkpoint (resume_from)
+            state["mlflow_run_id"] = None
+    if log:
+        log.write({"event": "start", "world": world, "resumed_from": found.uri if found else None,
+                   "step": state["step"], "time": time.time()})
+        for uri, why in rejected:
+            print(f"[engine] checkpoint {uri} rejected: {why}", flush=True)
+            log.write({"event": "checkpoint_rejected", "checkpoint": uri, "reason": why})
 
+    source = ShardSource(spec.data_uri, "train", cfg.seed, cfg.skip_data_ranges)
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
     if cfg.validate_at_start and state["step"] == 0:
         val, examples = _validate(engine, spec, cfg, rank, world, device)
@@ -195,16 +237,19 @@ def train_loop(config: dict) -> None:
             _log_validation(tracker, examples, 0)
     grad_history: list[float] = []
     t_last, tokens_since = time.time(), 0
+    stopped = ""
     while state["step"] < cfg.train_steps:
         step = state["step"]
-        _maybe_fail(cfg, step, rank, state["attempt"])
+        if not cfg.fail_in_checkpoint:
+            _maybe_fail(cfg, step, rank, attempt)
         t_step = time.time()
-        micro = cfg.micro_batch_at(step)  # DeepSpeed's micro-batch size is bookkeeping only
-        indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step))
-        per_rank = micro * cfg.grad_accum_steps
+        micro, n_micro = cfg.micro_batch_size, cfg.micro_batches_at(step, world)
+        indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step, world))
+        per_rank = micro * n_micro
         mine = indices[rank * per_rank:(rank + 1) * per_rank]
         step_tokens = source.tokens(indices)  # the whole global batch, every rank's share
         tokens_since += step_tokens
+        skipped_before = engine.skipped_steps
         losses, nonfinite, extra_norms, sums = [], 0, {}, {}
         if spec.iteration_fn is not None:
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(mine).items()}
@@ -212,48 +257,54 @@ def train_loop(config: dict) -> None:
             out = spec.iteration_fn(engine, batch, context)
             losses.append(torch.as_tensor(float(out["loss"])))
             sums = {k: float(v) for k, v in out.items() if k != "loss"}
-        for m in range(cfg.grad_accum_steps if spec.iteration_fn is None else 0):
-            rows = source.rows(mine[m * micro:(m + 1) * micro])
-            batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
-            loss = spec.step_fn(engine, batch)
-            if isinstance(loss, dict):
-                for k, v in loss.items():
-                    if k != "loss" and not _is_example(v):
-                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
-                loss = loss["loss"]
-            if step in spec.nonfinite_steps:
-                loss = loss * float("nan")
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-            dist.all_reduce(bad)
-            if bad.item() > 0:  # no backward: this micro-batch contributes nothing
-                nonfinite += 1
-                if cfg.grad_accum_steps == 1:
-                    break  # no engine.step either: the whole step is skipped
-                engine.step()
-                continue
-            engine.backward(loss)
-            if m == cfg.grad_accum_steps - 1:
-                extra_norms = _param_grad_norms(engine, spec.grad_norm_params)
+        else:
+            for m in range(n_micro):
+                rows = source.rows(mine[m * micro:(m + 1) * micro])
+                batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in rows.items()}
+                loss = spec.step_fn(engine, batch)
+                if isinstance(loss, dict):
+                    for k, v in loss.items():
+                        if k != "loss" and not _is_example(v):
+                            sums[k] = sums.get(k, 0.0) + float(v) / n_micro
+                    loss = loss["loss"]
+                if step in spec.nonfinite_steps and rank == step % world and m == n_micro - 1:
+                    loss = loss * float("nan")  # testing: one micro-batch of one rank
+                if torch.isfinite(loss):
+                    losses.append(loss.detach().float())
+                else:
+                    # Every rank still runs every backward (DeepSpeed's collectives stay in step);
+                    # a NaN loss makes the reduced gradient non-finite on every rank, and
+                    # DeepSpeed then skips the whole update everywhere.
+                    nonfinite += 1
+                    loss = loss * float("nan")
+                engine.set_gradient_accumulation_boundary(m == n_micro - 1)
+                engine.backward(loss / n_micro, scale_wrt_gas=False)
+            extra_norms = _param_grad_norms(engine, spec.grad_norm_params)  # reduced, before step() clears them
             engine.step()
-            losses.append(loss.detach().float())
+        skipped = engine.skipped_steps - skipped_before  # the same on every rank
+        bad = torch.tensor([float(nonfinite)], device=device)
+        dist.all_reduce(bad)
+        if bad.item() > 0 and not skipped:
+            raise RuntimeError(f"step {step + 1}: a non-finite loss did not skip the optimizer step "
+                               f"(optimizer {type(engine.optimizer).__name__})")
         state["consumed"] = consumed
         state["step"] += 1
-        if nonfinite == cfg.grad_accum_steps:
-            state["skipped_steps"] += 1
+        state["skipped_steps"] += skipped
+        state["consecutive_skips"] = state["consecutive_skips"] + 1 if skipped else 0
         mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
         total = torch.tensor([mean_loss.item() if losses else 0.0, 1.0 if losses else 0.0], device=device)
         dist.all_reduce(total)
         metrics = {
             "step": state["step"], "loss": (total[0] / total[1]).item() if total[1] > 0 else float("nan"),
             "lr": scheduler.get_last_lr()[0], "consumed_samples": state["consumed"],
-            "skipped_steps": state["skipped_steps"], "nonfinite_microbatches": nonfinite,
-            "global_batch": len(indices),
+            "skipped_steps": state["skipped_steps"], "nonfinite_microbatches": int(bad.item()),
+            "global_batch": len(indices), "micro_batches": n_micro,
         }
         metrics.update(extra_norms)
         stage_metrics = _mean_over_ranks(sums, world, device)  # collective: every rank
         metrics.update(stage_metrics)
         grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None and nonfinite < cfg.grad_accum_steps:
+        if grad_norm is not None and not skipped and math.isfinite(float(grad_norm)):
             grad_norm = float(grad_norm)
             metrics["grad_norm"] = grad_norm
             if len(grad_history) >= 10 and grad_norm > cfg.grad_spike_factor * float(np.mean(grad_history[-50:])):
@@ -264,10 +315,18 @@ def train_loop(config: dict) -> None:
         if cfg.precision == "fp16":
             metrics["loss_scale"] = float(optimizer.cur_scale) if hasattr(optimizer, "cur_scale") else 0.0
         if rank == 0:
-            _append_step(run_dir, {"step": state["step"], "loss": metrics["loss"], "attempt": state["attempt"],
-                                   "seconds": time.time() - t_step, "time": time.time(),
-                                   "tokens": step_tokens, "metrics": stage_metrics,
-                                   "indices": [int(i) for i in indices]})
+            if skipped:
+                print(f"[engine] step {state['step']}: non-finite loss or gradient, optimizer step skipped on "
+                      f"every rank ({state['consecutive_skips']} in a row)", flush=True)
+            log.write({"step": state["step"], "loss": metrics["loss"], "skipped": skipped,
+                       "seconds": time.time() - t_step, "time": time.time(), "tokens": step_tokens,
+                       "metrics": stage_metrics, "indices": [int(i) for i in indices]})
+        if cfg.max_consecutive_skips and state["consecutive_skips"] >= cfg.max_consecutive_skips:
+            stopped = (f"{state['consecutive_skips']} consecutive optimizer steps skipped for non-finite losses "
+                       f"or gradients (steps {state['step'] - state['consecutive_skips'] + 1}-{state['step']}; "
+                       f"max_consecutive_skips {cfg.max_consecutive_skips}): lower the learning rate, check the "
+                       f"data around sample {state['consumed']}, or skip it with skip_data_ranges")
+            break
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
             val, examples = _validate(engine, spec, cfg, rank, world, device)
@@ -286,16 +345,155 @@ def train_loop(config: dict) -> None:
                 print("[engine] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items()), flush=True)
                 tracker.log(metrics, state["step"])
+                log.flush()
         if state["step"] % cfg.checkpoint_every == 0 or done:
-            _save_and_report(engine, state, metrics, rank, world)
+            fail = cfg.fail_in_checkpoint and _fails_now(cfg, state["step"], rank, attempt)
+            _save(engine, store, state, metrics, rt, cfg, fail)
+            if rank == 0:
+                log.flush()
 
+    if stopped:
+        if rank == 0:
+            print(f"[engine] stopping: {stopped}", flush=True)
+            log.write({"event": "stopped", "reason": stopped})
+            log.flush()
+            tracker.end("FAILED")
+        return
+    if cfg.check_replicas:
+        same = _replicas_identical(engine, cfg, world)
+        if rank == 0:
+            print(f"[engine] replicas identical: {same}", flush=True)
+            log.write({"event": "replicas", "identical": same})
     if spec.export_fn is not None:
         artifacts = _export(engine, spec, cfg, rank)
         if tracker and artifacts:
             tracker.log_artifacts(artifacts)
     if tracker:
-        tracker.log_loss_curve(run_dir, cfg.run_name)
+        log.flush()
+        tracker.log_loss_curve(steplog.read(run_uri(cfg)), cfg.run_name)
         tracker.end()
+
+
+def stopped_reason(cfg: EngineConfig) -> str:
+    """Why the latest attempt of the run stopped itself ("" when it did not)."""
+    records = steplog.read(run_uri(cfg))
+    last = max((r["attempt"] for r in records), default=None)
+    return next((r["reason"] for r in records if r["attempt"] == last and r.get("event") == "stopped"), "")
+
+
+def _choose_checkpoint(store: CheckpointStore, cfg: EngineConfig):
+    """Rank 0: (checkpoint to start from or None, [(incomplete checkpoint, why)]): this run's
+    newest complete checkpoint, else resume_from's newest, else None (a fresh run)."""
+    found, rejected = store.latest()
+    if found is not None:
+        print(f"[engine] run {cfg.run_name}: resuming from {found.uri} (step {found.record['step']})", flush=True)
+    elif cfg.resume_from:
+        found = find_checkpoint(cfg.resume_from)
+        if found is None:
+            raise FileNotFoundError(f"resume_from {cfg.resume_from}: no complete engine checkpoint there")
+        print(f"[engine] run {cfg.run_name}: no checkpoint of its own; starting from {found.uri} "
+              f"(step {found.record['step']}) as resume_from asks", flush=True)
+    else:
+        print(f"[engine] run {cfg.run_name}: no checkpoint, training from step 1", flush=True)
+    return found, rejected
+
+
+def _load(engine, found, elastic: bool, state: dict, rank: int) -> None:
+    """DeepSpeed state, engine state and this rank's RNG states from a complete checkpoint."""
+    import shutil
+
+    load_dir, tag, tmp = local_copy(found, UNIVERSAL if elastic else "")
+    try:
+        _, client = engine.load_checkpoint(load_dir, tag=tag)
+    except Exception as e:  # a shape or config mismatch surfaces here, deep in DeepSpeed
+        raise RuntimeError(f"cannot resume from {found.uri}: {type(e).__name__}: {e}. Was it written by "
+                           f"another model or engine config? Train anew under another run name, or "
+                           f"point resume_from at a compatible run.") from e
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if client is None:
+        raise RuntimeError(f"cannot resume from {found.uri}: DeepSpeed found no checkpoint in it")
+    state.update({k: v for k, v in client["engine_state"].items() if k in state})
+    rngs = client["rng"]
+    if rank < len(rngs):
+        _set_rng_state(rngs[rank])
+    if rank == 0:
+        print(f"[engine] resumed from {found.uri}: step {state['step']}, {state['consumed']:,} samples consumed",
+              flush=True)
+
+
+def _rng_state() -> dict:
+    """Every generator training may draw from, on this rank."""
+    import random
+
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s) -> None:
+    import random
+
+    import torch
+
+    if not isinstance(s, dict):  # checkpoints of earlier versions: the torch CPU state only
+        torch.set_rng_state(s)
+        return
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
+
+
+def _guard_plain_optimizer(engine) -> None:
+    """DeepSpeed's ZeRO, fp16 and bf16 optimizers skip an update whose gradients are not finite
+    (their `overflow` flag, read by the engine); a plain torch optimizer (ZeRO-0, fp32) does
+    not. Give it the same behaviour: its gradients are already all-reduced when it steps."""
+    import torch
+
+    inner = engine.optimizer
+    if hasattr(inner, "overflow"):
+        return
+    step = inner.step
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        inner.overflow = not all(bool(torch.isfinite(g).all()) for g in grads)
+        if inner.overflow:
+            inner.zero_grad(set_to_none=True)
+            return None
+        return step(*args, **kwargs)
+
+    inner.overflow = False
+    inner.step = guarded_step
+
+
+def _replicas_identical(engine, cfg: EngineConfig, world: int) -> bool:
+    """Hash of every rank's full parameters, compared across ranks (collective)."""
+    import hashlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    params = list(engine.module.parameters())
+    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else nullcontext()
+    h = hashlib.sha256()
+    with context:
+        for name, p in engine.module.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    hashes = [None] * world
+    dist.all_gather_object(hashes, h.hexdigest())
+    return len(set(hashes)) == 1
+
+
+def _fails_now(cfg: EngineConfig, step: int, rank: int, attempt: int) -> bool:
+    """Testing (fail_in_checkpoint): this checkpoint is the first at or after this attempt's kill step."""
+    return (rank == cfg.fail_rank and attempt < len(cfg.fail_at_steps)
+            and step >= cfg.fail_at_steps[attempt] and step - cfg.checkpoint_every < cfg.fail_at_steps[attempt])
 
 
 def _param_grad_norms(engine, names: dict[str, str]) -> dict[str, float]:
@@ -367,21 +565,31 @@ def _mean_over_ranks(values: dict[str, float], world: int, device) -> dict[str, 
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def _save_and_report(engine, state, metrics, rank, world) -> None:
-    import ray.train
-    import torch
+def _save(engine, store: CheckpointStore, state: dict, metrics: dict, rt, cfg: EngineConfig, fail: bool) -> None:
+    """Every rank writes its DeepSpeed files, then rank 0 writes the completion record: a
+    checkpoint killed anywhere before that record never counts."""
     import torch.distributed as dist
 
+    rank, world = rt.rank, rt.world
     rng = [None] * world
-    dist.all_gather_object(rng, torch.get_rng_state())
-    tag = f"step{state['step']:08d}"
-    with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=tag, client_state={"engine_state": dict(state), "rng": rng})
-        if rank == 0:
-            with open(os.path.join(d, TAG_FILE), "w") as f:
-                f.write(tag)
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                         checkpoint=ray.train.Checkpoint.from_directory(d))
+    dist.all_gather_object(rng, _rng_state())
+    tag = tag_for(state["step"])
+    if rank == 0:
+        store.clear(tag)  # a partial write of this tag by a killed attempt
+    dist.barrier()
+    save_dir = store.save_dir()
+    engine.save_checkpoint(save_dir, tag=tag, client_state={"engine_state": dict(state), "rng": rng},
+                           save_latest=False)
+    store.upload(save_dir, tag)
+    if fail:
+        print(f"[engine] injected failure: rank {rank} exits inside the checkpoint write of {tag}", flush=True)
+        os._exit(1)
+    dist.barrier()
+    if rank == 0:
+        store.complete(tag, {"step": state["step"], "consumed": state["consumed"], "world": world,
+                             "zero_stage": cfg.zero_stage})
+        store.prune(cfg.keep_checkpoints)
+    rt.report(metrics, {"uri": store.uri(tag), "step": state["step"]})
 
 
 def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> dict | None:
@@ -398,38 +606,6 @@ def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> dict | Non
         model.load_state_dict(state)
         return spec.export_fn(model.eval())
     return None
-
-
-def latest_complete_checkpoint(run_dir: str, world: int) -> str | None:
-    """The newest checkpoint directory under a local run directory holding the tag file and
-    every rank's DeepSpeed files (remote storage relies on Ray's registered checkpoint)."""
-    if "://" in run_dir or not os.path.isdir(run_dir):
-        return None
-    for name in sorted((n for n in os.listdir(run_dir) if n.startswith("checkpoint_")), reverse=True):
-        path = os.path.join(run_dir, name)
-        tag_file = os.path.join(path, TAG_FILE)
-        if not os.path.exists(tag_file):
-            continue
-        tag_dir = os.path.join(path, open(tag_file).read().strip())
-        files = os.listdir(tag_dir) if os.path.isdir(tag_dir) else []
-        optim = [f for f in files if f.endswith("optim_states.pt")]
-        if any(f.endswith("model_states.pt") for f in files) and len(optim) in (0, world):
-            return path
-    return None
-
-
-def _run_dir(cfg: EngineConfig) -> str:
-    from stages import storage
-
-    _, path = storage.resolve(cfg.storage_path)
-    return posixpath.join(path, cfg.run_name)
-
-
-def _append_step(run_dir: str, record: dict) -> None:
-    """One line per step (all attempts) in <storage>/<run>/steps.jsonl, for loss-curve and data audits."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, STEP_LOG), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _maybe_fail(cfg: EngineConfig, step: int, rank: int, attempt: int) -> None:
@@ -469,17 +645,16 @@ class _Tracker:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                                      and math.isfinite(float(v))}, step=step)
 
-    def log_loss_curve(self, run_dir: str, title: str) -> None:
-        """loss_curve.png from steps.jsonl: every attempt's losses, so a restart's replayed steps show."""
-        if not self.mlflow or not os.path.exists(os.path.join(run_dir, STEP_LOG)):
+    def log_loss_curve(self, records: list[dict], title: str) -> None:
+        """loss_curve.png from the step log: every attempt's losses, so a restart's replayed steps show."""
+        records = [r for r in records if "loss" in r and "event" not in r]
+        if not self.mlflow or not records:
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        with open(os.path.join(run_dir, STEP_LOG)) as f:
-            records = [json.loads(line) for line in f]
         fig, ax = plt.subplots(figsize=(7, 4))
         for attempt in sorted({r["attempt"] for r in records}):
             points = [(r["step"], r["loss"]) for r in records if r["attempt"] == attempt]
@@ -495,6 +670,6 @@ class _Tracker:
             for name, obj in artifacts.items():
                 self.mlflow.log_dict(obj, name)
 
-    def end(self) -> None:
+    def end(self, status: str = "FINISHED") -> None:
         if self.mlflow:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status)

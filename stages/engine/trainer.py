@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from stages import storage
 from stages.cluster import ensure_ray
+from stages.engine import steplog
 from stages.engine.config import EngineConfig
-from stages.engine.loop import STEP_LOG, TrainSpec, train_loop
+from stages.engine.loop import TrainSpec, run_uri, stopped_reason, train_loop
+from stages.engine.runtime import TrainingStopped
 
 
 def fit(spec: TrainSpec, cfg: EngineConfig):
-    """Train; rerunning the same run_name and storage_path resumes from its last checkpoint."""
+    """Train with Ray Train workers; rerunning the same run_name and storage_path resumes from
+    its newest complete checkpoint (with any number of workers)."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -36,17 +38,19 @@ def fit(spec: TrainSpec, cfg: EngineConfig):
     result = trainer.fit()
     if result.error:
         raise result.error
+    if reason := stopped_reason(cfg):
+        raise TrainingStopped(reason)
     return result
 
 
 def step_log(cfg: EngineConfig) -> list[dict]:
-    """Every step record written by rank 0, all attempts, in order."""
-    _, path = storage.resolve(cfg.storage_path)
-    file = os.path.join(path, cfg.run_name, STEP_LOG)
-    if not os.path.exists(file):
-        return []
-    with open(file) as f:
-        return [json.loads(line) for line in f]
+    """Every step record written by rank 0, all attempts, in order (events left out)."""
+    return [r for r in steplog.read(run_uri(cfg)) if "event" not in r]
+
+
+def events(cfg: EngineConfig) -> list[dict]:
+    """The run's events: starts, rejected checkpoints, stops, replica checks."""
+    return [r for r in steplog.read(run_uri(cfg)) if "event" in r]
 
 
 def final_steps(cfg: EngineConfig) -> dict[int, dict]:
