@@ -550,6 +550,14 @@ def engine_attempt(spec_file: str) -> int:
 
     s = json.load(open(spec_file))
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (a C++ build of a
+        # minute or more, under a lock file shared by every DeepSpeed user of the machine) that a
+        # single process never uses: mark it unavailable so torch.distributed (gloo) is used.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        torch.set_num_threads(1)  # tiny shapes: more threads only contend
     config = preset(s["preset"], vocab_size=s["vocab_size"], max_seq_len=s["seq_len"], hidden_dropout=0.0)
     spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=s["data"], step_fn=lm_loss_step)
     cfg = EngineConfig(run_name=s["run_name"], storage_path=s["storage"], num_workers=1,
@@ -576,12 +584,12 @@ def part_engine_in_process(ctx: Context) -> None:
     from glm.config import padded_vocab_size
     from glm.schema import COLUMNS
     from stages.engine.config import EngineConfig
-    from stages.engine.trainer import final_steps
+    from stages.engine.trainer import events, final_steps
     from stages.sft.data import write_prepared
 
     cuda = ctx.device == "cuda"
     if ctx.dry:
-        preset_name, seq, micro, steps, every, kill = "tiny", 64, 2, 6, 3, 4
+        preset_name, seq, micro, steps, every, kill = "tiny", 32, 2, 4, 2, 3
     else:
         preset_name, seq, micro, steps, every, kill = "glm_350m", 1024, 4, 8, 4, 6
     precision = "bf16" if cuda else "fp32"
@@ -605,8 +613,14 @@ def part_engine_in_process(ctx: Context) -> None:
                "MASTER_PORT": str(_free_port()), "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
                "GLM_ATTENTION_IMPL": "reference"}  # the deterministic attention path
         t = time.perf_counter()
-        code = subprocess.run([sys.executable, __file__, "--engine-attempt", str(spec_file)], cwd=REPO, env=env,
-                              timeout=max(5.0, ctx.left() - 2)).returncode
+        proc = subprocess.Popen([sys.executable, __file__, "--engine-attempt", str(spec_file)], cwd=REPO, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(5.0, ctx.left() - 2))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # with any compiler it started
+            proc.wait()
+            raise
         return code, time.perf_counter() - t
 
     def cfg(run_name: str) -> EngineConfig:
@@ -626,17 +640,15 @@ def part_engine_in_process(ctx: Context) -> None:
     if code != 0:
         raise RuntimeError(f"the resumed run exited with {code}")
     faulty = final_steps(cfg("faulty"))
-    from stages.engine.trainer import step_log
-
-    records = step_log(cfg("faulty"))
-    resumed_at = min((r["step"] for r in records if r["attempt"] > 0), default=None)
+    starts = [e for e in events(cfg("faulty")) if e.get("event") == "start"]
     identical = sorted(faulty) == sorted(clean) and all(faulty[s]["loss"] == clean[s]["loss"] for s in clean)
     steady = [r for s, r in sorted(clean.items()) if s > 2]
     tokens_per_s = sum(r["tokens"] for r in steady) / max(1e-9, sum(r["seconds"] for r in steady)) if steady else None
     ctx.rec.update(status="ok" if identical and code == 0 else "failed", losses_identical=identical,
-                   resumed_from_step=None if resumed_at is None else resumed_at - 1,
+                   resumed_from_step=starts[-1]["step"] if len(starts) > 1 else None,
+                   resumed_from=starts[-1].get("resumed_from") if len(starts) > 1 else None,
                    max_abs_loss_diff=float(np.max([abs(faulty[s]["loss"] - clean[s]["loss"]) for s in clean if s in faulty])),
-                   resumed_s=round(resumed_s, 2), attempts=1 + max(r["attempt"] for r in records),
+                   resumed_s=round(resumed_s, 2), attempts=len(starts),
                    tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
     log(f"  resumed run {resumed_s:.1f} s; losses identical: {identical}")
 
@@ -810,7 +822,7 @@ class Suite:
 
     def run_one(self, part: Part) -> None:
         left = self.deadline - time.time()
-        limit = min(part.dry_limit_s if self.dry else part.limit_s, left)
+        limit = min((part.dry_limit_s if self.dry else part.limit_s) * self.args.part_limit_scale, left)
         if limit < 5:
             self.parts[part.name] = {"status": "skipped", "reason": f"suite budget spent ({left:.0f} s left)"}
             return
@@ -923,6 +935,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"overall wall-clock budget (default {DEFAULT_BUDGET_S:.0f} s, dry run {DRY_BUDGET_S:.0f} s); "
                              "each part also has its own limit")
+    parser.add_argument("--part-limit-scale", type=float, default=1.0,
+                        help="multiply every part's own time limit (e.g. 3 on a heavily shared CPU machine)")
     parser.add_argument("--out", help="JSON result file (default runs/gpu_suite/<UTC time>.json; also $OUT/gpu_suite.json)")
     parser.add_argument("--peak-flops", type=float, default=None,
                         help="peak bf16 FLOP/s of the device for MFU (default: from the device name, H100/H200 989.4e12)")
