@@ -558,7 +558,8 @@ def engine_attempt(spec_file: str) -> int:
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         torch.set_num_threads(1)  # tiny shapes: more threads only contend
-    config = preset(s["preset"], vocab_size=s["vocab_size"], max_seq_len=s["seq_len"], hidden_dropout=0.0)
+    config = preset(s["preset"], vocab_size=s["vocab_size"], max_seq_len=s["seq_len"], hidden_dropout=0.0,
+                    **s.get("overrides", {}))
     spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=s["data"], step_fn=lm_loss_step)
     cfg = EngineConfig(run_name=s["run_name"], storage_path=s["storage"], num_workers=1,
                        micro_batch_size=s["micro_batch"], train_steps=s["steps"], zero_stage=2,
@@ -584,14 +585,14 @@ def part_engine_in_process(ctx: Context) -> None:
     from glm.config import padded_vocab_size
     from glm.schema import COLUMNS
     from stages.engine.config import EngineConfig
-    from stages.engine.trainer import events, final_steps
+    from stages.engine.trainer import events, final_steps, step_log
     from stages.sft.data import write_prepared
 
     cuda = ctx.device == "cuda"
     if ctx.dry:
-        preset_name, seq, micro, steps, every, kill = "tiny", 32, 2, 4, 2, 3
-    else:
-        preset_name, seq, micro, steps, every, kill = "glm_350m", 1024, 4, 8, 4, 6
+        preset_name, overrides, seq, micro, steps, every, kill = "tiny", {}, 32, 2, 4, 2, 3
+    else:  # glm_350m's width, 6 layers (~80M parameters): checkpoints of ~1 GB keep the part short
+        preset_name, overrides, seq, micro, steps, every, kill = "glm_350m", {"num_layers": 6}, 1024, 4, 8, 4, 6
     precision = "bf16" if cuda else "fp32"
     tokenizer = suite_tokenizer(ctx.dry)
     vocab = padded_vocab_size(len(tokenizer))
@@ -601,9 +602,9 @@ def part_engine_in_process(ctx: Context) -> None:
     data = str(work / "data")
     write_prepared(data, {"train": (as_dicts[:-8], len(as_dicts) - 8), "validation": (as_dicts[-8:], 8)}, tokenizer,
                    {"schema": {"columns": list(COLUMNS), "seq_len": seq, "position_encoding": "rope_1d"}})
-    base = {"preset": preset_name, "vocab_size": vocab, "seq_len": seq, "micro_batch": micro, "steps": steps,
+    base = {"preset": preset_name, "overrides": overrides, "vocab_size": vocab, "seq_len": seq, "micro_batch": micro, "steps": steps,
             "checkpoint_every": every, "precision": precision, "data": data, "storage": str(work / "runs")}
-    ctx.rec.update(preset=preset_name, seq_len=seq, micro_batch=micro, steps=steps, checkpoint_every=every,
+    ctx.rec.update(preset=preset_name, overrides=overrides, seq_len=seq, micro_batch=micro, steps=steps, checkpoint_every=every,
                    kill_at_step=kill, zero_stage=2, precision=precision, deepspeed=deepspeed.__version__)
 
     def attempt(run_name: str, fail: list[int]) -> tuple[int, float]:
@@ -642,13 +643,16 @@ def part_engine_in_process(ctx: Context) -> None:
     faulty = final_steps(cfg("faulty"))
     starts = [e for e in events(cfg("faulty")) if e.get("event") == "start"]
     identical = sorted(faulty) == sorted(clean) and all(faulty[s]["loss"] == clean[s]["loss"] for s in clean)
+    first = {r["step"]: r["loss"] for r in step_log(cfg("faulty")) if r["attempt"] == 0}
+    replayed = {s: faulty[s]["loss"] for s in first if faulty[s]["attempt"] > 0}  # run before the kill and again
     steady = [r for s, r in sorted(clean.items()) if s > 2]
     tokens_per_s = sum(r["tokens"] for r in steady) / max(1e-9, sum(r["seconds"] for r in steady)) if steady else None
     ctx.rec.update(status="ok" if identical and code == 0 else "failed", losses_identical=identical,
                    resumed_from_step=starts[-1]["step"] if len(starts) > 1 else None,
                    resumed_from=starts[-1].get("resumed_from") if len(starts) > 1 else None,
                    max_abs_loss_diff=float(np.max([abs(faulty[s]["loss"] - clean[s]["loss"]) for s in clean if s in faulty])),
-                   resumed_s=round(resumed_s, 2), attempts=len(starts),
+                   resumed_s=round(resumed_s, 2), attempts=len(starts), replayed_steps=sorted(replayed),
+                   replayed_steps_identical=bool(replayed) and all(first[s] == v for s, v in replayed.items()),
                    tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
     log(f"  resumed run {resumed_s:.1f} s; losses identical: {identical}")
 
