@@ -151,7 +151,8 @@ def test_the_overall_budget_skips_parts_it_cannot_fit(tmp_path):
 def test_an_interrupted_run_writes_what_it_measured(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--parts", "1", "5", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(SUITE), "--dry-run", "--parts", "3", "5", "--out", str(out),
+                             "--part-limit-scale", "5"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -164,7 +165,8 @@ def test_an_interrupted_run_writes_what_it_measured(tmp_path):
     assert proc.returncode == 130, "".join(lines) + rest
     result = json.loads(rest.strip().splitlines()[-1])
     assert result["interrupted"] is True
-    assert result["statuses"] == {"pytest_gpu": "ok", "batched_eval": "interrupted"}
+    assert result["statuses"] == {"quant_kernels": "ok", "batched_eval": "interrupted"}
+    assert result["parts"][0]["kernels"]["w4a16"]  # the finished part's figures are kept
     assert json.loads(out.read_text())["statuses"] == result["statuses"]
 
 
