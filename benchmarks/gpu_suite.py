@@ -67,9 +67,10 @@ for _name in filter(None, os.environ.get(BLOCK_ENV, "").split(",")):
 
 DEFAULT_BUDGET_S = 480.0
 DRY_BUDGET_S = 115.0
-# Peak dense bf16 FLOP/s by device name (vendor figures, without sparsity).
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "L4": 121e12}
+# Peak dense bf16 FLOP/s (NVIDIA's figures without sparsity) by a part of the device name;
+# the first match counts (PCIe / NVL boards before the SXM default of their family).
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835.5e12), ("H200 NVL", 835.5e12), ("H100", 989.4e12),
+             ("H200", 989.4e12), ("H800", 989.4e12), ("A100", 312e12), ("A800", 312e12)]
 
 
 @dataclass
@@ -92,7 +93,6 @@ PARTS = [
     Part(6, "ppo_iteration", 45, 30, "one PPO iteration"),
     Part(7, "engine_in_process", 75, 60, "the engine in one process with DeepSpeed"),
 ]
-BY_NAME = {p.name: p for p in PARTS}
 
 
 def log(*args) -> None:
@@ -304,9 +304,9 @@ def peak_flops_of_device(args) -> tuple[float | None, str]:
     if not torch.cuda.is_available():
         return None, "no GPU: no MFU on CPU"
     name = torch.cuda.get_device_name()
-    for key in sorted(PEAK_BF16, key=len, reverse=True):
+    for key, peak in PEAK_BF16:
         if key in name:
-            return PEAK_BF16[key], f"{name}: bf16 dense peak of {key}"
+            return peak, f"{name}: bf16 dense peak of {key}"
     return None, f"{name}: unknown peak; pass --peak-flops"
 
 
