@@ -91,7 +91,7 @@ PARTS = [
     Part(4, "serve_engine", 55, 30, "serve engine in-process"),
     Part(5, "batched_eval", 35, 30, "batched multiple-choice evaluation"),
     Part(6, "ppo_iteration", 45, 30, "one PPO iteration"),
-    Part(7, "engine_in_process", 75, 60, "the engine in one process with DeepSpeed"),
+    Part(7, "engine_in_process", 75, 75, "the engine in one process with DeepSpeed"),
 ]
 
 
@@ -549,7 +549,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_attempt(spec_file: str) -> int:
+def engine_attempt(spec_file: str) -> None:
     """One run of the engine in this process (a subprocess of part 7): fit_in_process."""
     import torch
 
@@ -559,6 +559,9 @@ def engine_attempt(spec_file: str) -> int:
 
     s = json.load(open(spec_file))
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # ...without filling every torch.empty with NaN: DeepSpeed allocates 2 GB gradient buckets
+    # with it at every micro-step (half a minute of memset on a small CPU run)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (a C++ build of a
         # minute or more, under a lock file shared by every DeepSpeed user of the machine) that a
@@ -575,7 +578,11 @@ def engine_attempt(spec_file: str) -> int:
                        precision=s["precision"], checkpoint_every=s["checkpoint_every"], log_every=s["steps"],
                        optim=OptimConfig(lr=1e-3, warmup_steps=2), fail_at_steps=s["fail_at_steps"], fail_rank=0)
     fit_in_process(spec, cfg)
-    return 0
+    # Everything is on disk (checkpoints, step log). Exit now: on CPU this process was seen to
+    # hang in interpreter shutdown after fit_in_process returned (gloo / DeepSpeed teardown).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def part_engine_in_process(ctx: Context) -> None:
@@ -599,9 +606,11 @@ def part_engine_in_process(ctx: Context) -> None:
 
     cuda = ctx.device == "cuda"
     if ctx.dry:
-        preset_name, overrides, seq, micro, steps, every, kill = "tiny", {}, 32, 2, 4, 2, 3
+        preset_name, overrides, seq, micro, steps, every, kill = "tiny", {}, 32, 2, 6, 3, 5
     else:  # glm_350m's width, 6 layers (~80M parameters): checkpoints of ~1 GB keep the part short
         preset_name, overrides, seq, micro, steps, every, kill = "glm_350m", {"num_layers": 6}, 1024, 4, 8, 4, 6
+    # the killed run dies before step kill + 1, after a checkpoint at step kill // every * every:
+    # the steps in between run twice (before the kill, after the resume) and must match
     precision = "bf16" if cuda else "fp32"
     tokenizer = suite_tokenizer(ctx.dry)
     vocab = padded_vocab_size(len(tokenizer))
@@ -616,53 +625,68 @@ def part_engine_in_process(ctx: Context) -> None:
     ctx.rec.update(preset=preset_name, overrides=overrides, seq_len=seq, micro_batch=micro, steps=steps, checkpoint_every=every,
                    kill_at_step=kill, zero_stage=2, precision=precision, deepspeed=deepspeed.__version__)
 
-    def attempt(run_name: str, fail: list[int]) -> tuple[int, float]:
+    children: list[subprocess.Popen] = []
+
+    def launch(run_name: str, fail: list[int]) -> tuple[subprocess.Popen, float]:
         spec_file = work / f"{run_name}-{time.time_ns()}.json"
         spec_file.write_text(json.dumps({**base, "run_name": run_name, "fail_at_steps": fail}))
         env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(_free_port()), "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
                "GLM_ATTENTION_IMPL": "reference"}  # the deterministic attention path
-        t = time.perf_counter()
         proc = subprocess.Popen([sys.executable, __file__, "--engine-attempt", str(spec_file)], cwd=REPO, env=env,
                                 start_new_session=True)
+        children.append(proc)
+        return proc, time.perf_counter()
+
+    def finish(started: tuple[subprocess.Popen, float]) -> tuple[int, float]:
+        proc, t = started
         try:
             code = proc.wait(timeout=max(5.0, ctx.left() - 2))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # with any compiler it started
-            proc.wait()
+            for child in children:  # with any compiler they started
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
             raise
         return code, time.perf_counter() - t
 
     def cfg(run_name: str) -> EngineConfig:
         return EngineConfig(run_name=run_name, storage_path=base["storage"])
 
-    log(f"[engine_in_process] {preset_name}, ZeRO-2 {precision}, {steps} steps of {micro} x {seq}: uninterrupted run ...")
-    code, clean_s = attempt("clean", [])
-    if code != 0:
-        raise RuntimeError(f"the uninterrupted run exited with {code}")
-    clean = final_steps(cfg("clean"))
-    ctx.rec.update(uninterrupted_s=round(clean_s, 2), losses=[clean[s]["loss"] for s in sorted(clean)])
-    log(f"  {clean_s:.1f} s; run killed at step {kill} ...")
-    code, killed_s = attempt("faulty", [kill])
-    log(f"  exited with {code} after {killed_s:.1f} s; resuming ...")
+    # On the GPU the runs go one after the other (the uninterrupted one is also timed); in the
+    # dry run the uninterrupted run goes beside the killed one and its resume (CPU time is short).
+    log(f"[engine_in_process] {preset_name}, ZeRO-2 {precision}, {steps} steps of {micro} x {seq}: an uninterrupted "
+        f"run{' beside' if ctx.dry else ', then'} a run killed at step {kill + 1} and resumed ...")
+    clean_run = launch("clean", [])
+    if not ctx.dry:
+        code, clean_s = finish(clean_run)
+        if code != 0:
+            raise RuntimeError(f"the uninterrupted run exited with {code}")
+    code, killed_s = finish(launch("faulty", [kill]))
+    log(f"  the killed run exited with {code} after {killed_s:.1f} s; resuming ...")
     ctx.rec.update(killed_exit_code=code, killed_s=round(killed_s, 2))
-    code, resumed_s = attempt("faulty", [kill])
+    code, resumed_s = finish(launch("faulty", [kill]))
     if code != 0:
         raise RuntimeError(f"the resumed run exited with {code}")
+    if ctx.dry:
+        code, clean_s = finish(clean_run)
+        if code != 0:
+            raise RuntimeError(f"the uninterrupted run exited with {code}")
+    clean = final_steps(cfg("clean"))
+    ctx.rec.update(uninterrupted_s=round(clean_s, 2), losses=[clean[s]["loss"] for s in sorted(clean)])
     faulty = final_steps(cfg("faulty"))
     starts = [e for e in events(cfg("faulty")) if e.get("event") == "start"]
     identical = sorted(faulty) == sorted(clean) and all(faulty[s]["loss"] == clean[s]["loss"] for s in clean)
     first = {r["step"]: r["loss"] for r in step_log(cfg("faulty")) if r["attempt"] == 0}
     replayed = {s: faulty[s]["loss"] for s in first if faulty[s]["attempt"] > 0}  # run before the kill and again
+    replayed_ok = bool(replayed) and all(first[s] == v for s, v in replayed.items())
     steady = [r for s, r in sorted(clean.items()) if s > 2]
     tokens_per_s = sum(r["tokens"] for r in steady) / max(1e-9, sum(r["seconds"] for r in steady)) if steady else None
-    ctx.rec.update(status="ok" if identical and code == 0 else "failed", losses_identical=identical,
+    ctx.rec.update(status="ok" if identical and replayed_ok else "failed", losses_identical=identical,
                    resumed_from_step=starts[-1]["step"] if len(starts) > 1 else None,
                    resumed_from=starts[-1].get("resumed_from") if len(starts) > 1 else None,
                    max_abs_loss_diff=float(np.max([abs(faulty[s]["loss"] - clean[s]["loss"]) for s in clean if s in faulty])),
                    resumed_s=round(resumed_s, 2), attempts=len(starts), replayed_steps=sorted(replayed),
-                   replayed_steps_identical=bool(replayed) and all(first[s] == v for s, v in replayed.items()),
-                   tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
+                   replayed_steps_identical=replayed_ok, tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None)
     log(f"  resumed run {resumed_s:.1f} s; losses identical: {identical}")
 
 
