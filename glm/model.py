@@ -55,11 +55,13 @@ class SelfAttention(nn.Module):
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
 
-    def forward(self, x, position_ids, block_position_ids, mask, past: tuple | None, prefix: tuple | None = None):
+    def forward(self, x, position_ids, block_position_ids, mask, past: tuple | None, prefix: tuple | None = None,
+                heads: int | None = None):
         """prefix: P-Tuning v2 keys and values (B, nh, P, hd), visible to every query; the
-        mask then covers P + cached + new keys. The returned cache excludes the prefix."""
-        B, T, h = x.shape
-        nh, hd = self.config.num_heads, self.config.head_dim
+        mask then covers P + cached + new keys. The returned cache excludes the prefix.
+        heads: the heads this module holds (fewer under tensor parallelism; glm/parallel.py)."""
+        B, T, _ = x.shape
+        nh, hd = heads or self.config.num_heads, self.config.head_dim
         qkv = self.query_key_value(x).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
         q, k, v = qkv[0], qkv[1], qkv[2]
         inv_freq = self.inv_freq(x.device)
@@ -82,7 +84,7 @@ class SelfAttention(nn.Module):
             fp32_softmax_scaling=self.config.attention_softmax_fp32_scaling,
             dropout_p=self.config.attention_dropout if self.training else 0.0,
         )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, h)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.dense(y), present
 
 
@@ -257,15 +259,18 @@ class GLMModel(nn.Module):
                 x, present = block(x, position_ids, block_position_ids, mask, past, prefix)
             if use_cache:
                 presents.append(present)
-        x = self.final_layernorm(x)
-        logits = self.word_embeddings(x, project=True) if self.lm_head is None else self.lm_head(x)  # (B, T, vocab)
+        logits, loss = self.output(self.final_layernorm(x), labels)
+        return GLMOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None)
 
+    def output(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, T, vocab), mean cross-entropy over labels != IGNORE_INDEX in fp32 or None)."""
+        logits = self.word_embeddings(x, project=True) if self.lm_head is None else self.lm_head(x)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=IGNORE_INDEX
             )
-        return GLMOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None)
+        return logits, loss
 
 
 @dataclass

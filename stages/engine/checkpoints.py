@@ -80,9 +80,10 @@ class CheckpointStore:
         import pyarrow.fs as pafs
 
         try:
-            self.fs.create_dir(self.path(tag), recursive=True)
-            pafs.copy_files(os.path.join(save_dir, tag), self.path(tag),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            if os.path.isdir(os.path.join(save_dir, tag)):  # a rank may hold no files of its own
+                self.fs.create_dir(self.path(tag), recursive=True)
+                pafs.copy_files(os.path.join(save_dir, tag), self.path(tag),
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         finally:
             shutil.rmtree(save_dir, ignore_errors=True)
 

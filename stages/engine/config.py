@@ -81,9 +81,11 @@ class EngineConfig:
     max_consecutive_skips: int = 10
     """Stop the run with an error after this many consecutive optimizer steps skipped for
     non-finite losses or gradients (0 = never stop)."""
-    cpu_adam: bool = False
-    """With offload_optimizer: DeepSpeed's compiled CPU Adam (built on first use with the
-    machine's C++ toolchain) instead of torch's AdamW running on the offloaded state."""
+    cpu_adam: bool = True
+    """With offload_optimizer: DeepSpeed's compiled CPU Adam (built once per machine with its C++
+    toolchain, cached in ~/.cache/torch_extensions; 6.7x faster per step than torch's AdamW in
+    benchmarks/offload_optimizer.py). false: torch's AdamW steps the offloaded state (nothing
+    to compile)."""
     check_replicas: bool = False
     """At the end, hash every rank's full parameters and report whether the replicas are identical."""
     skip_data_ranges: list[list[int]] = field(default_factory=list)

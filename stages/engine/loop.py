@@ -64,10 +64,10 @@ class TrainSpec:
     """MLflow run to nest this training run under (a pipeline's parent run); "" = top level."""
     params: dict = field(default_factory=dict)
     """Logged as MLflow params of a new run."""
-    flops_per_token: float = 0.0
-    """Model FLOPs per trained token (6N + attention) for MFU; 0 = not reported."""
-    hardware_flops_per_token: float = 0.0
-    """FLOPs actually executed per token (with activation recomputation) for HFU; 0 = same as model FLOPs."""
+    flops_fn: Callable[[int], tuple[float, float]] | None = None
+    """sequence length of the data -> (model FLOPs, hardware FLOPs with recomputation) per trained
+    token, for MFU and HFU (e.g. glm.flops.training_flops_per_token bound to a config); None =
+    not reported."""
     grad_norm_params: dict[str, str] = field(default_factory=dict)
     """Extra gradient norms to report: metric name -> parameter name (e.g. the embedding, for EGS)."""
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +119,12 @@ def build_optimizer(model, cfg: EngineConfig):
             if params:
                 groups.append({"params": params, "lr": cfg.optim.lr * s,
                                "weight_decay": cfg.optim.weight_decay if matrices else 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    if cfg.offload_optimizer and cfg.cpu_adam and cfg.zero_stage >= 2:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled on first use
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas)
 
 
 def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], float]:
@@ -154,8 +159,8 @@ def deepspeed_config(cfg: EngineConfig, load_universal: bool = False) -> dict:
     }
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu"}
-        # the engine's torch AdamW steps the offloaded fp32 state on the CPU unless cpu_adam asks
-        # for DeepSpeed's compiled one (DeepSpeed refuses a torch optimizer without this flag)
+        # DeepSpeed's CPU Adam (cpu_adam), or torch's AdamW stepping the offloaded state on the
+        # CPU, which DeepSpeed accepts only with this flag off
         config["zero_force_ds_cpu_optimizer"] = cfg.cpu_adam
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
@@ -227,6 +232,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
             log.write({"event": "checkpoint_rejected", "checkpoint": uri, "reason": why})
 
     source = ShardSource(spec.data_uri, "train", cfg.seed, cfg.skip_data_ranges)
+    model_flops, hardware_flops = spec.flops_fn(source.seq_len) if spec.flops_fn else (0.0, 0.0)
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
     if cfg.validate_at_start and state["step"] == 0:
         val, examples = _validate(engine, spec, cfg, rank, world, device)
@@ -336,10 +342,10 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         if state["step"] % cfg.log_every == 0 or done or state["step"] == 1:
             elapsed = time.time() - t_last
             metrics["tokens_per_s"] = tokens_since / max(elapsed, 1e-9)
-            if spec.flops_per_token and cfg.peak_flops_per_worker:
+            if model_flops and cfg.peak_flops_per_worker:
                 peak = cfg.peak_flops_per_worker * world
-                metrics["mfu"] = metrics["tokens_per_s"] * spec.flops_per_token / peak
-                metrics["hfu"] = metrics["tokens_per_s"] * (spec.hardware_flops_per_token or spec.flops_per_token) / peak
+                metrics["mfu"] = metrics["tokens_per_s"] * model_flops / peak
+                metrics["hfu"] = metrics["tokens_per_s"] * hardware_flops / peak
             t_last, tokens_since = time.time(), 0
             if rank == 0:
                 print("[engine] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

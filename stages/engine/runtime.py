@@ -73,25 +73,33 @@ def fit_in_process(spec, cfg: EngineConfig) -> dict:
     cfg = dataclasses.replace(cfg, num_workers=world, storage_path=storage.absolute(cfg.storage_path))
     spec = dataclasses.replace(spec, data_uri=storage.absolute(spec.data_uri))
     use_cuda = torch.cuda.is_available() and cfg.use_gpu is not False
-    created = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
-        for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
-            os.environ.setdefault(key, str(value))
+    created = not dist.is_initialized()
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    if created:  # torchrun sets these; a lone process gets a free local port
+        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()) if world == 1 else "29500",
+                    "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)}
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-        created = True
     runtime = ProcessRuntime(rank, world, local_rank)
     try:
         run_training(spec, cfg, runtime)
     finally:
         if created:
             dist.destroy_process_group()
+            for key, value in saved.items():  # leave the environment as it was
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     if reason := stopped_reason(cfg):
         raise TrainingStopped(reason)
     return runtime.metrics
+
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 class TrainingStopped(RuntimeError):

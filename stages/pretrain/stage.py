@@ -8,6 +8,7 @@ import posixpath
 from dataclasses import asdict
 
 from glm.config import GLMConfig, padded_vocab_size
+from glm.flops import training_flops_per_token
 from stages import storage
 from stages.engine import TrainSpec, fit, lm_loss_step
 from stages.pretrain.config import PretrainConfig
@@ -47,10 +48,8 @@ def model_config(cfg: PretrainConfig) -> GLMConfig:
 
 
 def flops_per_token(config: GLMConfig, seq_len: int) -> float:
-    """6N (N without embeddings) + attention 12 * layers * hidden * seq_len (PaLM appendix B)."""
-    from glm.model import count_parameters
-
-    return 6.0 * count_parameters(config).non_embedding + 12.0 * config.num_layers * config.hidden_size * seq_len
+    """Model FLOPs per trained token (glm.flops: blocks, attention at seq_len, logits; x3)."""
+    return training_flops_per_token(config, seq_len)[0]
 
 
 def run(cfg: PretrainConfig):
@@ -69,9 +68,7 @@ def run(cfg: PretrainConfig):
         experiment=cfg.tracking.experiment,
         parent_run_id=active_run_id(),
         params={"model": asdict(config), "data": cfg.data, "output": cfg.output},
-        flops_per_token=flops_per_token(config, config.max_seq_len),
-        # activation recomputation runs the forward twice: 8N instead of 6N of hardware work
-        hardware_flops_per_token=flops_per_token(config, config.max_seq_len) * (4 / 3 if config.activation_checkpointing else 1),
+        flops_fn=functools.partial(training_flops_per_token, config),  # at the data's sequence length
         grad_norm_params={"embedding_grad_norm": "word_embeddings.weight"},
     )
     return fit(spec, cfg.engine)

@@ -10,8 +10,9 @@ from conftest import SAMPLE
 from glm.checkpoint import load_inference_checkpoint
 from glm.config import ModelSpec
 from stages.data.config import CorpusSource, DataConfig, MIPConfig, ObjectiveConfig, TokenizerSettings
-from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit, lm_loss_step
-from stages.engine.trainer import final_steps, step_log
+from stages.engine import EngineConfig, OptimConfig, TrainSpec, fit, fit_in_process, lm_loss_step
+from stages.engine.runtime import TrainingStopped
+from stages.engine.trainer import events, final_steps, step_log
 from stages.pretrain.config import PretrainConfig
 from stages.pretrain.stage import build_model, export_checkpoint, model_config
 
@@ -106,3 +107,78 @@ def test_zero3_runs_and_a_nonfinite_step_is_skipped_and_counted(data, tmp_path):
     assert all(steps[s]["loss"] == steps[s]["loss"] for s in (1, 2, 3, 4))  # the other rank's loss is reported
     model, _ = load_inference_checkpoint(out)  # the gathered ZeRO-3 weights were exported whole
     assert all(torch.isfinite(p).all() and p.numel() > 0 for p in model.parameters())
+
+# -- at scale: accumulation, non-finite steps, kills inside checkpoint writes, other worker counts
+
+
+def accum_engine(tmp: Path, name: str, **kw) -> EngineConfig:
+    """2 micro-batches per worker (global batch 8), a NaN micro-batch on one rank at step 2."""
+    return engine(tmp, name, global_batch_size=8, check_replicas=True, keep_checkpoints=5, **kw)
+
+
+def accum_spec(data_uri: str, nonfinite_steps=(1,)) -> TrainSpec:
+    config = model_config(PretrainConfig(data=data_uri, output="", model=ModelSpec("tiny", {"hidden_dropout": 0.0})))
+    return TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=lm_loss_step,
+                     nonfinite_steps=list(nonfinite_steps))
+
+
+@pytest.fixture(scope="module")
+def accumulated(data):
+    tmp, data_uri = data
+    cfg = accum_engine(tmp, "accum")
+    fit(accum_spec(data_uri), cfg)
+    return cfg, final_steps(cfg)
+
+
+def test_nan_in_one_micro_batch_skips_the_step_on_every_rank(accumulated):
+    cfg, steps = accumulated
+    assert [steps[s]["skipped"] for s in range(1, STEPS + 1)] == [0, 1, 0, 0, 0, 0]
+    assert all(len(steps[s]["indices"]) == 8 for s in steps)
+    assert [e["identical"] for e in events(cfg) if e["event"] == "replicas"] == [True]
+
+
+def test_a_kill_inside_a_checkpoint_write_resumes_from_the_previous_one(data, accumulated):
+    tmp, data_uri = data
+    cfg = accum_engine(tmp, "accum-killed", fail_at_steps=[3], fail_rank=1, fail_in_checkpoint=True)
+    fit(accum_spec(data_uri), cfg)
+    log = events(cfg)
+    rejected = [e for e in log if e["event"] == "checkpoint_rejected"]
+    assert [e["checkpoint"].rsplit("/", 1)[1] for e in rejected] == ["step00000004"]  # died while writing it
+    assert [e["resumed_from"].rsplit("/", 1)[1] for e in log if e["event"] == "start" and e["resumed_from"]] == \
+        ["step00000002"]
+    clean = accumulated[1]
+    resumed = final_steps(cfg)
+    assert [resumed[s]["loss"] for s in range(1, STEPS + 1)] == [clean[s]["loss"] for s in range(1, STEPS + 1)]
+    assert [e["identical"] for e in log if e["event"] == "replicas"] == [True]
+
+
+def test_a_two_worker_checkpoint_resumes_in_one_process_at_the_same_global_batch(data, accumulated):
+    """resume_from another run's step-2 checkpoint (written by 2 Ray workers), continued without
+    Ray by one process accumulating 4 micro-batches: DeepSpeed's universal checkpoint."""
+    tmp, data_uri = data
+    clean_cfg, clean = accumulated
+    cfg = accum_engine(tmp, "accum-one-process", resume_from=f"{tmp}/ray/accum/checkpoints/step00000002")
+    fit_in_process(accum_spec(data_uri), cfg)
+    resumed = final_steps(cfg)
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for s in (3, 4, 5, 6):
+        assert resumed[s]["indices"] == clean[s]["indices"]
+        assert resumed[s]["loss"] == pytest.approx(clean[s]["loss"], rel=1e-4)
+    assert [e["world"] for e in events(cfg) if e["event"] == "start"] == [1]
+
+
+def test_resuming_a_checkpoint_of_another_model_says_so(data, accumulated, tmp_path):
+    tmp, data_uri = data
+    config = model_config(PretrainConfig(data=data_uri, output="", model=ModelSpec("tiny", {"num_layers": 1})))
+    spec = TrainSpec(model_factory=functools.partial(build_model, config), data_uri=data_uri, step_fn=lm_loss_step)
+    cfg = engine(tmp_path, "other-model", num_workers=1, resume_from=f"{tmp}/ray/accum")
+    with pytest.raises(RuntimeError, match="cannot resume from .*accum/checkpoints/step00000006"):
+        fit_in_process(spec, cfg)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_with_a_reason(data, tmp_path):
+    _, data_uri = data
+    cfg = engine(tmp_path, "all-nan", num_workers=1, max_consecutive_skips=2)
+    with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps skipped"):
+        fit_in_process(accum_spec(data_uri, nonfinite_steps=[0, 1, 2]), cfg)
+    assert max(final_steps(cfg)) == 2  # stopped, not restarted or continued
