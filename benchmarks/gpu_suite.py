@@ -254,7 +254,7 @@ def measure_training(preset_name: str, seq_len: int, micro: int, warmup: int, st
     from glm.model import GLMModel
     from stages.engine.config import EngineConfig, OptimConfig
     from stages.engine.local import LocalEngine
-    from stages.pretrain.stage import flops_per_token
+    from glm.flops import training_flops_per_token
     from train_throughput import autocast
 
     config = preset(preset_name, max_seq_len=seq_len)
@@ -281,12 +281,11 @@ def measure_training(preset_name: str, seq_len: int, micro: int, warmup: int, st
     _sync(device)
     seconds = time.perf_counter() - t
     tokens_per_s = micro * seq_len * steps / seconds
-    fpt = flops_per_token(config, seq_len)
-    hfpt = fpt * (4 / 3 if config.activation_checkpointing else 1)
+    fpt, hfpt = training_flops_per_token(config, seq_len)  # model FLOPs (MFU), hardware FLOPs (HFU)
     out = {"preset": preset_name, "seq_len": seq_len, "micro_batch": micro, "precision": precision,
            "compiled": compiled, "compile_backend": backend if compiled else None, "parameters": sum(p.numel() for p in model.parameters()),
            "tokens_per_s": round(tokens_per_s, 1), "step_s": round(seconds / steps, 4),
-           "warmup_s": round(warm_s, 2), "timed_steps": steps, "flops_per_token": fpt,
+           "warmup_s": round(warm_s, 2), "timed_steps": steps, "flops_per_token": fpt, "hardware_flops_per_token": hfpt,
            "activation_checkpointing": config.activation_checkpointing,
            "final_loss": round(float(losses[-1]), 4), **_peak_memory(device)}
     if peak_flops:
