@@ -339,20 +339,25 @@ def part_pretrain_mfu(ctx: Context) -> None:
                 r = {"preset": name, "compiled": True, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             log(f"  {r}")
             runs.append(r)
-            ctx.rec.update(runs=runs)
+            ctx.rec.update(runs=runs, **_best_training(runs, presets))  # kept if a later compile runs over
             if ctx.device == "cuda":
                 torch.cuda.empty_cache()
+    ctx.rec.update(status="ok")
+
+
+def _best_training(runs: list[dict], presets: list[str]) -> dict:
+    """Per preset the faster of eager and compiled (and which it is)."""
     best = {}
     for name in presets:
         done = [r for r in runs if r["preset"] == name and "tokens_per_s" in r]
         if done:
             b = max(done, key=lambda r: r["tokens_per_s"])
             eager = next((r for r in done if not r["compiled"]), None)
-            best[name] = {k: b.get(k) for k in ("tokens_per_s", "mfu", "hfu", "peak_memory_gib", "compiled")}
+            best[name] = {k: b.get(k) for k in ("tokens_per_s", "mfu", "hfu", "peak_memory_gib", "compiled", "seq_len",
+                                                "precision")}
             best[name]["compile_speedup"] = (round(b["tokens_per_s"] / eager["tokens_per_s"], 3)
                                             if eager and b is not eager else None)
-    ctx.rec.update(status="ok", best=best, used={n: ("torch.compile" if b["compiled"] else "eager")
-                                                 for n, b in best.items()})
+    return {"best": best, "used": {n: ("torch.compile" if b["compiled"] else "eager") for n, b in best.items()}}
 
 
 # Part 3 ------------------------------------------------------------------------------------
@@ -426,18 +431,11 @@ def part_quant_kernels(ctx: Context) -> None:
                 log(f"  {model_name} {layer} {K}x{N} W{bits}A16 batch {M:>2}: fp16 {case['float16_ms']:.4f} ms, "
                     f"bf16 {case['bfloat16_ms']:.4f} ms, int{bits} {case[f'int{bits}_ms']:.4f} ms, "
                     f"{case['speedup']:.2f}x, {case['bandwidth_fraction']:.0%} of copy bandwidth")
-                ctx.rec.update(cases=cases)
+                ctx.rec.update(cases=cases, kernels=_worst_cases(cases))  # the summary so far survives a kill
             if ctx.device == "cuda":
                 torch.cuda.empty_cache()
-
-    def worst(bits: int, M: int, key: str):
-        values = [c[key] for c in cases if c["bits"] == bits and c["M"] == M]
-        return min(values) if values else None
-
-    summary = {f"w{bits}a16": {"speedup_b1": worst(bits, 1, "speedup"), "speedup_b16": worst(bits, 16, "speedup"),
-                               "speedup_b64": worst(bits, 64, "speedup"),
-                               "bandwidth_fraction_b1": worst(bits, 1, "bandwidth_fraction")} for bits in (4, 8)}
-    ctx.rec.update(kernels=summary, baseline="fp16 torch.matmul (bf16 beside it)")
+    ctx.rec.update(kernels=_worst_cases(cases), kernel_shapes_done=len(shapes),
+                   baseline="fp16 torch.matmul (bf16 beside it)")
 
     log(f"[quant_kernels] decoding {new_tokens} tokens, batch 1, {decode_preset} with random weights ...")
     model = build_random_model(decode_preset, ctx.device, dtype)
@@ -457,6 +455,17 @@ def part_quant_kernels(ctx: Context) -> None:
     for name in ("int8", "int4"):
         decode[name]["speedup"] = round(decode[name]["tokens_per_s"] / base, 3)
     ctx.rec.update(status="ok", decode={"preset": decode_preset, "new_tokens": new_tokens, **decode})
+
+
+def _worst_cases(cases: list[dict]) -> dict:
+    """Per bit width, the smallest speed-up and bandwidth fraction over the layers at each batch."""
+    def worst(bits: int, M: int, key: str):
+        values = [c[key] for c in cases if c["bits"] == bits and c["M"] == M]
+        return min(values) if values else None
+
+    return {f"w{bits}a16": {"speedup_b1": worst(bits, 1, "speedup"), "speedup_b16": worst(bits, 16, "speedup"),
+                            "speedup_b64": worst(bits, 64, "speedup"),
+                            "bandwidth_fraction_b1": worst(bits, 1, "bandwidth_fraction")} for bits in (4, 8)}
 
 
 # Part 4 ------------------------------------------------------------------------------------
@@ -774,7 +783,8 @@ def goals(parts: dict) -> list[dict]:
 
     mfu = parts.get("pretrain_mfu", {}).get("best", {})
     for name, b in mfu.items():
-        add(f"MFU {name} (seq 2048, bf16, {'compiled' if b.get('compiled') else 'eager'})", b.get("tokens_per_s"),
+        add(f"MFU {name} (seq {b.get('seq_len')}, {b.get('precision')}, {'compiled' if b.get('compiled') else 'eager'})",
+            b.get("tokens_per_s"),
             "peak bf16 FLOP/s", b.get("mfu"), 0.45, 2)
     k = parts.get("quant_kernels", {})
     w4 = k.get("kernels", {}).get("w4a16", {})
@@ -784,8 +794,8 @@ def goals(parts: dict) -> list[dict]:
     s = parts.get("serve_engine", {})
     levels = s.get("levels", {})
     if "c32" in levels and "c1" in levels:
-        add("serve tokens/s at concurrency 32 over 1", levels["c32"]["tokens_per_s"], levels["c1"]["tokens_per_s"],
-            s.get("ratio_c32_over_c1"), 6.0, 4)
+        c1, c32 = levels["c1"]["tokens_per_s"], levels["c32"]["tokens_per_s"]
+        add("serve tokens/s at concurrency 32 over 1", c32, c1, round(c32 / c1, 3) if c1 else None, 6.0, 4)
     e = parts.get("batched_eval", {})
     if "ratio" in e:
         add("batched multiple-choice eval over one item at a time", e["items_per_s"], e["baseline_items_per_s"],

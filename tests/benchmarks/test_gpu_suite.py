@@ -171,7 +171,8 @@ def test_an_interrupted_run_writes_what_it_measured(tmp_path):
 
 def test_goals_take_figure_baseline_and_ratio_from_the_parts():
     parts = {
-        "pretrain_mfu": {"best": {"glm_350m": {"tokens_per_s": 1.0, "mfu": 0.5, "compiled": True}}},
+        "pretrain_mfu": {"best": {"glm_350m": {"tokens_per_s": 1.0, "mfu": 0.5, "compiled": True, "seq_len": 2048,
+                                               "precision": "bf16"}}},
         "quant_kernels": {"kernels": {"w4a16": {"speedup_b1": 3.2, "speedup_b16": 2.0, "bandwidth_fraction_b1": 0.8}}},
         "serve_engine": {"levels": {"c1": {"tokens_per_s": 10.0}, "c32": {"tokens_per_s": 50.0}}, "ratio_c32_over_c1": 5.0},
         "batched_eval": {"items_per_s": 9.0, "baseline_items_per_s": 3.0, "ratio": 3.0},
