@@ -883,21 +883,22 @@ class Suite:
             env["TRITON_INTERPRET"] = "1"  # the Triton kernel runs in Triton's CPU interpreter
         cmd = self.part_command(part, result_file, time.time() + limit)
         t = time.time()
-        status = None
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, errors="replace", start_new_session=True)
-        pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
-        pump.start()
-        interrupted = False
+        status, code, pump, interrupted = None, None, None, False
         try:
-            code = self.proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            self._kill()
-            code, status = None, "timeout"
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, errors="replace", start_new_session=True)
+            pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+            pump.start()
+            try:
+                code = self.proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                status = "timeout"
         except KeyboardInterrupt:  # SIGINT / SIGTERM: keep this part's figures, then stop
             self._kill()
-            code, status, interrupted = None, "interrupted", True
-        pump.join(timeout=5)
+            status, interrupted = "interrupted", True
+        if pump:
+            pump.join(timeout=5)
         self.proc = None
         try:
             data = json.loads(Path(result_file).read_text())

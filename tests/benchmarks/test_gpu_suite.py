@@ -120,14 +120,15 @@ class StandinSuite(gpu_suite.Suite):
         return [sys.executable, "-c", STANDIN, result_file, str(part.number), str(self.sleeps[part.name])]
 
 
-def standin_parts(limit: float) -> list:
-    return [gpu_suite.Part(i, f"p{i}", limit, limit, f"stand-in {i}") for i in (1, 2, 3)]
+def standin_parts(limit: float, limits: dict | None = None) -> list:
+    limits = limits or {}
+    return [gpu_suite.Part(i, f"p{i}", limits.get(i, limit), limits.get(i, limit), f"stand-in {i}") for i in (1, 2, 3)]
 
 
 def test_a_part_over_its_limit_is_killed_keeping_its_figures_and_the_next_part_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     args = gpu_suite.parse_args(["--out", str(tmp_path / "r.json"), "--budget-s", "120"])
-    suite = StandinSuite(args, standin_parts(limit=6))
+    suite = StandinSuite(args, standin_parts(limit=60, limits={2: 6}))
     suite.sleeps = {"p1": 0, "p2": 120, "p3": 0}
     assert suite.run() == 1  # a timeout is not a success
     result = json.loads((tmp_path / "r.json").read_text())
@@ -154,10 +155,13 @@ def test_an_interrupted_run_writes_what_it_measured(tmp_path):
     suite = StandinSuite(args, standin_parts(limit=120))
     suite.sleeps = {"p1": 0, "p2": 120, "p3": 0}
 
-    def interrupt_during_p2():  # SIGINT (Ctrl-C) once the first part is done
-        while "p1" not in suite.parts:
+    def p2_has_a_figure() -> bool:
+        proc = suite.proc
+        return "p1" in suite.parts and proc is not None and "figure" in Path(proc.args[3]).read_text()
+
+    def interrupt_during_p2():  # SIGINT (Ctrl-C) once p2 has recorded a figure
+        while not p2_has_a_figure():
             time.sleep(0.1)
-        time.sleep(1)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_during_p2, daemon=True).start()
