@@ -897,7 +897,7 @@ class Suite:
         except KeyboardInterrupt:  # SIGINT / SIGTERM: keep this part's figures, then stop
             self._kill()
             status, interrupted = "interrupted", True
-        if pump:
+        if pump is not None and pump.ident is not None:  # started (an interrupt can come before)
             pump.join(timeout=5)
         self.proc = None
         try:
