@@ -77,32 +77,64 @@ def run_http(url: str, model: str, n: int, concurrency: int, max_tokens: int) ->
             "p99_ms": round(percentile(latencies, 0.99), 1) if latencies else None, "seconds": round(seconds, 2)}
 
 
-def run_inprocess(checkpoint: str, device: str, threads: int, n: int, concurrency: int, max_tokens: int) -> dict:
-    import torch
-
-    from glm.checkpoint import load_inference_checkpoint
+def decode_load(model, tokenizer, queries: list, n: int, concurrency: int, max_tokens: int, warmup: bool = True) -> dict:
+    """The serve stage's DecodeEngine (continuous batching) in this process, without Serve and
+    HTTP: `n` greedy requests of exactly `max_tokens` tokens sent `concurrency` at a time from
+    threads. Tokens/s, mean batch size, and per-token latency (the gaps between a request's
+    consecutive tokens, all requests pooled) and time to first token, p50 / p99 in ms."""
     from glm.generation import GenerationConfig
     from stages.serve.engine import DecodeEngine, wait_for
-    from stages.serve.protocol import generation_query
 
-    torch.set_num_threads(threads)
-    model, tokenizer = load_inference_checkpoint(checkpoint, device=device)
-    engine = DecodeEngine(model, tokenizer, max_batch_size=concurrency, max_waiting=n)
+    class TimedEngine(DecodeEngine):
+        """Stamps every token as the engine records it (the engine's own code path otherwise)."""
+
+        def _advance(self, row, token):
+            row.request.token_times.append(time.perf_counter())
+            return super()._advance(row, token)
+
+        def submit(self, request):
+            request.token_times, request.submitted = [], time.perf_counter()
+            self.requests.append(request)
+            return super().submit(request)
+
+    engine = TimedEngine(model, tokenizer, max_batch_size=concurrency, max_waiting=n)
+    engine.requests = []
     config = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens)
     try:
-        wait_for(engine, generation_query(tokenizer, PROMPTS[0]), config)  # warm-up
+        if warmup:
+            wait_for(engine, queries[0], config)
         engine.stats.clear()
+        engine.requests.clear()
         start = time.perf_counter()
         with cf.ThreadPoolExecutor(concurrency) as pool:
-            events = list(pool.map(lambda i: wait_for(engine, generation_query(tokenizer, PROMPTS[i % len(PROMPTS)]),
-                                                      config), range(n)))
+            events = list(pool.map(lambda i: wait_for(engine, queries[i % len(queries)], config), range(n)))
         seconds = time.perf_counter() - start
         mean_batch = engine.stats["batch_rows"] / max(1, engine.stats["steps"])
     finally:
         engine.close()
     tokens = sum(len(e.tokens) for e in events)
+    gaps = [(b - a) * 1000 for r in engine.requests for a, b in zip(r.token_times, r.token_times[1:])]
+    first = [(r.token_times[0] - r.submitted) * 1000 for r in engine.requests if r.token_times]
     return {"requests_per_s": round(n / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "mean_batch_size": round(mean_batch, 2), "seconds": round(seconds, 2)}
+            "mean_batch_size": round(mean_batch, 2), "seconds": round(seconds, 2),
+            "errors": sum(e.finish_reason == "error" for e in events),
+            "token_p50_ms": round(percentile(gaps, 0.5), 2) if gaps else None,
+            "token_p99_ms": round(percentile(gaps, 0.99), 2) if gaps else None,
+            "first_token_p50_ms": round(percentile(first, 0.5), 1) if first else None,
+            "first_token_p99_ms": round(percentile(first, 0.99), 1) if first else None}
+
+
+def run_inprocess(checkpoint: str, device: str, threads: int, n: int, concurrency: int, max_tokens: int) -> dict:
+    import torch
+
+    from glm.checkpoint import load_inference_checkpoint
+    from stages.serve.protocol import generation_query
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_inference_checkpoint(checkpoint, device=device)
+    queries = [generation_query(tokenizer, p) for p in PROMPTS]
+    r = decode_load(model, tokenizer, queries, n, concurrency, max_tokens)
+    return {k: r[k] for k in ("requests_per_s", "tokens_per_s", "mean_batch_size", "seconds")}
 
 
 def main() -> None:
