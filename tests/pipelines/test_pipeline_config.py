@@ -4,7 +4,7 @@ import pytest
 
 from conftest import REPO
 from glm.config import ConfigError
-from pipelines.full import PipelineConfig, _selected, eval_config, load_config, stage_config
+from pipelines.full import PipelineConfig, eval_config, load_config, selected_stages, stage_config
 
 SMOKE = REPO / "pipelines/configs/smoke.yaml"
 
@@ -40,8 +40,8 @@ def test_each_stage_takes_the_previous_outputs_and_the_pipeline_defaults():
 
 def test_stage_selection_and_order_are_checked():
     p = load_config(str(SMOKE))
-    assert _selected(p, "sft", None) == ["sft"]
-    assert _selected(p, None, "quantize") == ["quantize", "serve"]
+    assert selected_stages(p, "sft", None) == ["sft"]
+    assert selected_stages(p, None, "quantize") == ["quantize", "serve"]
     with pytest.raises(ConfigError, match="must be in pipeline order"):
         PipelineConfig(stages=["sft", "data"])
     with pytest.raises(ConfigError, match="not available"):
