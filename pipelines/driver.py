@@ -10,6 +10,7 @@ from glm.config import ConfigError
 from pipelines.config import PipelineConfig
 from pipelines.endpoint import check
 from pipelines.markers import Markers, fingerprint
+from pipelines.runs import describe, key_runs
 from pipelines.tracking import PipelineRun
 from pipelines.wiring import STAGES, eval_config, final_model, stage_config
 from stages import storage
@@ -50,6 +51,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                     outputs[name] = STAGES[name].run(cfg)
                     tracker.stage_done(name, outputs[name], time.time() - t0)
                 continue
+            runs = key_runs(name, cfg, upstream)  # engine runs named by their config hash
             config_hash = upstream = fingerprint(cfg, upstream)
             done = markers.finished(name, config_hash)
             if name not in selected:
@@ -64,10 +66,14 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                 tracker.stage_skipped(name, done)
             else:
                 print(f"== {name} (config {config_hash})", flush=True)
+                for r in runs:
+                    print(f"   {describe(r)}", flush=True)
+                tracker.stage_runs(name, {r.label: r.engine.run_name for r in runs})
                 t0 = time.time()
                 STAGES[name].run(cfg)
                 outputs[name] = {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
-                markers.write(name, config_hash, outputs[name], time.time() - t0)
+                markers.write(name, config_hash, outputs[name], time.time() - t0,
+                              runs={r.label: r.engine.run_name for r in runs})
                 tracker.stage_done(name, outputs[name], time.time() - t0)
                 print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
             if name in p.eval_after:

@@ -17,6 +17,7 @@ final model registered in the Model Registry (a version per run, alias `newest`)
 #   pipelines/config.py    PipelineConfig and its sections
 #   pipelines/wiring.py    the stage registry: typed configs, input wiring, load_config
 #   pipelines/markers.py   config hashes (the chain) and the finished-stage markers
+#   pipelines/runs.py      run identity: engine runs keyed by config hash, --resume-from-run
 #   pipelines/driver.py    running the stages: skip, run, evaluate, register, check
 #   pipelines/tracking.py  the MLflow parent run and the model registry
 #   pipelines/endpoint.py  the requests sent to the endpoint at the end
@@ -40,6 +41,7 @@ from pipelines.config import ORDER, CheckConfig, PipelineConfig, RegistryConfig 
 from pipelines.driver import evaluate, run, selected_stages  # noqa: E402,F401
 from pipelines.endpoint import check  # noqa: E402,F401
 from pipelines.markers import Markers, fingerprint  # noqa: E402,F401
+from pipelines.runs import apply_resume_from  # noqa: E402
 from pipelines.wiring import STAGES, eval_config, final_model, load_config, stage_config  # noqa: E402,F401
 
 
@@ -52,9 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-name", default=os.environ.get("GLM_RUN_NAME"),
                         help="pipeline name override (default: the config's `name`, or $GLM_RUN_NAME); "
                              "the same name skips finished stages and resumes an interrupted one")
+    parser.add_argument("--resume-from-run", action="append", default=[], metavar="RUN=NAME",
+                        help="start the engine run RUN (pretrain, sft, reward, ppo, dpo) from the newest "
+                             "checkpoint of run NAME (an engine run name under <work_dir>/ray, or a run or "
+                             "checkpoint directory path / URI) when it has none of its own: continue an "
+                             "earlier run after changing the config (by default a changed config trains "
+                             "anew); repeatable")
     args = parser.parse_args(argv)
     try:
         p = load_config(args.config, args.run_name)
+        apply_resume_from(p, args.resume_from_run)
         run(p, only=args.only, start=args.start)
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,11 @@ class PipelineRun:
             self.mlflow.log_metric(f"{stage}.seconds", seconds)
             self.mlflow.set_tags({f"{stage}.{k}": v for k, v in outputs.items()})
 
+    def stage_runs(self, stage: str, runs: dict[str, str]) -> None:
+        """The engine runs a stage trains in (label -> run name, keyed by its config hash)."""
+        if self.mlflow and runs:
+            self.mlflow.set_tags({f"{stage}.run.{label}": run for label, run in runs.items()})
+
     def stage_skipped(self, stage: str, marker: dict) -> None:
         if self.mlflow:
             self.mlflow.set_tags({f"{stage}.skipped": "complete output reused",
