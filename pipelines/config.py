@@ -36,6 +36,15 @@ class CheckConfig:
 
 
 @dataclass
+class ResourcesConfig:
+    """Ray resources of what the driver runs as Ray tasks: quantize and the evaluations (GPUs
+    follow each one's `device`; an evaluation's CPUs are `eval.cpus_per_task`)."""
+
+    quantize_cpus: float = 2.0
+    """Logical CPUs of the quantize task (Ray sets its torch threads to this)."""
+
+
+@dataclass
 class PipelineConfig:
     """A pipeline run: which stages, their configs, where outputs go, how it is tracked."""
 
@@ -67,6 +76,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(enabled=True))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in ORDER]

@@ -35,6 +35,8 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
 
     selected = selected_stages(p, only, start)
     p.work_dir = storage.absolute(p.work_dir.replace("{name}", p.name))
+    # stages log from other processes (Ray tasks, train workers): one store for all, decided here
+    p.tracking.tracking_uri = p.tracking.tracking_uri or default_tracking_uri()
     markers = Markers(p.work_dir)
     ensure_ray(4)
     tracker = PipelineRun(p)
@@ -48,7 +50,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                 if name in selected:
                     print(f"== {name}", flush=True)
                     t0 = time.time()
-                    outputs[name] = STAGES[name].run(cfg)
+                    outputs[name] = STAGES[name].run(cfg, p)
                     tracker.stage_done(name, outputs[name], time.time() - t0)
                 continue
             runs = key_runs(name, cfg, upstream)  # engine runs named by their config hash
@@ -70,7 +72,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                     print(f"   {describe(r)}", flush=True)
                 tracker.stage_runs(name, {r.label: r.engine.run_name for r in runs})
                 t0 = time.time()
-                STAGES[name].run(cfg)
+                STAGES[name].run(cfg, p)
                 outputs[name] = {k: storage.absolute(v) for k, v in STAGES[name].outputs(cfg).items()}
                 markers.write(name, config_hash, outputs[name], time.time() - t0,
                               runs={r.label: r.engine.run_name for r in runs})
@@ -100,7 +102,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
 def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers: Markers,
              tracker: PipelineRun) -> None:
     """Evaluate a stage's model (skipped when its report for the same config and model exists)."""
-    from stages.eval.stage import run as run_eval
+    from pipelines.placement import run_eval
 
     cfg = eval_config(p, after, model)
     name, config_hash = f"eval-{after}", fingerprint(cfg, model_hash)
@@ -110,7 +112,7 @@ def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers
         return
     print(f"== {name} (config {config_hash})", flush=True)
     t0 = time.time()
-    report = run_eval(cfg)
+    report = run_eval(cfg)  # a Ray task with its config's device
     outputs = {"report": storage.absolute(cfg.output)}
     markers.write(name, config_hash, outputs, time.time() - t0)
     tracker.stage_done(name, outputs, time.time() - t0)

@@ -42,6 +42,10 @@ from pipelines.driver import evaluate, run, selected_stages  # noqa: E402,F401
 from pipelines.endpoint import check  # noqa: E402,F401
 from pipelines.markers import Markers, fingerprint  # noqa: E402,F401
 from pipelines.runs import apply_resume_from  # noqa: E402
+from stages.cluster import shutdown_ray  # noqa: E402
+
+__all__ = ["CheckConfig", "Markers", "ORDER", "PipelineConfig", "RegistryConfig", "STAGES", "check", "eval_config",
+           "evaluate", "final_model", "fingerprint", "load_config", "main", "run", "selected_stages", "stage_config"]
 from pipelines.wiring import STAGES, eval_config, final_model, load_config, stage_config  # noqa: E402,F401
 
 
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_ray()  # a local instance (and its endpoint) goes with the driver, no process left behind
     return 0
 
 

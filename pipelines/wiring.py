@@ -22,7 +22,8 @@ class Stage:
     config_class: Callable[[], type]
     wire: Callable[[dict, dict, PipelineConfig], None]
     """(stage config dict, outputs of earlier stages, pipeline) -> fills inputs and defaults."""
-    run: Callable[[Any], Any]
+    run: Callable[[Any, PipelineConfig], Any]
+    """(typed config, pipeline) -> None, or the outputs of a deployment."""
     outputs: Callable[[Any], dict[str, str]]
     """Output URIs of a finished stage (name -> URI); `model` is the checkpoint later stages take."""
     deploys: bool = False
@@ -92,25 +93,25 @@ def _need(outputs: dict, stage: str, key: str, consumer: str) -> str:
     return outputs[stage][key]
 
 
-def _run_data(cfg) -> None:
+def _run_data(cfg, p: PipelineConfig) -> None:
     from stages.data.stage import run
 
     run(cfg)
 
 
-def _run_pretrain(cfg) -> None:
+def _run_pretrain(cfg, p: PipelineConfig) -> None:
     from stages.pretrain.stage import run
 
     run(cfg)
 
 
-def _run_sft(cfg) -> None:
+def _run_sft(cfg, p: PipelineConfig) -> None:
     from stages.sft.stage import run
 
     run(cfg)
 
 
-def _run_rlhf(cfg) -> None:
+def _run_rlhf(cfg, p: PipelineConfig) -> None:
     from stages.rlhf.stage import run
 
     if cfg.reward is not None:
@@ -118,13 +119,13 @@ def _run_rlhf(cfg) -> None:
     run(cfg.policy)
 
 
-def _run_quantize(cfg) -> None:
-    from stages.quantize.stage import run
+def _run_quantize(cfg, p: PipelineConfig) -> None:
+    from pipelines.placement import run_quantize
 
-    run(cfg)
+    run_quantize(cfg, num_cpus=p.resources.quantize_cpus)  # a Ray task with its config's device
 
 
-def _run_serve(cfg) -> dict[str, str]:
+def _run_serve(cfg, p: PipelineConfig) -> dict[str, str]:
     from stages.serve import deploy
 
     url = deploy(cfg)

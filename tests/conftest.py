@@ -53,4 +53,6 @@ def ray_instance():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
-    ray.shutdown()
+    from stages.cluster import shutdown_ray
+
+    shutdown_ray()  # and any of its processes that outlive it
