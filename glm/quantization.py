@@ -1,11 +1,6 @@
-"""Weight-only INT8 / INT4 quantization of a GLM model (GLM_SPEC.md section 4).
-
-Scheme (GLM-130B's): symmetric absmax per output row, `scale = max|W[row]| / (2^(b-1) - 1)`
-kept in fp16, `q = round(W / scale)`; optionally one scale per row and group of
-`group_size` input columns. INT4 packs two values per byte (`kernels.quant_matmul`).
-Quantized: the four linear layers of every block (`BLOCK_LINEARS`); embeddings, norms,
-biases, the output head and any other module (e.g. a P-Tuning `prefix_encoder`) stay as
-they are.
+"""Weight-only INT8 / INT4 quantization of a GLM model (GLM_SPEC.md section 4): the public
+names. The scheme (GLM-130B's absmax per output row, optional groups, INT4 packed two per byte)
+and the quantized layers are in `glm.int_quant`, re-exported here.
 
 - `quantize_model(model, spec)` swaps those layers for `QuantizedLinear` in place;
 - `quantize_checkpoint(src, dst, spec)` converts an inference checkpoint tensor by tensor

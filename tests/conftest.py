@@ -40,6 +40,15 @@ def tokenizer():
     return train_tokenizer(sample_texts(), vocab_size=3000, character_coverage=0.995)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

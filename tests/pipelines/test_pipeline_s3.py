@@ -14,18 +14,10 @@ import uuid
 import pytest
 import yaml
 
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, free_port
 
 pytestmark = pytest.mark.integration
 BUCKET = f"glm-s3-{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
