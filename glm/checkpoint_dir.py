@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from glm.filesystems import from_uri, is_remote
+from glm.filesystems import from_uri, is_remote, move_dir
 
 
 def local_path(uri: str) -> Path:
@@ -87,10 +87,10 @@ def _publish_remote(staging: Path, uri: str, required: tuple[str, ...]) -> None:
     pafs.copy_files(str(staging), partial, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     if _complete(fs, path, required):
         _delete(fs, old)
-        _move(fs, path, old)
+        move_dir(fs, path, old)
     else:  # none yet, or the remains of a replacement that crashed (old/ holds the complete one)
         _delete(fs, path)
-    _move(fs, partial, path)
+    move_dir(fs, partial, path)
     _delete(fs, old)
 
 
@@ -99,22 +99,6 @@ def _complete(fs, path: str, required: tuple[str, ...]) -> bool:
 
     infos = fs.get_file_info([f"{path}/{name}" for name in required])
     return all(i.type == pafs.FileType.File for i in infos)
-
-
-def _move(fs, src: str, dst: str) -> None:
-    """Every file under src to dst (object stores cannot rename a prefix): all copied before any
-    is deleted, so src stays complete until dst is."""
-    import pyarrow.fs as pafs
-
-    fs.create_dir(dst, recursive=True)
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
-    for file in files:
-        target = dst + file[len(src):]
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        fs.copy_file(file, target)
-    for file in files:
-        fs.delete_file(file)
-    _delete(fs, src)
 
 
 def _delete(fs, path: str) -> None:

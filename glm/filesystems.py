@@ -25,3 +25,24 @@ def from_uri(uri: str):
         fs = pafs.S3FileSystem(endpoint_override=target.netloc, scheme=target.scheme, region=region)
         return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.FileSystem.from_uri(uri)
+
+
+def move_dir(fs, src: str, dst: str) -> None:
+    """Move the directory `src` to `dst` on a pyarrow file system: one rename on a local disk;
+    on an object store, which cannot rename a prefix (pyarrow's `move` refuses directories),
+    every file copied before any is deleted, so `src` stays complete until `dst` is."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+        return
+    fs.create_dir(dst, recursive=True)
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(src, recursive=True)) if i.type == pafs.FileType.File]
+    for file in files:
+        target = dst + file[len(src):]
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.copy_file(file, target)
+    for file in files:
+        fs.delete_file(file)
+    if fs.get_file_info(src).type != pafs.FileType.NotFound:
+        fs.delete_dir(src)

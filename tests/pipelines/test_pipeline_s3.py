@@ -6,6 +6,7 @@ derived from a URI (storage.resolve strips `s3://`: a stray write would make `<b
 relative to some working directory); no process of its Ray instance is left behind."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def s3():
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
