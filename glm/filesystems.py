@@ -1,12 +1,9 @@
-"""pyarrow file systems for URIs (imported only when a URI is remote). One addition to
-`pyarrow.fs.FileSystem.from_uri`: an `s3://` URI honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
-(an S3-compatible server: MinIO, Ceph, moto), which pyarrow's S3 file system ignores
-(apache/arrow#49643) while boto3 and the AWS CLI use it."""
+"""What glm needs of pyarrow's file systems beyond `pyarrow.fs.FileSystem.from_uri` (pyarrow is
+imported only when a URI is remote). An S3-compatible server (MinIO, moto) is named by
+AWS_ENDPOINT_URL, which `from_uri` honours (checked with pyarrow 25 against moto; a bare
+`pyarrow.fs.S3FileSystem()` does not, apache/arrow#49643): always open URIs with `from_uri`."""
 
 from __future__ import annotations
-
-import os
-from urllib.parse import urlparse
 
 
 def is_remote(uri: str) -> bool:
@@ -17,13 +14,6 @@ def from_uri(uri: str):
     """(pyarrow FileSystem, path within it) for a URI."""
     import pyarrow.fs as pafs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3" and endpoint and not parsed.query:
-        target = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        fs = pafs.S3FileSystem(endpoint_override=target.netloc, scheme=target.scheme, region=region)
-        return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
     return pafs.FileSystem.from_uri(uri)
 
 

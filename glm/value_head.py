@@ -70,9 +70,9 @@ def save_reward_checkpoint(model: ScalarHeadModel, tokenizer, uri: str | Path,
     save_inference_checkpoint(model.backbone, tokenizer, uri, metadata={**(metadata or {}), "kind": "reward_model"})
     head = save_bytes({k: v.detach().cpu().contiguous().float() for k, v in model.value_head.state_dict().items()})
     if _is_remote(uri):
-        from glm.filesystems import from_uri
+        import pyarrow.fs as pafs
 
-        fs, path = from_uri(uri)
+        fs, path = pafs.FileSystem.from_uri(uri)
         with fs.open_output_stream(f"{path}/{HEAD_FILE}") as f:
             f.write(head)
     else:
@@ -89,11 +89,12 @@ def load_reward_checkpoint(uri: str | Path, device: str | torch.device = "cpu") 
     uri = str(uri)
     backbone, tokenizer = load_inference_checkpoint(uri, device=device)
     if _is_remote(uri):
+        import pyarrow.fs as pafs
+
         from glm.checkpoint import REQUIRED_FILES
         from glm.checkpoint_dir import current
-        from glm.filesystems import from_uri
 
-        fs, path = from_uri(current(uri, REQUIRED_FILES))
+        fs, path = pafs.FileSystem.from_uri(current(uri, REQUIRED_FILES))
         with fs.open_input_stream(f"{path}/{HEAD_FILE}") as f:
             data = f.read()
     else:

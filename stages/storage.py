@@ -1,6 +1,5 @@
 """Paths and URIs for the stages: local paths and object stores (s3://, gs://, ...) through
-pyarrow's file systems, so a config works the same on one machine and on a cluster. An
-S3-compatible server is named by AWS_ENDPOINT_URL (`glm.filesystems`)."""
+pyarrow's file systems, so a config works the same on one machine and on a cluster."""
 
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ def resolve(uri: str):
 
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    from glm.filesystems import from_uri
-
-    return from_uri(uri)  # s3:// honours AWS_ENDPOINT_URL (an S3-compatible server)
+    return pafs.FileSystem.from_uri(uri)  # an S3-compatible server: AWS_ENDPOINT_URL (glm/filesystems.py)
 
 
 def expand(uri: str) -> tuple[object, list[str]]:
