@@ -10,7 +10,9 @@ Every writer records the weights file's size and SHA-256; loading verifies them 
 altered file is refused, naming the file) and refuses non-finite weights (naming the tensor).
 
 `dir` may be a local path or a URI (s3://, gs://, ...): remote directories are written to a
-local temporary directory and copied with pyarrow's file systems (imported only then).
+local temporary directory and copied with pyarrow's file systems (imported only then). A
+checkpoint is replaced without a moment where none exists (`glm.checkpoint_dir`: locally `dir`
+is a link to a versioned sibling directory).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any, Callable
 
 import torch
 
+from glm.checkpoint_dir import current, local_path, publish
 from glm.config import GLMConfig
+from glm.filesystems import from_uri, is_remote
 from glm.model import GLMModel
-from glm.quantization import QuantSpec, cast_model, model_quantization, prepare_quantized
+from glm.int_quant import QuantSpec, cast_model, model_quantization, prepare_quantized
 from glm.tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,14 +39,16 @@ logger = logging.getLogger(__name__)
 FORMAT = "glm-inference-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, GLMTokenizer.MODEL_FILE)
+"""What a complete checkpoint holds."""
 
 
 def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+    return is_remote(uri)
 
 
 def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return local_path(uri)
 
 
 def save_inference_checkpoint(
@@ -164,27 +170,13 @@ def _check_finite(model: GLMModel, where: str) -> None:
 
 
 def _write_dir(uri: str, fill: Callable[[Path], None]) -> str:
-    """Let `fill` write the files into a staging directory, then move them to `uri` atomically
-    (local) or copy them there (remote)."""
+    """Let `fill` write the files into a staging directory, then make it the checkpoint at
+    `uri` without a moment where none exists (`glm.checkpoint_dir`)."""
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "ckpt"
         staging.mkdir()
         fill(staging)
-        if _is_remote(uri):
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(uri)
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(str(staging), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-            return uri
-        final = _local_path(uri)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(staging, partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        publish(staging, uri, REQUIRED_FILES)
     return uri
 
 
@@ -252,16 +244,12 @@ class _fetched:
         self.uri, self.only, self._tmp = uri, only, None
 
     def __enter__(self) -> Path:
-        if not _is_remote(self.uri):
-            path = _local_path(self.uri)
-            if not path.is_dir():
-                raise FileNotFoundError(f"checkpoint directory not found: {path}")
-            return path
-        import pyarrow.fs as pafs
-
+        uri = current(self.uri, REQUIRED_FILES)  # or the previous version while it is being replaced
+        if not _is_remote(uri):
+            return Path(uri)
         self._tmp = tempfile.TemporaryDirectory()
-        fs, path = pafs.FileSystem.from_uri(self.uri)
-        names = self.only or (WEIGHTS_FILE, CONFIG_FILE, GLMTokenizer.MODEL_FILE)
+        fs, path = from_uri(uri)
+        names = self.only or REQUIRED_FILES
         for name in names:
             with fs.open_input_stream(f"{path}/{name}") as src, open(Path(self._tmp.name) / name, "wb") as dst:
                 shutil.copyfileobj(src, dst)

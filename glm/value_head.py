@@ -91,7 +91,10 @@ def load_reward_checkpoint(uri: str | Path, device: str | torch.device = "cpu") 
     if _is_remote(uri):
         import pyarrow.fs as pafs
 
-        fs, path = pafs.FileSystem.from_uri(uri)
+        from glm.checkpoint import REQUIRED_FILES
+        from glm.checkpoint_dir import current
+
+        fs, path = pafs.FileSystem.from_uri(current(uri, REQUIRED_FILES))
         with fs.open_input_stream(f"{path}/{HEAD_FILE}") as f:
             data = f.read()
     else:

@@ -14,7 +14,7 @@ def resolve(uri: str):
 
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    return pafs.FileSystem.from_uri(uri)
+    return pafs.FileSystem.from_uri(uri)  # an S3-compatible server: AWS_ENDPOINT_URL (glm/filesystems.py)
 
 
 def expand(uri: str) -> tuple[object, list[str]]:
@@ -60,10 +60,13 @@ def exists(fs, path: str) -> bool:
 
 
 def replace_dir(fs, staging: str, final: str) -> None:
-    """Move a finished staging directory into place, replacing an old output."""
+    """Move a finished staging directory into place, replacing an old output (object stores
+    included: `glm.filesystems.move_dir`)."""
+    from glm.filesystems import move_dir
+
     if exists(fs, final):
         fs.delete_dir(final)
-    fs.move(staging, final)
+    move_dir(fs, staging, final)
 
 
 def absolute(uri: str) -> str:

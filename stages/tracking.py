@@ -1,4 +1,5 @@
-"""MLflow tracking shared by the stages: one run per stage, nested under a pipeline run if one is active.
+"""MLflow tracking shared by the stages: one run per stage, nested under a pipeline run if one is
+active (in this process, or the one a pipeline's Ray task runs for).
 
 Default store: MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working directory
 (the old ./mlruns file store is refused by MLflow 3.x). mlflow is imported only when tracking
@@ -26,13 +27,18 @@ class TrackingConfig:
     """Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
 
+PARENT_RUN_ENV = "GLM_MLFLOW_PARENT_RUN_ID"
+"""A pipeline run's id, set while a stage runs in a Ray task of the pipeline (another process)."""
+
+
 def active_run_id() -> str:
-    """The MLflow run active in this process (a pipeline's parent run), or ""; never imports mlflow."""
+    """The MLflow run active in this process (a pipeline's parent run), else the pipeline run a
+    Ray task of the pipeline runs for ($GLM_MLFLOW_PARENT_RUN_ID), or ""; never imports mlflow."""
     import sys
 
     mlflow = sys.modules.get("mlflow")
     run = mlflow.active_run() if mlflow is not None else None
-    return run.info.run_id if run else ""
+    return run.info.run_id if run else os.environ.get(PARENT_RUN_ENV, "")
 
 
 def default_tracking_uri() -> str:
@@ -89,7 +95,9 @@ def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     if mlflow.active_run() is None:
         mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+    parent = active_run_id()
+    tags = {"mlflow.parentRunId": parent} if parent and mlflow.active_run() is None else None
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=tags) as run:
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tag("stage", stage)

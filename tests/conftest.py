@@ -40,6 +40,15 @@ def tokenizer():
     return train_tokenizer(sample_texts(), vocab_size=3000, character_coverage=0.995)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -53,4 +62,6 @@ def ray_instance():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
-    ray.shutdown()
+    from stages.cluster import shutdown_ray
+
+    shutdown_ray()  # and any of its processes that outlive it

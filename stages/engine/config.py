@@ -33,6 +33,10 @@ class EngineConfig:
     """Ray Train run name: rerunning the same name with the same storage resumes it."""
     storage_path: str = "runs/train"
     """Where Ray Train keeps checkpoints (path or URI shared by all workers)."""
+    resume_from: str = ""
+    """Start from another run's state: a run directory or checkpoint directory (path or URI)
+    whose newest complete checkpoint is loaded when this run has none of its own ("" = this
+    run's own checkpoints only). Resuming a changed config on purpose."""
     num_workers: int = 2
     """Data-parallel workers."""
     use_gpu: bool | None = None

@@ -16,6 +16,12 @@ from stages.tracking import TrackingConfig
 pytestmark = pytest.mark.integration
 
 
+def engine_run(work, stage: str, label: str | None = None) -> EngineConfig:
+    """The engine run a finished stage trained in (its name carries the config hash), from its marker."""
+    name = json.loads((work / "pipeline" / f"{stage}.json").read_text())["runs"][label or stage]
+    return EngineConfig(run_name=name, storage_path=str(work / "ray"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +82,11 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
     runs = client.search_runs([exp.experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "tiny"]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"data", "tiny-pretrain", "tiny-sft", "quantize", "eval-sft", "eval-quantize"} <= children
+    pretrain, sft = (engine_run(tmp / "work", s).run_name for s in ("pretrain", "sft"))
+    assert pretrain.startswith("tiny-pretrain-") and sft.startswith("tiny-sft-")  # <pipeline>-<stage>-<config hash>
+    # quantize and the evaluations ran as Ray tasks, nested under the pipeline run all the same
+    assert {"data", pretrain, sft, "quantize", "eval-sft", "eval-quantize"} <= children
+    assert parent.data.tags["pretrain.run.pretrain"] == pretrain
     [fp, int4] = [next(r for r in runs if r.info.run_name == f"eval-{s}") for s in ("sft", "quantize")]
     assert fp.data.metrics.keys() == int4.data.metrics.keys() and "boolq/accuracy" in fp.data.metrics
     answers = json.load(open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, tracking_uri=cfg.tracking.tracking_uri,
@@ -89,12 +99,12 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
 
 def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, capsys):
     tmp, _, outputs = finished
-    before = len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray"))))
+    before = len(step_log(engine_run(tmp / "work", "pretrain")))
     again = run(tiny_pipeline(tmp, tokenizer, port=int(outputs["serve"]["url"].rsplit(":", 1)[1])))
     out = capsys.readouterr().out
     assert out.count(": skipped") == 6, out  # 4 stages and 2 evaluations
     assert again == outputs
-    assert len(step_log(EngineConfig(run_name="tiny-pretrain", storage_path=str(tmp / "work/ray")))) == before
+    assert len(step_log(engine_run(tmp / "work", "pretrain"))) == before
 
 
 def test_a_pipeline_killed_in_pretraining_resumes_from_its_checkpoint(tmp_path, tokenizer, ray_instance):
@@ -105,8 +115,42 @@ def test_a_pipeline_killed_in_pretraining_resumes_from_its_checkpoint(tmp_path, 
         run(crash)  # dies at step 3; the step-2 checkpoint remains
     rerun = tiny_pipeline(tmp_path, tokenizer, name="crash")
     rerun.stages = ["data", "pretrain"]
-    run(rerun)
-    log = step_log(EngineConfig(run_name="crash-pretrain", storage_path=str(tmp_path / "work/ray")))
+    run(rerun)  # fault injection is not part of the config hash: the same engine run, resumed
+    log = step_log(engine_run(tmp_path / "work", "pretrain"))
     # steps 1-3 before the crash at step 4; the rerun resumes from the step-2 checkpoint and replays step 3
     assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 1)]
     assert log[2]["loss"] == log[3]["loss"]
+
+
+def test_a_changed_pretraining_config_trains_anew_and_the_same_config_skips(tmp_path, tokenizer, ray_instance, capsys):
+    import mlflow
+
+    def pipeline(lr: float) -> PipelineConfig:
+        p = tiny_pipeline(tmp_path, tokenizer, name="change", pretrain_engine={"train_steps": 3, "checkpoint_every": 3,
+                                                                             "optim": {"lr": lr, "warmup_steps": 1}})
+        p.stages, p.eval_after = ["data", "pretrain"], []
+        return p
+
+    run(pipeline(1e-3))
+    first = engine_run(tmp_path / "work", "pretrain")
+    first_log = step_log(first)
+    run(pipeline(3e-3))  # changed pretraining config
+    out = capsys.readouterr().out
+    second = engine_run(tmp_path / "work", "pretrain")
+    assert second.run_name != first.run_name and second.run_name.startswith("change-pretrain-")
+    assert f"pretrain run {second.run_name} (config " in out and ": fresh run from step 1" in out, out
+    assert f"runs of other configs left as they are: {first.run_name}" in out
+    log = step_log(second)
+    assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0), (3, 0)]  # from step 1, not resumed
+    assert log[0]["loss"] == first_log[0]["loss"]  # same data and initial weights ...
+    assert log[2]["loss"] != first_log[2]["loss"]  # ... trained differently
+    assert step_log(first) == first_log  # the old run as it was
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    train_runs = {r.info.run_name: r.info.run_id for r in runs if r.info.run_name.startswith("change-pretrain-")}
+    assert set(train_runs) == {first.run_name, second.run_name}  # a new MLflow run for the new config
+
+    run(pipeline(3e-3))  # the same config again
+    out = capsys.readouterr().out
+    assert "== pretrain: complete output for config" in out and ": skipped" in out, out
+    assert step_log(second) == log

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import REPO
 from glm.config import ConfigError
-from pipelines.full import PipelineConfig, _selected, eval_config, load_config, stage_config
+from pipelines.full import PipelineConfig, eval_config, load_config, selected_stages, stage_config
 
 SMOKE = REPO / "pipelines/configs/smoke.yaml"
 
@@ -40,8 +40,8 @@ def test_each_stage_takes_the_previous_outputs_and_the_pipeline_defaults():
 
 def test_stage_selection_and_order_are_checked():
     p = load_config(str(SMOKE))
-    assert _selected(p, "sft", None) == ["sft"]
-    assert _selected(p, None, "quantize") == ["quantize", "serve"]
+    assert selected_stages(p, "sft", None) == ["sft"]
+    assert selected_stages(p, None, "quantize") == ["quantize", "serve"]
     with pytest.raises(ConfigError, match="must be in pipeline order"):
         PipelineConfig(stages=["sft", "data"])
     with pytest.raises(ConfigError, match="not available"):
@@ -65,3 +65,43 @@ def test_a_stage_hash_covers_its_config_and_everything_upstream():
     assert fingerprint(c["sft"], pretrain) != fingerprint(c["sft"], fingerprint(c["pretrain"], "another data hash"))
     c["sft"].tracking.experiment = "elsewhere"
     assert fingerprint(c["sft"], pretrain) == fingerprint(wired(p)["sft"], pretrain)  # where it logs is not what it makes
+
+
+def test_engine_runs_are_named_by_their_config_hash():
+    from pipelines.full import fingerprint
+    from pipelines.runs import key_runs
+
+    p = load_config(str(SMOKE), run_name="exp1")
+    c = wired(p)
+    [run] = key_runs("pretrain", c["pretrain"], "up")
+    assert run.engine.run_name == f"exp1-pretrain-{fingerprint(c['pretrain'], 'up')[:8]}"
+    assert run.config_hash == fingerprint(c["pretrain"], "up")  # the stage's own hash in the chain
+    changed = wired(p)["pretrain"]
+    changed.engine.optim.lr *= 2
+    assert key_runs("pretrain", changed, "up")[0].engine.run_name != run.engine.run_name
+    injected = wired(p)["pretrain"]  # fault injection and restarts: how a run gets there, not what it makes
+    injected.engine.fail_at_steps, injected.engine.max_failures = [3], 0
+    assert key_runs("pretrain", injected, "up")[0].engine.run_name == run.engine.run_name
+    reward, ppo = key_runs("rlhf", c["rlhf"], "up")
+    assert (reward.label, ppo.label) == ("reward", "ppo") and reward.engine.run_name.startswith("exp1-reward-")
+    changed = wired(p)["rlhf"]
+    changed.policy.engine.optim.lr *= 2  # a changed policy retrains the policy, not the reward model
+    reward2, ppo2 = key_runs("rlhf", changed, "up")
+    assert reward2.engine.run_name == reward.engine.run_name and ppo2.engine.run_name != ppo.engine.run_name
+
+
+def test_resume_from_run_is_explicit_and_changes_the_identity():
+    from pipelines.full import fingerprint
+    from pipelines.runs import apply_resume_from
+
+    p = load_config(str(SMOKE), run_name="exp1")
+    before = wired(p)["pretrain"]
+    assert before.engine.resume_from == ""  # never the default
+    apply_resume_from(p, ["pretrain=exp1-pretrain-0123abcd", "ppo=s3://bucket/runs/old/ray/x-ppo-1"])
+    c = wired(p)
+    assert c["pretrain"].engine.resume_from.endswith("/runs/exp1/ray/exp1-pretrain-0123abcd")  # made absolute
+    assert c["rlhf"].policy.engine.resume_from == "s3://bucket/runs/old/ray/x-ppo-1"
+    assert fingerprint(c["pretrain"]) != fingerprint(before)  # a run continued from another is another run
+    for bad, message in (("pretrain", "expected RUN=NAME"), ("dpo=x", "not an engine run"), ("eval=x", "not an engine run")):
+        with pytest.raises(ConfigError, match=message):
+            apply_resume_from(load_config(str(SMOKE)), [bad])
