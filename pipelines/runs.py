@@ -58,11 +58,12 @@ def key_runs(stage: str, cfg, upstream: str) -> list[EngineRun]:
 def describe(run: EngineRun) -> str:
     """One line for the log: a fresh run from step 1, resuming its own checkpoints, or starting
     from another run's (resume_from); and which runs of other configs are left as they were."""
-    fs, path = storage.resolve(run.run_dir)
-    own = _checkpoints(fs, path)
+    from stages.engine.checkpoints import CheckpointStore
+
+    own, _ = CheckpointStore(run.run_dir).latest()
     head = f"{run.label} run {run.engine.run_name} (config {run.config_hash})"
     if own:
-        line = f"{head}: resuming from its own checkpoint ({own[-1]})"
+        line = f"{head}: resuming from its own checkpoint ({posixpath.basename(own.uri)}, step {own.record['step']})"
     elif run.engine.resume_from:
         line = f"{head}: new run, starting from the newest checkpoint of {run.engine.resume_from} (resume_from)"
     else:
@@ -71,14 +72,6 @@ def describe(run: EngineRun) -> str:
     if others:
         line += f"; runs of other configs left as they are: {', '.join(others)}"
     return line
-
-
-def _checkpoints(fs, path: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(posixpath.basename(i.path) for i in infos
-                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
 
 
 def _other_runs(run: EngineRun) -> list[str]:

@@ -32,11 +32,7 @@ class EngineConfig:
     run_name: str = "glm-pretrain"
     """Ray Train run name: rerunning the same name with the same storage resumes it."""
     storage_path: str = "runs/train"
-    """Where Ray Train keeps checkpoints (path or URI shared by all workers)."""
-    resume_from: str = ""
-    """Start from another run's state: a run directory or checkpoint directory (path or URI)
-    whose newest complete checkpoint is loaded when this run has none of its own ("" = this
-    run's own checkpoints only). Resuming a changed config on purpose."""
+    """Where the engine keeps checkpoints and its step log (path or URI shared by all workers)."""
     num_workers: int = 2
     """Data-parallel workers."""
     use_gpu: bool | None = None
