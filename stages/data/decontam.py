@@ -1,0 +1,130 @@
+"""Decontamination against evaluation tasks: long shared n-grams (no Ray here).
+
+The driver builds an index of every n-gram (`ngram` words, or `cjk_ngram` characters for a
+mostly Chinese text; `stages.data.shingles`) of every string field of every row of the
+evaluation tasks (the task YAMLs the project ships, after their `where` filter, and any JSONL
+files the config names). A training document sharing one n-gram with a task is removed and
+counted for that task (GPT-3 and GLM-130B used 13-grams). Fields shorter than n tokens give
+no n-gram, so short answers and labels never match.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stages import storage
+from stages.data.shingles import text_ngrams
+
+
+@dataclass
+class DecontamConfig:
+    """Remove training documents that share a long n-gram with an evaluation task."""
+
+    enabled: bool = True
+    """Check every document (off: no decontamination)."""
+    tasks: list[str] = field(default_factory=lambda: ["stages/eval/tasks"])
+    """Task YAML files or directories (searched recursively), as `python -m stages.eval --tasks`."""
+    files: dict[str, str] = field(default_factory=dict)
+    """More evaluation sets: name -> JSONL path, glob or URI (every string field of every row)."""
+    ngram: int = 13
+    """n-gram length in words."""
+    cjk_ngram: int = 13
+    """n-gram length in characters for mostly-Chinese text."""
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _rows(uri: str, where: dict | None = None):
+    fs, files = storage.expand(uri)
+    for file in files:
+        for line in storage.read_bytes(fs, file).decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            if where and any(str(row.get(k)) not in map(str, v) for k, v in where.items()):
+                continue
+            yield row
+
+
+def task_sources(cfg: DecontamConfig) -> list[tuple[str, str, dict]]:
+    """(task name, data URI, where filter) of every evaluation set."""
+    out = []
+    if cfg.tasks:
+        from stages.eval.tasks import data_uri, load_tasks
+
+        for task in load_tasks(cfg.tasks):
+            out.append((task.name, data_uri(task.data), dict(task.where)))
+            if task.few_shot_data:
+                out.append((task.name, data_uri(task.few_shot_data), dict(task.where)))
+    out += [(name, uri, {}) for name, uri in sorted(cfg.files.items())]
+    return out
+
+
+def input_files(cfg: DecontamConfig) -> list[str]:
+    """The evaluation files read (for the stage's input fingerprint)."""
+    if not cfg.enabled:
+        return []
+    return sorted({uri for _, uri, _ in task_sources(cfg)})
+
+
+def build_index(cfg: DecontamConfig) -> dict:
+    """{"names": task names, "keys": sorted uint64 n-gram hashes, "tasks": task index per key,
+    "ngrams": n-grams per task}."""
+    names: list[str] = []
+    keys, owners = [], []
+    cache: dict[str, int] = {}
+    for name, uri, where in task_sources(cfg):
+        if name not in names:
+            names.append(name)
+        t = names.index(name)
+        grams = [text_ngrams(s, cfg.ngram, cfg.cjk_ngram, cache) for row in _rows(uri, where) for s in _strings(row)]
+        grams = np.unique(np.concatenate(grams)) if grams else np.zeros(0, dtype=np.uint64)
+        keys.append(grams)
+        owners.append(np.full(len(grams), t, dtype=np.int32))
+    if not keys:
+        return {"names": [], "keys": np.zeros(0, np.uint64), "tasks": np.zeros(0, np.int32), "ngrams": {}}
+    k, o = np.concatenate(keys), np.concatenate(owners)
+    pairs = np.unique(np.stack([k, o.astype(np.uint64)], axis=1), axis=0)  # sorted by key, then task
+    per_task = np.bincount(pairs[:, 1].astype(np.int64), minlength=len(names))
+    return {"names": names, "keys": pairs[:, 0].copy(), "tasks": pairs[:, 1].astype(np.int32),
+            "ngrams": {n: int(c) for n, c in zip(names, per_task)}}
+
+
+def to_bytes(index: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=index["keys"], tasks=index["tasks"], names=np.array(index["names"], dtype=object))
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> dict:
+    z = np.load(io.BytesIO(data), allow_pickle=True)
+    return {"keys": z["keys"], "tasks": z["tasks"], "names": [str(n) for n in z["names"]]}
+
+
+def matches(text: str, index: dict, cfg: DecontamConfig, cache: dict | None = None) -> list[int]:
+    """Indices of the tasks sharing an n-gram with the text (sorted; empty = clean)."""
+    keys = index["keys"]
+    if len(keys) == 0:
+        return []
+    grams = text_ngrams(text, cfg.ngram, cfg.cjk_ngram, cache)
+    pos = np.minimum(np.searchsorted(keys, grams), len(keys) - 1)
+    hit = grams[keys[pos] == grams]
+    if len(hit) == 0:
+        return []
+    lo, hi = np.searchsorted(keys, hit, "left"), np.searchsorted(keys, hit, "right")
+    return sorted({int(t) for a, b in zip(lo.tolist(), hi.tolist()) for t in index["tasks"][a:b].tolist()})
