@@ -181,7 +181,7 @@ def main() -> None:
 
         from glm.tokenizer import train_tokenizer
 
-        tok = train_tokenizer(originals[::max(1, n // 100)], 2000, character_coverage=0.995).save(work)
+        tok = train_tokenizer(originals[::max(1, n // 100)], 4000, character_coverage=0.98).save(work)
 
         def config(out: str, workers: int) -> DataConfig:
             return DataConfig(

@@ -128,3 +128,36 @@ def matches(text: str, index: dict, cfg: DecontamConfig, cache: dict | None = No
         return []
     lo, hi = np.searchsorted(keys, hit, "left"), np.searchsorted(keys, hit, "right")
     return sorted({int(t) for a, b in zip(lo.tolist(), hi.tolist()) for t in index["tasks"][a:b].tolist()})
+
+
+def cached_index(cfg: DecontamConfig) -> tuple[bytes, list[str]]:
+    """(index bytes, task names), from a local cache keyed by the config and every evaluation
+    file's size and modification time ($GLM_CACHE or ~/.cache/glm-pipeline/decontam): the
+    shipped tasks' index takes seconds to build and rarely changes."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    parts = [json.dumps([cfg.tasks, sorted(cfg.files.items()), cfg.ngram, cfg.cjk_ngram])]
+    for name, uri, where in task_sources(cfg):
+        fs, files = storage.expand(uri)
+        parts.append(json.dumps([name, where], sort_keys=True))
+        parts += [f"{i.path}:{i.size}:{i.mtime_ns}" for i in fs.get_file_info(files) if i.type == pafs.FileType.File]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    root = Path(os.environ.get("GLM_CACHE", Path.home() / ".cache" / "glm-pipeline")) / "decontam"
+    path = root / f"{key}.npz"
+    if path.exists():
+        data = path.read_bytes()
+        return data, from_bytes(data)["names"]
+    index = build_index(cfg)
+    data = to_bytes(index)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError:  # a read-only home: no cache, same result
+        pass
+    return data, index["names"]

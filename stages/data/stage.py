@@ -41,7 +41,7 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         self.step += 1
-        print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.0f}s] {message}", flush=True)
+        print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.1f}s] {message}", flush=True)
 
 
 def completed_output(cfg: DataConfig) -> dict | None:
@@ -193,10 +193,10 @@ def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:
         return "", []
     from stages.data import decontam
 
-    index = decontam.build_index(cfg.decontamination)
+    data, names = decontam.cached_index(cfg.decontamination)
     path = posixpath.join(staging, "_rows", "decontam.npz")  # deleted with the rows
-    storage.write_bytes(fs, path, decontam.to_bytes(index))
-    return path, index["names"]
+    storage.write_bytes(fs, path, data)
+    return path, names
 
 
 def _tokenizer(cfg: DataConfig, placed, total_chars: int) -> GLMTokenizer:
