@@ -153,3 +153,17 @@ def test_plan_counts_and_is_independent_of_row_order():
     q = corpus.plan(screened([en, zh], routed, lambda n: list(range(n))), routed)
     assert q.per_source[0]["routed_out"] == 1 and q.per_source[1]["routed_in"] == 1
     assert sorted(q.routed.values()) == [0, 1]
+
+
+def test_apply_plan_drops_routes_and_cuts_paragraphs():
+    import pyarrow as pa
+
+    texts = ["first paragraph\n\nshared paragraph", "other\n\nshared paragraph\n\nlast", "gone"]
+    batch = pa.table({"doc_key": pa.array([10, 20, 30], pa.int64()), "text": texts,
+                      "source": pa.array([0, 0, 1], pa.int32()),
+                      "doc_hash": pa.array([corpus.doc_hash(t) for t in texts], pa.int64())})
+    out = corpus.apply_plan(batch, removed=np.array([30], np.int64), routed={10: 1}, cut={20: [1]})
+    assert out["text"].to_pylist() == [texts[0], "other\n\nlast"]
+    assert out["source"].to_pylist() == [1, 0]
+    assert out["doc_hash"].to_pylist() == [corpus.doc_hash(texts[0]), corpus.doc_hash("other\n\nlast")]
+    assert out["duplicate"].to_pylist() == [False, False]
