@@ -25,8 +25,7 @@ import pyarrow as pa
 
 from stages import storage
 from stages.data import decontam, dedup, langid, quality
-from stages.data.config import CleanConfig
-from stages.data.documents import doc_hash, file_format, parse_file
+from stages.data.documents import doc_hash
 
 SCREEN_SCHEMA = pa.schema([
     ("source", pa.int32()), ("path", pa.string()), ("line", pa.int64()), ("text", pa.string()),
@@ -109,14 +108,14 @@ def screen_rows(rows: list[dict], settings: dict) -> list[dict]:
 
 
 def parse_and_screen(batch: dict, sources: list[dict], clean: dict, screen: dict) -> pa.Table:
-    """read_binary_files batch (bytes, path) -> one row per input row with its verdict."""
-    cfg = CleanConfig(**clean)
-    rows = []
-    for data, path in zip(batch["bytes"], batch["path"]):
-        source = next(i for i, s in enumerate(sources) if path in s["files"])
-        s = sources[source]
-        rows += parse_file(bytes(data), path, source, file_format(path, s["format"]), s["text_field"], cfg)
-    return pa.Table.from_pylist(screen_rows(rows, screen), schema=SCREEN_SCHEMA)
+    """read_binary_files batch (bytes, path) -> one row per input row with its verdict: the
+    columns of `steps.parse_files` (whatever it adds flows through), then the screening's."""
+    from stages.data.steps import parse_files
+
+    parsed = parse_files(batch, sources, clean)
+    rows = screen_rows(parsed.to_pylist(), screen)
+    schema = pa.schema(list(parsed.schema) + [f for f in SCREEN_SCHEMA if f.name not in parsed.schema.names])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 # --- the driver's plan ---------------------------------------------------------------------
