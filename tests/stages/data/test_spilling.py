@@ -26,6 +26,19 @@ JOB = textwrap.dedent("""
 
     work, store_mb, corpus_mb = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES = 1 << 20  # Ray refuses stores under 75 MiB otherwise
+    import socket
+    import ray._private.parameter as parameter
+
+    with socket.socket() as s:  # the dashboard agent's fixed default port may be another instance's
+        s.bind(("127.0.0.1", 0))
+        agent_port = s.getsockname()[1]
+    _init = parameter.RayParams.__init__
+
+    def _params(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+        _init(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = _params
     ray.init(num_cpus=4, object_store_memory=store_mb << 20, include_dashboard=False, log_to_driver=False,
              object_spilling_directory=str(work / "spill"), _temp_dir=sys.argv[5])
 
