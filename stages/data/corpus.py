@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages import storage
-from stages.data import decontam, dedup, langid, quality
+from stages.data import decontam, dedup, langid, quality, shingles
 from stages.data.documents import doc_hash
 
 SCREEN_SCHEMA = pa.schema([
@@ -75,7 +75,9 @@ def screen_rows(rows: list[dict], settings: dict) -> list[dict]:
         if r["reason"]:
             continue
         text = r["text"]
-        rule = quality.check(text, q)
+        toks = shingles.tokens(text)
+        hashes = shingles.token_hashes(toks)
+        rule = quality.check(text, q, toks, hashes)
         if rule:
             r.update(reason="quality", detail=rule)
         if not r["reason"] and lang_cfg.enabled:
@@ -94,14 +96,14 @@ def screen_rows(rows: list[dict], settings: dict) -> list[dict]:
                     else:
                         r["route"] = target
         if not r["reason"] and index is not None:
-            hits = decontam.matches(text, index, dc)
+            hits = decontam.matches(text, index, dc, toks=toks, hashes=hashes)
             if hits:
                 r.update(reason="contaminated", detail=",".join(index["names"][t] for t in hits))
         if r["reason"]:
             r["snippet"], r["text"] = text[:SNIPPET_CHARS], ""
             continue
         if dd.near:
-            r["signature"] = dedup.signature(dedup.shingles(text, dd.shingle_size), a, b).tobytes()
+            r["signature"] = dedup.signature(dedup.shingles(text, dd.shingle_size, hashes=hashes), a, b).tobytes()
         if dd.paragraphs:
             r["paragraphs"] = _paragraph_hashes(text, dd.min_paragraph_chars)
     return rows

@@ -116,12 +116,13 @@ def from_bytes(data: bytes) -> dict:
     return {"keys": z["keys"], "tasks": z["tasks"], "names": [str(n) for n in z["names"]]}
 
 
-def matches(text: str, index: dict, cfg: DecontamConfig, cache: dict | None = None) -> list[int]:
+def matches(text: str, index: dict, cfg: DecontamConfig, cache: dict | None = None,
+            toks: list[str] | None = None, hashes: np.ndarray | None = None) -> list[int]:
     """Indices of the tasks sharing an n-gram with the text (sorted; empty = clean)."""
     keys = index["keys"]
     if len(keys) == 0:
         return []
-    grams = text_ngrams(text, cfg.ngram, cfg.cjk_ngram, cache)
+    grams = text_ngrams(text, cfg.ngram, cfg.cjk_ngram, cache, toks, hashes)
     pos = np.minimum(np.searchsorted(keys, grams), len(keys) - 1)
     hit = grams[keys[pos] == grams]
     if len(hit) == 0:

@@ -69,9 +69,10 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def shingles(text: str, size: int, cache: dict | None = None) -> np.ndarray:
-    """Unique shingle hashes; a document shorter than one shingle is one shingle of all its tokens."""
-    hashes = token_hashes(tokens(text), cache)
+def shingles(text: str, size: int, cache: dict | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+    """Unique shingle hashes; a document shorter than one shingle is one shingle of all its tokens
+    (hashes: the text's token hashes, when already computed)."""
+    hashes = token_hashes(tokens(text), cache) if hashes is None else hashes
     if len(hashes) == 0:
         return np.zeros(0, dtype=np.uint64)
     return np.unique(ngram_hashes(hashes, min(size, len(hashes))))

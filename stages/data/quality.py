@@ -11,6 +11,7 @@ word length rule, and n-gram repetition measured on character n-grams with their
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ STOP_WORDS_EN = ("the", "be", "to", "of", "and", "that", "have", "with")
 # modern (的 了 是 在 和 有 我 他 这 也 就 不 人 都 一) and classical (之 而 其 以 者 於 乎 焉 矣 也) function characters
 STOP_WORDS_ZH = ("的", "了", "是", "在", "和", "有", "我", "他", "这", "就", "不", "人", "都", "一",
                  "之", "而", "其", "以", "者", "於", "于", "乎", "焉", "矣", "也", "曰")
+_LETTER = re.compile(r"[^\W\d_]")
 BULLETS = ("•", "●", "‣", "–", "- ", "* ", "·", "\u2022", "\u25aa")
 
 
@@ -128,8 +130,9 @@ def _duplicate_ngram_share(hashes: np.ndarray, lengths: np.ndarray, n: int, tota
     return float(lengths[covered].sum()) / total
 
 
-def check(text: str, cfg: QualityConfig, toks: list[str] | None = None) -> str:
-    """"" if the document passes every rule, else the first rule it fails."""
+def check(text: str, cfg: QualityConfig, toks: list[str] | None = None, hashes: np.ndarray | None = None) -> str:
+    """"" if the document passes every rule, else the first rule it fails (toks / hashes: the
+    text's tokens and token hashes, when already computed)."""
     if not cfg.enabled:
         return ""
     toks = tokens(text) if toks is None else toks
@@ -152,7 +155,7 @@ def check(text: str, cfg: QualityConfig, toks: list[str] | None = None) -> str:
         if sum(1 for l in lines if l.endswith(("...", "…"))) / len(lines) > cfg.max_ellipsis_lines:
             return "ellipsis_lines"
     words = text.split() if not zh else toks
-    if words and sum(1 for w in words if any(c.isalpha() for c in w)) / len(words) < cfg.min_alpha_words:
+    if words and sum(1 for w in words if _LETTER.search(w)) / len(words) < cfg.min_alpha_words:
         return "alpha_words"
     stop = STOP_WORDS_ZH if zh else STOP_WORDS_EN
     counts = Counter(toks) if len(toks) < 50_000 else Counter(toks[:50_000])
@@ -169,7 +172,7 @@ def check(text: str, cfg: QualityConfig, toks: list[str] | None = None) -> str:
         return "duplicate_line_chars"
     if para_chars > cfg.max_duplicate_paragraph_chars:
         return "duplicate_paragraph_chars"
-    hashes = token_hashes(toks)
+    hashes = token_hashes(toks) if hashes is None else hashes
     total = int(lengths.sum())
     top, repeated = (cfg.cjk_max_top_ngram, cfg.cjk_max_duplicate_ngrams) if zh else (
         cfg.max_top_ngram, cfg.max_duplicate_ngrams)

@@ -33,7 +33,9 @@ def is_cjk_token(token: str) -> bool:
 
 def cjk_share(toks: list[str]) -> float:
     """Share of tokens that are CJK characters (0 for no tokens)."""
-    return sum(1 for t in toks if is_cjk_token(t)) / len(toks) if toks else 0.0
+    if not toks:
+        return 0.0
+    return len(CJK_RE.findall("".join(t for t in toks if len(t) == 1))) / len(toks)
 
 
 _CACHE: dict[str, int] = {}
@@ -75,8 +77,10 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
         return mix64(acc ^ np.uint64(n))
 
 
-def text_ngrams(text: str, n: int, cjk_n: int | None = None, cache: dict | None = None) -> np.ndarray:
-    """Unique n-gram hashes of a text: n tokens, or cjk_n when most tokens are CJK characters."""
-    toks = tokens(text)
+def text_ngrams(text: str, n: int, cjk_n: int | None = None, cache: dict | None = None,
+                toks: list[str] | None = None, hashes: np.ndarray | None = None) -> np.ndarray:
+    """Unique n-gram hashes of a text: n tokens, or cjk_n when most tokens are CJK characters
+    (toks / hashes: the text's tokens and token hashes, when already computed)."""
+    toks = tokens(text) if toks is None else toks
     size = cjk_n if cjk_n and cjk_share(toks) >= 0.5 else n
-    return np.unique(ngram_hashes(token_hashes(toks, cache), size))
+    return np.unique(ngram_hashes(token_hashes(toks, cache) if hashes is None else hashes, size))
