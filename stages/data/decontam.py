@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -61,16 +62,41 @@ def _rows(uri: str, where: dict | None = None):
             yield row
 
 
-def task_sources(cfg: DecontamConfig) -> list[tuple[str, str, dict]]:
-    """(task name, data URI, where filter) of every evaluation set."""
-    out = []
-    if cfg.tasks:
-        from stages.eval.tasks import data_uri, load_tasks
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-        for task in load_tasks(cfg.tasks):
-            out.append((task.name, data_uri(task.data), dict(task.where)))
-            if task.few_shot_data:
-                out.append((task.name, data_uri(task.few_shot_data), dict(task.where)))
+
+def _repo_path(path: str) -> str:
+    """A URI or absolute path unchanged; a relative path from the working directory when it
+    exists there, else from the repo root (as `python -m stages.eval --tasks` resolves them)."""
+    if "://" in path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(REPO_ROOT / path)
+
+
+def task_sources(cfg: DecontamConfig) -> list[tuple[str, str, dict]]:
+    """(task name, data URI, where filter) of every evaluation set. Reads the task YAMLs' `name`,
+    `data`, `few_shot_data` and `where` directly (stages.eval would import torch)."""
+    import yaml
+
+    out = []
+    files: list[Path] = []
+    for p in cfg.tasks:
+        path = Path(_repo_path(p))
+        if path.is_dir():
+            files += sorted(path.rglob("*.yaml")) + sorted(path.rglob("*.yml"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"decontamination: task path not found: {p}")
+    for file in sorted(set(f.resolve() for f in files)):
+        task = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        if not isinstance(task, dict) or "data" not in task:
+            continue
+        name, where = str(task.get("name", file.stem)), dict(task.get("where") or {})
+        for key in ("data", "few_shot_data"):
+            if task.get(key):
+                data = str(task[key])  # as stages.eval.tasks.data_uri: relative to the repo root
+                out.append((name, data if "://" in data or Path(data).is_absolute() else str(REPO_ROOT / data), where))
     out += [(name, uri, {}) for name, uri in sorted(cfg.files.items())]
     return out
 
