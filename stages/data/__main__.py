@@ -1,9 +1,11 @@
 """python -m stages.data --config FILE [--output URI] [--workers N] [--track]
 
-Reads the corpora and MIP sets named in the config, cleans and de-duplicates them, trains (or
-reuses) the tokenizer, builds GLM blank-infilling rows mixed with MIP rows, and writes Parquet
-shards (train/, validation/), tokenizer.model and manifest.json to the output. A complete
-output for the same config is reused, not rebuilt.
+Reads the corpora and MIP sets named in the config, cleans and screens them (Gopher quality
+rules, language identification, decontamination against the evaluation tasks), removes exact
+and near-duplicates (MinHash LSH), trains (or reuses) the tokenizer, builds GLM blank-infilling rows mixed with MIP rows, and writes Parquet
+shards (train/, validation/), tokenizer.model, manifest.json, rejected/<rule>.jsonl samples and
+dedup_clusters.parquet to the output. A complete output for the same config and unchanged input
+files is reused, not rebuilt.
 """
 
 import argparse

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from glm.config import ConfigError
+from stages.data.decontam import DecontamConfig
+from stages.data.dedup import DedupConfig
+from stages.data.langid import LanguageConfig
+from stages.data.quality import QualityConfig
 from stages.tracking import TrackingConfig
 
 
@@ -22,7 +26,8 @@ class CorpusSource:
     text_field: str = "text"
     """Field holding the document (JSONL, Parquet). Plain text: one document per line."""
     language: str = "en"
-    """Language tag, reported in the manifest."""
+    """Language tag, reported in the manifest and checked by language identification ("en", "zh";
+    "en,zh" accepts either; "any" or "mixed" turns the check off for this source)."""
     weight: float = 1.0
     """Sampling weight: 2.0 uses every document twice, 0.5 a deterministic half."""
     name: str = ""
@@ -145,6 +150,12 @@ class DataConfig:
     tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     mip: MIPConfig = field(default_factory=MIPConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    decontamination: DecontamConfig = field(default_factory=DecontamConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    rejected_samples: int = 20
+    """Rejected documents (first 1000 characters) written per rule to rejected/<rule>.jsonl."""
     validation_fraction: float = 0.01
     """Share of documents (chosen by content hash) held out for the validation split."""
     num_buckets: int = 16

@@ -15,7 +15,8 @@ from typing import Iterator
 
 from stages.data.config import CleanConfig
 
-REASONS = ("bad_json", "invalid_utf8", "missing_field", "empty", "too_short", "too_long", "duplicate")
+REASONS = ("bad_json", "invalid_utf8", "missing_field", "empty", "too_short", "too_long", "quality", "language",
+           "contaminated", "near_duplicate", "duplicate")
 
 # Control characters except newline and tab (category Cc), plus other invisible format
 # characters that break tokenization (zero-width no-break space / BOM).

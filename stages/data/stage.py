@@ -41,7 +41,7 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         self.step += 1
-        print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.0f}s] {message}", flush=True)
+        print(f"[data {self.step}/{self.total} +{time.time() - self.t0:.1f}s] {message}", flush=True)
 
 
 def completed_output(cfg: DataConfig) -> dict | None:
@@ -51,7 +51,11 @@ def completed_output(cfg: DataConfig) -> dict | None:
     if not storage.exists(fs, manifest_path):
         return None
     manifest = json.loads(storage.read_bytes(fs, manifest_path))
-    return manifest if manifest.get("config_hash") == cfg.fingerprint() else None
+    if manifest.get("config_hash") != cfg.fingerprint():
+        return None
+    from stages.data.corpus import inputs_fingerprint  # a changed input file rebuilds
+
+    return manifest if manifest.get("inputs") == inputs_fingerprint(cfg) else None
 
 
 def run(cfg: DataConfig) -> str:
@@ -76,7 +80,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
     import ray.data as rd
     from ray.data import ActorPoolStrategy
 
-    from stages.data import steps
+    from stages.data import corpus, steps
 
     ensure_ray(cfg.workers + 2)
     context = rd.DataContext.get_current()
@@ -95,26 +99,30 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         reads = [rd.read_binary_files(src["files"], include_paths=True, filesystem=src["fs"]) for src in sources]
         docs = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
         plain_sources = [{k: v for k, v in s.items() if k != "fs"} for s in sources]
-        docs = docs.map_batches(steps.parse_files, batch_size=1, fn_kwargs={
-            "sources": plain_sources, "clean": dataclasses.asdict(cfg.clean)}).materialize()
-        counts = docs.select_columns(["source", "reason"]).to_pandas().groupby(["source", "reason"]).size().to_dict()
+        inputs = corpus.inputs_fingerprint(cfg)
+        index_path, task_names = _decontam_index(cfg, out_fs, staging)
+        docs = docs.map_batches(corpus.parse_and_screen, batch_size=1, fn_kwargs={
+            "sources": plain_sources, "clean": dataclasses.asdict(cfg.clean),
+            "screen": corpus.screen_settings(cfg, index_path, out_fs)}).materialize()
+        plan = corpus.plan(corpus.collect(docs), cfg, task_names, cfg.rejected_samples)
+        counts = plan.counts
         rows_read = sum(counts.values())
         progress(f"read {rows_read:,} rows from {sum(len(s['files']) for s in sources)} files; "
                  f"rejected {sum(v for (s, r), v in counts.items() if r):,}")
 
-        # 2. exact de-duplication by content hash (first copy in source/path/line order kept),
-        #    then source weights, the validation split and hash buckets
+        # 2. exact and near-duplicates removed as planned (first copy in source/path/line order
+        #    kept), then source weights, the validation split and hash buckets
         partitions = _partitions(cfg)
-        marked = docs.filter(expr="reason == ''").groupby("doc_hash", num_partitions=partitions).map_groups(
-            steps.mark_duplicates, batch_format="pyarrow")
+        marked = docs.filter(expr="reason == ''").map_batches(corpus.apply_plan, batch_format="pyarrow",
+                                                              fn_kwargs=plan.kwargs())
         placed = marked.map_batches(steps.assign_buckets, batch_format="numpy", fn_kwargs={
             "weights": [s.weight for s in cfg.sources], "validation_fraction": cfg.validation_fraction,
             "num_buckets": cfg.num_buckets}).materialize()
         summary = placed.select_columns(["source", "bucket", "chars"]).to_pandas()
-        duplicates = summary[summary["bucket"] < 0].groupby("source").size().to_dict()
+        duplicates = {s: n + counts.get((s, "near_duplicate"), 0) for s, n in plan.duplicates.items()}
         placed = placed.filter(expr="bucket >= 0")
         total_chars = int(summary.loc[summary["bucket"] >= 0, "chars"].sum())
-        progress(f"kept {rows_read - sum(v for (s, r), v in counts.items() if r) - sum(duplicates.values()):,} "
+        progress(f"kept {sum(v for (s, r), v in counts.items() if not r):,} "
                  f"documents ({sum(duplicates.values()):,} duplicates); {int((summary['bucket'] >= 0).sum()):,} "
                  f"after weights, {total_chars / 1e6:.1f}M characters")
 
@@ -159,7 +167,9 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
                  f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
 
         # 7. manifest, tokenizer, move into place
-        manifest = _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer, control_docs)
+        manifest = _manifest(cfg, counts, plan.duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer,
+                             control_docs)
+        corpus.add_to_manifest(manifest, plan, cfg, inputs, corpus.write_side_files(plan, out_fs, staging))
         storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
         storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
                             json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
@@ -178,6 +188,18 @@ def _partitions(cfg: DataConfig) -> int:
     import ray
 
     return max(2, int(ray.cluster_resources().get("CPU", cfg.workers)))
+
+
+def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:
+    """The evaluation tasks' n-gram index, written to the staging directory for the workers."""
+    if not cfg.decontamination.enabled:
+        return "", []
+    from stages.data import decontam
+
+    data, names = decontam.cached_index(cfg.decontamination)
+    path = posixpath.join(staging, "_rows", "decontam.npz")  # deleted with the rows
+    storage.write_bytes(fs, path, data)
+    return path, names
 
 
 def _tokenizer(cfg: DataConfig, placed, total_chars: int) -> GLMTokenizer:

@@ -41,15 +41,6 @@ DOC_SCHEMA = pa.schema([("source", pa.int32()), ("path", pa.string()), ("line", 
                         ("text", pa.string()), ("reason", pa.string()), ("doc_hash", pa.int64())])
 
 
-def mark_duplicates(group: pa.Table) -> pa.Table:
-    """Within one content hash: the first copy in (source, path, line) order is kept."""
-    order = sorted(range(group.num_rows), key=lambda i: (group["source"][i].as_py(), group["path"][i].as_py(),
-                                                          group["line"][i].as_py()))
-    duplicate = [True] * group.num_rows
-    duplicate[order[0]] = False
-    return group.append_column("duplicate", pa.array(duplicate))
-
-
 def assign_buckets(batch: dict, weights: list[float], validation_fraction: float, num_buckets: int) -> pa.Table:
     """Apply source weights (copies), the validation split and the bucket, all from the content hash.
 

@@ -13,6 +13,7 @@ from glm.tokenizer import GLMTokenizer
 from stages.data.blank_infilling import KIND_MIP
 from stages.data.config import (CleanConfig, CorpusSource, DataConfig, MIPConfig, MIPDataset, ObjectiveConfig,
                                 TokenizerSettings, TrackingConfig)
+from stages.data.quality import QualityConfig
 from stages.data.stage import run
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ def config(tmp: Path, corpus: Path, out: str, workers: int = 2, **kw) -> DataCon
         MIPDataset(uri=str(SAMPLE / "mip/zh_xcopa_val.jsonl"), templates="zh/xcopa.yaml"),
     ])
     fields = dict(
-        sources=[CorpusSource(uri=str(corpus / "*.jsonl"), name="tiny")], output=str(tmp / out),
+        sources=[CorpusSource(uri=str(corpus / "*.jsonl"), name="tiny", language="en,zh")], output=str(tmp / out),
         clean=CleanConfig(min_chars=10), tokenizer=TokenizerSettings(vocab_size=3000, character_coverage=0.98),
         objective=ObjectiveConfig(seq_len=128, mask_window=32), mip=mip, validation_fraction=0.05,
         num_buckets=3, rows_per_shard=100, workers=workers)
@@ -87,7 +88,8 @@ def test_manifest_counts_and_mip_share(built):
     m = json.loads((out["a"] / "manifest.json").read_text())
     src = m["sources"]["tiny"]
     assert src["rows_read"] == len(texts) + 1 and src["rejected"]["duplicate"] == 1
-    assert src["kept"] == len(texts)
+    filtered = sum(src["rejected"][r] for r in ("quality", "language", "contaminated", "near_duplicate"))
+    assert src["kept"] == len(texts) - filtered and filtered < len(texts) // 4  # classical poems: some repetitive
     assert src["documents_with_control_strings"] == sum(GLMTokenizer.has_control_strings(t) for t in texts) == 3
     assert abs(m["mip"]["token_share"] - 0.05) < 0.005
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["validation"]["rows"] > 0
@@ -197,7 +199,8 @@ def test_corrupted_corpus_is_counted_and_good_rows_kept(tmp_path, ray_instance, 
         b"",
     ] + [json.dumps({"text": g}).encode() for g in good[3:]]
     (corpus / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    cfg = config(tmp_path, corpus, "out", clean=CleanConfig(min_chars=10, max_chars=100_000))
+    cfg = config(tmp_path, corpus, "out", clean=CleanConfig(min_chars=10, max_chars=100_000),
+                 quality=QualityConfig(enabled=False))  # the good rows are short
     cfg.mip = MIPConfig(token_share=0.0)
     cfg.tokenizer = TokenizerSettings(path=str(tokenizer.save(tmp_path)))  # reuse a tokenizer
     cfg.objective = ObjectiveConfig(seq_len=64, mask_window=32)
@@ -205,7 +208,8 @@ def test_corrupted_corpus_is_counted_and_good_rows_kept(tmp_path, ray_instance, 
     src = m["sources"]["tiny"]
     assert src["rows_read"] == len(lines)
     assert src["rejected"] == {"bad_json": 1, "invalid_utf8": 1, "missing_field": 1, "empty": 2, "too_short": 1,
-                               "too_long": 1, "duplicate": 0}
+                               "too_long": 1, "quality": 0, "language": 0, "contaminated": 0, "near_duplicate": 0,
+                               "duplicate": 0}
     assert src["kept"] == len(good)
     shutil.rmtree(tmp_path / "out")
 
