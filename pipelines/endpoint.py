@@ -4,8 +4,10 @@ through the deployed endpoint when the pipeline serves it, else in this process.
 from __future__ import annotations
 
 import json
+import os
 
 from pipelines.config import PipelineConfig
+from stages.serve.config import API_KEY_ENV
 
 
 def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
@@ -17,7 +19,7 @@ def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
         chat_body = {"model": p.serve.get("model_name", "glm"), "messages": [{"role": "user", "content": c.chat}],
                      "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
         fill_body = {"text": c.fill, "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
-        key = p.serve.get("api_key", "")
+        key = p.serve.get("api_key", "") or os.environ.get(API_KEY_ENV, "")  # as the endpoint resolves it
         answers = {f"chat: {c.chat}": _post(f"{url}/v1/chat/completions", chat_body, key)["choices"][0]["message"]["content"],
                    f"fill: {c.fill}": _post(f"{url}/v1/glm/fill", fill_body, key)["text"]}
     else:
