@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python pipelines/full.py` (ray job submit puts
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glm.config import ConfigError, from_dict, load_yaml  # noqa: E402
+from pipelines import effects  # noqa: E402
 from stages import storage  # noqa: E402
 from stages.tracking import TrackingConfig, default_tracking_uri  # noqa: E402
 
@@ -361,7 +362,10 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
         final = _final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
             tracker.register(final)
-            tracker.log_check(check(p, outputs, final))
+            effects.summary(outputs)  # what each stage did, measured (pipelines/effects.py)
+            answers = check(p, outputs, final)
+            tracker.log_check(answers)
+            effects.check_answers(answers, effects.tokenizer_of(final))  # fails on noise
             if "serve" in outputs:
                 print(f"endpoint: {outputs['serve']['url']} (lives as long as this Ray cluster)", flush=True)
         tracker.finish("FINISHED")
@@ -406,17 +410,17 @@ def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
         url = outputs["serve"]["url"]
         print(f"== requests to the endpoint {url}", flush=True)
         chat_body = {"model": p.serve.get("model_name", "glm"), "messages": [{"role": "user", "content": c.chat}],
-                     "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
-        fill_body = {"text": c.fill, "max_tokens": c.max_tokens, "temperature": 0, "no_repeat_ngram_size": 3}
+                     "max_tokens": c.max_tokens, **effects.CHECK_DECODING}
+        fill_body = {"text": c.fill, "max_tokens": c.max_tokens, **effects.CHECK_DECODING}
         key = p.serve.get("api_key", "")
         answers = {f"chat: {c.chat}": _post(f"{url}/v1/chat/completions", chat_body, key)["choices"][0]["message"]["content"],
                    f"fill: {c.fill}": _post(f"{url}/v1/glm/fill", fill_body, key)["text"]}
     else:
         from glm.checkpoint import load_inference_checkpoint
-        from glm.generation import GenerationConfig, chat, fill_blanks
+        from glm.generation import chat, chat_generation_config, fill_blanks
 
         model, tokenizer = load_inference_checkpoint(model_uri)
-        gen = GenerationConfig(max_new_tokens=c.max_tokens, no_repeat_ngram_size=3)
+        gen = chat_generation_config(c.max_tokens, seed=effects.CHECK_DECODING["seed"])
         response, _ = chat(model, tokenizer, c.chat, config=gen)
         [filled] = fill_blanks(model, tokenizer, [c.fill], gen)
         answers = {f"chat: {c.chat}": response, f"fill: {c.fill}": filled.text}
