@@ -17,12 +17,18 @@ import re
 import sys
 from typing import Any
 
-from glm.generation import CHAT_DEFAULTS
 from stages.effects import read_effects
 
-# The check requests decode like a chat client would (ChatGLM's defaults), with a fixed seed.
-CHECK_DECODING = {"temperature": CHAT_DEFAULTS["temperature"], "top_p": CHAT_DEFAULTS["top_p"],
-                  "no_repeat_ngram_size": CHAT_DEFAULTS["no_repeat_ngram_size"], "seed": 0}
+CHECK_SEED = 0
+
+
+def check_decoding() -> dict[str, Any]:
+    """Request fields of the check requests: decoded like a chat client would (ChatGLM's
+    defaults, `glm.generation.CHAT_DEFAULTS`), with a fixed seed."""
+    from glm.generation import CHAT_DEFAULTS
+
+    return {"temperature": CHAT_DEFAULTS["temperature"], "top_p": CHAT_DEFAULTS["top_p"],
+            "no_repeat_ngram_size": CHAT_DEFAULTS["no_repeat_ngram_size"], "seed": CHECK_SEED}
 
 
 def _models(outputs: dict[str, dict[str, str]]) -> list[tuple[str, str]]:

@@ -410,8 +410,8 @@ def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
         url = outputs["serve"]["url"]
         print(f"== requests to the endpoint {url}", flush=True)
         chat_body = {"model": p.serve.get("model_name", "glm"), "messages": [{"role": "user", "content": c.chat}],
-                     "max_tokens": c.max_tokens, **effects.CHECK_DECODING}
-        fill_body = {"text": c.fill, "max_tokens": c.max_tokens, **effects.CHECK_DECODING}
+                     "max_tokens": c.max_tokens, **effects.check_decoding()}
+        fill_body = {"text": c.fill, "max_tokens": c.max_tokens, **effects.check_decoding()}
         key = p.serve.get("api_key", "")
         answers = {f"chat: {c.chat}": _post(f"{url}/v1/chat/completions", chat_body, key)["choices"][0]["message"]["content"],
                    f"fill: {c.fill}": _post(f"{url}/v1/glm/fill", fill_body, key)["text"]}
@@ -420,7 +420,7 @@ def check(p: PipelineConfig, outputs: dict, model_uri: str) -> dict[str, str]:
         from glm.generation import chat, chat_generation_config, fill_blanks
 
         model, tokenizer = load_inference_checkpoint(model_uri)
-        gen = chat_generation_config(c.max_tokens, seed=effects.CHECK_DECODING["seed"])
+        gen = chat_generation_config(c.max_tokens, seed=effects.CHECK_SEED)
         response, _ = chat(model, tokenizer, c.chat, config=gen)
         [filled] = fill_blanks(model, tokenizer, [c.fill], gen)
         answers = {f"chat: {c.chat}": response, f"fill: {c.fill}": filled.text}
