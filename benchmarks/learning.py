@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "benchmark": "learning", "checkpoint": args.checkpoint or None,
         "train": args.train or ("data/sample/pretrain/*.jsonl" if args.checkpoint else f"{args.shared}/pretrain/*.jsonl (tails held out)"),
-        "minutes": None if args.checkpoint else args.minutes,
+        "minutes": None if args.checkpoint or args.steps else args.minutes,
         "recipe": None if args.checkpoint else {"preset": args.preset, "model": args.model, "vocab": args.vocab,
                                                 "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr,
                                                 "egs": args.egs},

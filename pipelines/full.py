@@ -57,6 +57,9 @@ class CheckConfig:
     chat: str = "你好"
     fill: str = "话说天下大势，[MASK]"
     max_tokens: int = 24
+    require_sensible: bool = True
+    """Fail the pipeline when an answer is empty, one token repeated or not in its prompt's
+    language (pipelines/effects.py); off only for untrained test models."""
 
 
 @dataclass
@@ -365,7 +368,8 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
             effects.summary(outputs)  # what each stage did, measured (pipelines/effects.py)
             answers = check(p, outputs, final)
             tracker.log_check(answers)
-            effects.check_answers(answers, effects.tokenizer_of(final))  # fails on noise
+            if p.check.require_sensible:
+                effects.check_answers(answers, effects.tokenizer_of(final))  # fails on noise
             if "serve" in outputs:
                 print(f"endpoint: {outputs['serve']['url']} (lives as long as this Ray cluster)", flush=True)
         tracker.finish("FINISHED")
