@@ -136,7 +136,7 @@ def train(args, tokenizer, docs, heldout, models, log) -> tuple[torch.nn.Module,
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    budget = args.minutes * 60
+    budget = float("inf") if args.steps else args.minutes * 60  # --steps: a fixed schedule, no time limit
     est_steps = args.steps or 10**9
     curve: list[dict] = []
     t0, seen, step, next_eval = time.time(), 0, 0, 0.0
