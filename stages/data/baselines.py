@@ -126,10 +126,11 @@ def window_pairs(windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 def split_baselines(train: dict[str, np.ndarray], validation: dict[str, np.ndarray], vocab_size: int,
                     mask_ids: tuple[int, ...], sop: int) -> dict[str, float]:
     """Count models fitted on the predicted tokens of training rows, scored on validation rows
-    (dicts of (N, L) arrays of the sample schema)."""
+    (dicts of (N, L) arrays of the sample schema); {} when validation predicts nothing."""
     models = CountModels(vocab_size)
     models.add(*_pairs(train, mask_ids, sop))
-    return models.perplexities(*_pairs(validation, mask_ids, sop))
+    prev, token = _pairs(validation, mask_ids, sop)
+    return models.perplexities(prev, token) if len(token) else {}
 
 
 def _pairs(rows: dict[str, np.ndarray], mask_ids, sop):

@@ -306,7 +306,8 @@ def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenize
     rows = {split: read_split(fs, staging, f, cfg.objective.seq_len) for split, f in files.items()}
     special = tokenizer.special
     result = split_baselines(rows["train"], rows["validation"], len(tokenizer), special.mask_ids, special.sop)
-    return {**result, "fitted_on": "predicted tokens of the train split", "scored_on": "predicted tokens of the validation split"}
+    return {**result, "fitted_on": "predicted tokens of the train split",
+            "scored_on": "predicted tokens of the validation split"} if result else {}
 
 
 def _flat_metrics(manifest: dict) -> dict[str, float]:
