@@ -149,10 +149,14 @@ def _tiny() -> GLMConfig:
 
 
 def _small() -> GLMConfig:
-    """CPU smoke runs: a few million parameters, trains in minutes on 2 cores."""
+    """CPU smoke runs: a few million parameters, trains in minutes on 2 cores.
+
+    Embedding gradient shrink is off (1.0): it is GLM-130B's guard against fp16 loss spikes
+    at 100B scale, and here, where the embedding is most of the model, it slowed learning
+    several-fold (docs/benchmarks.md, "Does the recipe learn?"). The large presets keep 0.1."""
     return GLMConfig(
         vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, max_seq_len=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, embedding_grad_shrink=1.0,
     )
 
 

@@ -57,6 +57,16 @@ class GenerationConfig:
             raise ValueError("beam search with sampling is not supported: set do_sample=False or num_beams=1")
 
 
+# ChatGLM's chat decoding (nucleus sampling, top_p 0.7, temperature 0.95) with a repetition
+# guard: no 3-gram twice, so a weak model cannot answer with one token over and over.
+CHAT_DEFAULTS = {"do_sample": True, "temperature": 0.95, "top_p": 0.7, "no_repeat_ngram_size": 3}
+
+
+def chat_generation_config(max_new_tokens: int = 256, **overrides) -> GenerationConfig:
+    """GenerationConfig with ChatGLM's chat defaults (`CHAT_DEFAULTS`), fields replaced by `overrides`."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, **{**CHAT_DEFAULTS, **overrides})
+
+
 @dataclass
 class SpanQuery:
     """Generate the span of one mask: Part A token ids and the index of the mask in it."""
@@ -364,9 +374,10 @@ def chat(
 
     The prompt is followed by [gMASK] [sop]; only that final mask is generated, so mask
     strings a user types stay plain text in Part A. A prompt too long for the context window
-    is cut from the left (oldest rounds first).
+    is cut from the left (oldest rounds first). Without a config: ChatGLM's sampling defaults
+    (`chat_generation_config`).
     """
-    config = config or GenerationConfig(max_new_tokens=256)
+    config = config or chat_generation_config(256)
     special = tokenizer.special
     ids = tokenizer.encode(build_chat_prompt(query, history))
     room = model.config.max_seq_len - config.max_new_tokens - 2

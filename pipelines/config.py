@@ -33,6 +33,9 @@ class CheckConfig:
     chat: str = "你好"
     fill: str = "话说天下大势，[MASK]"
     max_tokens: int = 24
+    require_sensible: bool = True
+    """Fail the pipeline when an answer is empty, one token repeated or not in its prompt's
+    language (pipelines/effects.py); off only for untrained test models."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from glm.config import ConfigError
+from pipelines import effects
 from pipelines.config import PipelineConfig
 from pipelines.endpoint import check
 from pipelines.markers import Markers, fingerprint
@@ -83,7 +84,11 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
         final = final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
             tracker.register(final)
-            tracker.log_check(check(p, outputs, final))
+            effects.summary(outputs)  # what each stage did, measured (pipelines/effects.py)
+            answers = check(p, outputs, final)
+            tracker.log_check(answers)
+            if p.check.require_sensible:
+                effects.check_answers(answers, effects.tokenizer_of(final))  # fails on noise
             if "serve" in outputs:
                 print(f"endpoint: {outputs['serve']['url']} (lives as long as this Ray cluster)", flush=True)
         tracker.finish("FINISHED")

@@ -18,13 +18,28 @@ OUT = Path(__file__).parent
 
 # (source file, destination, first row, number of rows)
 ROWS = [
-    ("pretrain/en_tinyshakespeare.jsonl", "pretrain/en_tinyshakespeare.jsonl", 0, 60),
-    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 0, 80),
-    ("pretrain/en_us_presidential_speeches.jsonl", "pretrain/en_us_presidential_speeches.jsonl", 0, 8),
-    ("pretrain/en_wikipedia.jsonl", "pretrain/en_wikipedia.jsonl", 0, 12),
-    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 0, 40),
-    ("pretrain/zh_wikipedia.jsonl", "pretrain/zh_wikipedia.jsonl", 0, 20),
-    ("pretrain/zh_classics.jsonl", "pretrain/zh_classics.jsonl", 0, 600),
+    # English prose and verse: slices spread over each source's works (plays, six Gutenberg
+    # books, early and late speeches, Wikipedia articles)
+    ("pretrain/en_tinyshakespeare.jsonl", "pretrain/en_tinyshakespeare.jsonl", 0, 50),
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 0, 12),       # Austen, Emma
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 242, 12),     # Austen, Sense and Sensibility
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 566, 12),     # Chesterton, Father Brown
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 679, 12),     # Melville, Moby Dick
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 1081, 12),    # Shakespeare, Hamlet
+    ("pretrain/en_gutenberg.jsonl", "pretrain/en_gutenberg.jsonl", 1153, 12),    # Whitman, Leaves of Grass
+    ("pretrain/en_us_presidential_speeches.jsonl", "pretrain/en_us_presidential_speeches.jsonl", 0, 4),
+    ("pretrain/en_us_presidential_speeches.jsonl", "pretrain/en_us_presidential_speeches.jsonl", 60, 4),
+    ("pretrain/en_wikipedia.jsonl", "pretrain/en_wikipedia.jsonl", 0, 10),
+    # Chinese: eight chapters of each of the five novels, Wikipedia articles, the classics
+    # (论语 ... 楚辞, part of 古文观止) and a slice of 全宋词
+    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 0, 8),      # 三国演义
+    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 112, 8),    # 水浒传
+    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 224, 8),    # 红楼梦
+    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 336, 8),    # 西游记
+    ("pretrain/zh_classical_novels.jsonl", "pretrain/zh_classical_novels.jsonl", 428, 8),    # 隋唐演义
+    ("pretrain/zh_wikipedia.jsonl", "pretrain/zh_wikipedia.jsonl", 0, 30),
+    ("pretrain/zh_classics.jsonl", "pretrain/zh_classics.jsonl", 0, 500),
+    ("pretrain/zh_classics.jsonl", "pretrain/zh_classics.jsonl", 847, 300),
     ("mip/en_boolq_train.jsonl", "mip/en_boolq_train.jsonl", 0, 400),
     ("mip/en_openbookqa_train.jsonl", "mip/en_openbookqa_train.jsonl", 0, 1000),
     ("eval/zh_cmrc2018_dev.jsonl", "mip/zh_cmrc2018_train.jsonl", 0, 600),
@@ -37,6 +52,13 @@ ROWS = [
     ("eval/en_openbookqa_test.jsonl", "eval/en_openbookqa_test.jsonl", 0, 300),
     ("eval/en_boolq_dev.jsonl", "eval/en_boolq_dev.jsonl", 0, 200),
     ("eval/zh_cmrc2018_dev.jsonl", "eval/zh_cmrc2018_dev.jsonl", 3000, 219),
+]
+
+# (pretraining source, rows taken from its end as held-out text)
+HELDOUT = [
+    ("pretrain/en_tinyshakespeare.jsonl", 4), ("pretrain/en_gutenberg.jsonl", 4),
+    ("pretrain/en_us_presidential_speeches.jsonl", 1), ("pretrain/en_wikipedia.jsonl", 1),
+    ("pretrain/zh_classical_novels.jsonl", 2), ("pretrain/zh_wikipedia.jsonl", 2), ("pretrain/zh_classics.jsonl", 24),
 ]
 
 
@@ -57,8 +79,17 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared/data", help="the shared data folder")
     shared = Path(parser.parse_args().shared)
 
-    for src, dest, start, count in ROWS:
-        write(OUT / dest, rows(shared / src, start, count))
+    slices: dict[str, list[str]] = {}
+    for src, dest, start, count in ROWS:  # several slices of one source go to one file, in order
+        slices.setdefault(dest, []).extend(rows(shared / src, start, count))
+    for dest, lines in slices.items():
+        write(OUT / dest, lines)
+
+    # Held-out text (never trained on by the smoke run): the last rows of every pretraining
+    # source, for the quantize gate and the learning check (benchmarks/learning.py).
+    for src, count in HELDOUT:
+        lines = list(rows(shared / src, 0, 10**9))
+        write(OUT / "heldout" / src.split("/")[-1], lines[-count:])
 
     # English chat SFT: the first 150 LLaMA-Factory DPO demo conversations with their chosen
     # reply, as OpenAI-style messages (rows 150-299 of that file are the preference sample).

@@ -166,10 +166,15 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         progress(f"wrote {len(shards)} shards: {mix['rows']['train']:,} train and {mix['rows']['validation']:,} "
                  f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
 
-        # 7. manifest, tokenizer, move into place
+        # 7. count-model baselines on the validation split, manifest, tokenizer, move into place
         manifest = _manifest(cfg, counts, plan.duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer,
                              control_docs)
         corpus.add_to_manifest(manifest, plan, cfg, inputs, corpus.write_side_files(plan, out_fs, staging))
+        manifest["baselines"] = _baselines(cfg, out_fs, staging, shards, tokenizer)
+        if manifest["baselines"]:
+            b = manifest["baselines"]
+            print(f"[data] validation baselines over {b['tokens']:,} predicted tokens: unigram perplexity "
+                  f"{b['unigram_ppl']:.1f}, bigram {b['bigram_ppl']:.1f}", flush=True)
         storage.write_bytes(out_fs, posixpath.join(staging, GLMTokenizer.MODEL_FILE), tokenizer.to_bytes())
         storage.write_bytes(out_fs, posixpath.join(staging, MANIFEST),
                             json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode())
@@ -317,8 +322,26 @@ def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards,
     }
 
 
+def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenizer) -> dict:
+    """Unigram and bigram count models fitted on the training rows' predicted tokens, their
+    perplexity on the validation rows' predicted tokens (`stages.data.baselines`)."""
+    from stages.data.baselines import read_split, split_baselines
+
+    files = {split: sorted(shards[shards["split"] == split]["file"]) for split in ("train", "validation")}
+    if not files["train"] or not files["validation"]:
+        return {}
+    rows = {split: read_split(fs, staging, f, cfg.objective.seq_len) for split, f in files.items()}
+    special = tokenizer.special
+    result = split_baselines(rows["train"], rows["validation"], len(tokenizer), special.mask_ids, special.sop)
+    return {**result, "fitted_on": "predicted tokens of the train split",
+            "scored_on": "predicted tokens of the validation split"} if result else {}
+
+
 def _flat_metrics(manifest: dict) -> dict[str, float]:
     out = {"mip_token_share": manifest["mip"]["token_share"], "mip_rows": manifest["mip"]["rows"]}
+    for kind, value in manifest.get("baselines", {}).items():
+        if kind.endswith("_ppl"):
+            out[f"validation_{kind}"] = value
     for split, s in manifest["splits"].items():
         out[f"{split}_rows"], out[f"{split}_tokens"] = s["rows"], s["tokens"]
     for name, s in manifest["sources"].items():

@@ -210,6 +210,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = spec.model_factory()
+    if found is not None:
+        _check_same_model(found, model)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, spec.optimizer_steps_per_step))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -404,6 +406,28 @@ def _choose_checkpoint(store: CheckpointStore, cfg: EngineConfig):
     return found, rejected
 
 
+def _param_shapes(module) -> dict[str, list[int]]:
+    """Name -> full shape of every parameter (ZeRO-3 keeps the full shape in ds_shape)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+
+
+def _check_same_model(found, model) -> None:
+    """Refuse a checkpoint of another model before DeepSpeed loads it (a universal checkpoint
+    would otherwise load the parameters the two share and ignore the rest)."""
+    saved = found.record.get("params")
+    if saved is None:  # written before the record held the shapes
+        return
+    mine = _param_shapes(model)
+    problems = [f"{n} is not in this model" for n in saved if n not in mine]
+    problems += [f"{n} is not in the checkpoint" for n in mine if n not in saved]
+    problems += [f"{n} has shape {mine[n]} here, {saved[n]} in the checkpoint"
+                 for n in mine if n in saved and mine[n] != saved[n]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RuntimeError(f"cannot resume from {found.uri}: it holds another model: {'; '.join(problems[:3])}{more}. "
+                           f"Train anew under another run name, or point resume_from at a run of this model.")
+
+
 def _load(engine, found, elastic: bool, state: dict, rank: int) -> None:
     """DeepSpeed state, engine state and this rank's RNG states from a complete checkpoint."""
     import shutil
@@ -593,7 +617,7 @@ def _save(engine, store: CheckpointStore, state: dict, metrics: dict, rt, cfg: E
     dist.barrier()
     if rank == 0:
         store.complete(tag, {"step": state["step"], "consumed": state["consumed"], "world": world,
-                             "zero_stage": cfg.zero_stage})
+                             "zero_stage": cfg.zero_stage, "params": _param_shapes(engine.module)})
         store.prune(cfg.keep_checkpoints)
     rt.report(metrics, {"uri": store.uri(tag), "step": state["step"]})
 

@@ -15,8 +15,8 @@ class GateConfig:
 
     enabled: bool = True
     """Measure perplexities and fail the stage when the output's increase passes the limit."""
-    text: str = "data/sample/pretrain/*.jsonl"
-    """Held-out text: JSONL file(s) with a `text` field, or plain text file(s); path, glob or URI.
+    text: str = "data/sample/heldout/*.jsonl"
+    """Held-out text the model did not train on (default: the shipped sample's held-out slice): JSONL file(s) with a `text` field, or plain text file(s); path, glob or URI.
     Documents are taken from the end of each file, round-robin, until `max_tokens`."""
     max_tokens: int = 16384
     """Tokens of text scored (per model)."""

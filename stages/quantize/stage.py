@@ -28,6 +28,7 @@ from glm.checkpoint import load_inference_checkpoint, publish_checkpoint, read_c
 from glm.generation import GenerationConfig, fill_blanks
 from glm.quantization import QuantSpec, cast_model, quantize_checkpoint, quantize_model
 from stages import storage
+from stages.effects import log_effect_metrics, write_effects
 from stages.quantize.config import QuantizeConfig
 from stages.quantize.quality import heldout_windows, perplexity
 from stages.tracking import stage_run
@@ -132,6 +133,12 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         _record_in_metadata(staged, report)
         publish_checkpoint(staged, cfg.output)
         tracking.set_tags({"output": cfg.output})
+        if cfg.gate.enabled:  # the stage's effect: what quantization cost on text the model did not train on
+            effects = {"stage": "quantize", "gate_text": cfg.gate.text, "gate_tokens": report["gate_tokens"],
+                       **{f"ppl_{k}": v for k, v in report["perplexity"].items()},
+                       "ppl_increase": report["ppl_increase"], "gate_passed": report["gate_passed"]}
+            write_effects(cfg.output, effects)
+            log_effect_metrics(effects)
     _log(f"[quantize] {spec.name} checkpoint written to {cfg.output}")
     return report
 

@@ -190,7 +190,12 @@ def ppo_validation_step(engine, batch: dict, cfg: PPOConfig, tokenizer) -> dict:
     rows = response_rows(prompts, responses, stopped, tokenizer.special, model.actor.config.uses_2d_positions,
                          cfg.max_new_tokens, batch["input_ids"].device)
     scores = score(model, rows, responses)
+    inputs, labels = {k: rows[k] for k in INPUTS}, rows["labels"]
+    mask = (labels != IGNORE_INDEX).float()
+    with torch.no_grad():  # KL(actor || reference) on the greedy responses: how far training moved the policy
+        kl = masked_mean(token_logprobs(model("actor", **inputs), labels)
+                         - token_logprobs(model("reference", **inputs), labels), mask)
     samples = [{"prompt": tokenizer.decode(p[:-1]), "response": tokenizer.decode(r), "score": round(float(s), 4)}
                for p, r, s in zip(prompts, responses, scores)]
-    return {"loss": -scores.mean(), "reward": scores.mean(),
+    return {"loss": -scores.mean(), "reward": scores.mean(), "kl": kl,
             "response_len": torch.tensor(float(np.mean([len(r) for r in responses]))), "samples": samples}

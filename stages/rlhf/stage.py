@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict
 
 from stages import storage
+from stages.effects import export_with_effects
 from stages.engine import TrainSpec, fit
 from stages.rlhf.config import RLHFConfig
 from stages.sft.stage import base_tokenizer
@@ -102,6 +103,11 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
                  "optimizer_steps_per_step": cfg.ppo.ppo_epochs * cfg.ppo.minibatches}
         export = policy_export
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
+    # the stage's effect: held-out pair accuracy (reward, DPO), validation reward and KL (PPO)
+    validation = {"reward": ["val_accuracy", "val_loss"], "dpo": ["val_reward_accuracy", "val_loss"],
+                  "ppo": ["val_reward", "val_kl"]}[cfg.mode]
+    export = functools.partial(export_with_effects, export=export, output=cfg.output, stage=cfg.mode,
+                               validation=validation, samples_artifact="rlhf/sample_generations.json")
     return TrainSpec(
         model_factory=factory, data_uri=cfg.data.output, step_fn=step_fn, export_fn=export,
         tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, parent_run_id=active_run_id(),

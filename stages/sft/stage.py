@@ -16,6 +16,7 @@ import posixpath
 from dataclasses import asdict
 
 from stages import storage
+from stages.effects import export_with_effects
 from stages.engine import TrainSpec, fit, lm_loss_step
 from stages.sft.config import MethodConfig, SFTConfig
 from stages.tracking import active_run_id, default_tracking_uri
@@ -125,9 +126,11 @@ def run(cfg: SFTConfig):
         data_uri=cfg.data.output,
         step_fn=lm_loss_step,
         export_fn=functools.partial(
-            export_checkpoint, base=cfg.base, method=cfg.method, output=cfg.output,
-            metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name},
-            prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens),
+            export_with_effects, output=cfg.output, stage="sft", validation=["val_loss"],
+            samples_artifact="sft/sample_generations.json", export=functools.partial(
+                export_checkpoint, base=cfg.base, method=cfg.method, output=cfg.output,
+                metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name},
+                prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens)),
         tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,
         parent_run_id=active_run_id(),

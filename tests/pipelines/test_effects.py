@@ -1,0 +1,32 @@
+"""The pipeline's final answer check and its effects summary."""
+
+import pytest
+
+from pipelines.effects import answer_problems, check_answers, language, summary
+from stages.effects import write_effects
+
+
+def test_language():
+    assert language("话说天下大势，分久必合") == "zh"
+    assert language("I can answer questions.") == "en"
+    assert language("，，，") is None
+
+
+def test_noise_answers_fail_loudly():
+    assert answer_problems("你好", "   ") == ["the answer is empty"]
+    assert any("one token repeated" in p for p in answer_problems("你好", "，，，，"))
+    assert any("one token repeated" in p for p in answer_problems("What can you do?", "the the the"))
+    assert any("language" in p for p in answer_problems("你好", "I am a model"))
+    assert answer_problems("话说天下大势，[MASK]", "分久必合，合久必分") == []
+    with pytest.raises(RuntimeError, match="final check failed"):
+        check_answers({"chat: 你好": "，，，", "fill: 话说天下大势，[MASK]": "分久必合"})
+    check_answers({"chat: 你好": "你好，我是人工智能助手。", "fill: 话说天下大势，[MASK]": "分久必合"})
+
+
+def test_summary_reads_each_stage_effects(tmp_path, capsys):
+    model = str(tmp_path / "pretrain" / "model")
+    write_effects(model, {"stage": "pretrain", "val_ppl": 100.0, "val_tokens": 5, "baseline_unigram_ppl": 400.0,
+                          "baseline_bigram_ppl": 120.0, "val_ppl_over_unigram": 0.25, "val_ppl_over_bigram": 0.83})
+    found = summary({"pretrain": {"model": model}, "sft": {"model": str(tmp_path / "sft" / "model")}})
+    assert list(found) == ["pretrain"]
+    assert "0.250x" in capsys.readouterr().out
