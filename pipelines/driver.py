@@ -55,6 +55,10 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                     tracker.stage_done(name, outputs[name], time.time() - t0)
                 continue
             runs = key_runs(name, cfg, upstream)  # engine runs named by their config hash
+            if name == "data":  # the input files too (size, modification time): a changed corpus rebuilds
+                from stages.data.corpus import inputs_fingerprint
+
+                upstream += inputs_fingerprint(cfg)["fingerprint"]
             config_hash = upstream = fingerprint(cfg, upstream)
             done = markers.finished(name, config_hash)
             if name not in selected:
