@@ -54,8 +54,9 @@ def uninterrupted(data):
     return final_steps(cfg)
 
 
-# Seeded 2-worker run: tiny preset + 10% dropout, ZeRO-2, fp32, lr 1e-3, the tiny data above.
-PINNED = [8.036362, 8.013415, 8.026199, 7.992908, 7.965447, 7.992485]
+# Seeded 2-worker run: tiny preset + 10% dropout, ZeRO-2, fp32, lr 1e-3, the tiny data above
+# (re-measured when the shipped sample corpus, and so the test tokenizer, changed).
+PINNED = [8.026182, 8.013783, 7.990298, 7.986605, 7.991117, 7.960577]
 
 
 def test_seeded_run_gives_pinned_losses(uninterrupted):

@@ -48,10 +48,10 @@ def train(base: str, source: ShardSource, method: MethodConfig):
 
 
 # tiny preset, session tokenizer, 4 rows of 40 zh_oasst1 conversations, AdamW (lr 3e-3 full, 2e-2 adapters), fp32
-PINNED = {
-    "full": [8.015111, 7.737448, 7.462781, 7.179899, 6.883759],
-    "ptuning": [8.015162, 8.013968, 8.011661, 8.007010, 7.996997],
-    "lora": [8.015111, 8.006011, 7.986675, 7.952736, 7.898919],
+PINNED = {  # re-measured when the shipped sample corpus (and so the test tokenizer) changed
+    "full": [8.036942, 7.755730, 7.482479, 7.207322, 6.922583],
+    "ptuning": [8.036989, 8.036051, 8.034190, 8.030231, 8.021317],
+    "lora": [8.036942, 8.028242, 8.010846, 7.982260, 7.939618],
 }
 
 
