@@ -47,5 +47,6 @@ def test_shutdown_leaves_no_process_of_the_local_instance(tmp_path):
                           timeout=180, env=env)
     line = next((l for l in done.stdout.splitlines() if l.startswith("ENDED")), "")
     assert done.returncode == 0 and line, done.stdout[-2000:] + done.stderr[-3000:]
-    assert not line.startswith("ENDED []"), line  # there were processes left behind (the bug, reproduced) ...
-    assert line.endswith("LEFT []"), line  # ... and shutdown_ray ended them
+    # Whether the SIGKILL orphans processes depends on timing (on a busy machine it did, on a
+    # quiet one the agents may exit with the raylet: "ENDED []"); either way none may be left.
+    assert line.endswith("LEFT []"), line
