@@ -82,27 +82,29 @@ def worker(args) -> dict:
         # training: the same steps on both
         dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-3)
         tp_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        dense_opt.zero_grad()
+        dense_opt.zero_grad()  # the gradients of the comparison above
         tp_opt.zero_grad()
         rel = []
         t_dense = t_tp = 0.0
+
+        def train_step(net, opt, step_batch) -> tuple[float, float]:
+            """(loss, seconds) of one AdamW step."""
+            t = time.perf_counter()
+            loss = net(**step_batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return float(loss), time.perf_counter() - t
+
         for step in range(args.steps):
             g = torch.Generator().manual_seed(100 + step)
             ids = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
             step_batch = {**batch, "input_ids": ids, "labels": torch.roll(ids, -1, 1)}
-            t = time.perf_counter()
-            d = dense(**step_batch).loss
-            d.backward()
-            dense_opt.step()
-            dense_opt.zero_grad()
-            t_dense += time.perf_counter() - t
-            t = time.perf_counter()
-            p = model(**step_batch).loss
-            p.backward()
-            tp_opt.step()
-            tp_opt.zero_grad()
-            t_tp += time.perf_counter() - t
-            rel.append(abs(float(p) - float(d)) / abs(float(d)))
+            d, seconds = train_step(dense, dense_opt, step_batch)
+            t_dense += seconds
+            p, seconds = train_step(model, tp_opt, step_batch)
+            t_tp += seconds
+            rel.append(abs(p - d) / abs(d))
         result["styles"][style] = {
             "logits_max_abs_diff": float((tp_out.logits - out.logits).abs().max()),
             "loss_abs_diff": abs(float(tp_out.loss) - float(out.loss)),
