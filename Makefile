@@ -15,13 +15,14 @@ PYTEST_ARGS ?=
 CHECKPOINT ?=
 PORT       ?= 8000
 
-.PHONY: setup test smoke serve browser lock clean help bench-gpu
+.PHONY: setup test smoke serve browser lock clean help bench-gpu cluster-up cluster-down
 
 help:
 	@echo "make smoke   - set up .venv and run the local smoke job (CPU, a few minutes)"
 	@echo "make test    - set up .venv and run the test suite"
 	@echo "make serve   - serve the newest checkpoint under runs/ (CHECKPOINT=DIR, PORT=8000)"
 	@echo "make bench-gpu - every GPU figure in one run (<= 8 min; plain python3, no .venv; DRY=1: CPU dry run)"
+	@echo "make cluster-up / cluster-down - a local Ray head for 'ray job submit' (this checkout's venv, runs/, mlflow.db)"
 	@echo "make setup   - only create .venv and install pinned dependencies"
 	@echo "make lock    - regenerate requirements.lock from the current .venv"
 	@echo "make clean   - remove .venv and run outputs"
@@ -48,6 +49,15 @@ browser:
 
 smoke: setup
 	$(PY) -m pipelines.full --config pipelines/configs/smoke.yaml
+
+# A local Ray head for `ray job submit` (pipelines/local_cluster.py): this checkout's interpreter,
+# its own ports and temp dir, auth off, jobs writing to ./runs and ./mlflow.db; down stops only it.
+NUM_CPUS ?=
+cluster-up: setup
+	$(PY) -m pipelines.local_cluster up $(if $(NUM_CPUS),--num-cpus $(NUM_CPUS))
+
+cluster-down:
+	$(PY) -m pipelines.local_cluster down
 
 serve: setup
 	$(PY) -m stages.serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) --port $(PORT)

@@ -9,7 +9,8 @@
 Every writer records the weights file's size and SHA-256; loading verifies them (a truncated or
 altered file is refused, naming the file) and refuses non-finite weights (naming the tensor).
 
-`dir` may be a local path or a URI (s3://, gs://, ...): remote directories are written to a
+`dir` may be a local path, an MLflow URI (`models:/NAME@ALIAS`, `runs:/...`: `glm.registry`) or a
+URI (s3://, gs://, ...): remote directories are written to a
 local temporary directory and copied with pyarrow's file systems (imported only then). A
 checkpoint is replaced without a moment where none exists (`glm.checkpoint_dir`: locally `dir`
 is a link to a versioned sibling directory).
@@ -32,6 +33,7 @@ from glm.config import GLMConfig
 from glm.filesystems import from_uri, is_remote
 from glm.model import GLMModel
 from glm.int_quant import QuantSpec, cast_model, model_quantization, prepare_quantized
+from glm.registry import is_mlflow_uri, local_checkpoint
 from glm.tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,17 @@ def read_checkpoint_config(uri: str | Path) -> tuple[GLMConfig, dict[str, Any]]:
         return config, metadata
 
 
+def weights_sha256(uri: str | Path) -> str:
+    """The SHA-256 of a checkpoint's weights file as recorded in its config (computed for an
+    older checkpoint without the record): the identity of its weights."""
+    with _fetched(str(uri), only=(CONFIG_FILE,)) as local:
+        record = json.loads((local / CONFIG_FILE).read_text()).get("weights") or {}
+    if record.get("sha256"):
+        return record["sha256"]
+    with _fetched(str(uri)) as local:
+        return _file_sha256(local / WEIGHTS_FILE)
+
+
 def read_checkpoint_quantization(uri: str | Path) -> QuantSpec | None:
     """How a checkpoint is quantized (bits, group_size, scheme), or None for full precision."""
     with _fetched(str(uri), only=(CONFIG_FILE,)) as local:
@@ -244,6 +257,8 @@ class _fetched:
         self.uri, self.only, self._tmp = uri, only, None
 
     def __enter__(self) -> Path:
+        if is_mlflow_uri(self.uri):  # models:/NAME@ALIAS, runs:/ID/PATH: downloaded once, then local
+            self.uri = local_checkpoint(self.uri)
         uri = current(self.uri, REQUIRED_FILES)  # or the previous version while it is being replaced
         if not _is_remote(uri):
             return Path(uri)

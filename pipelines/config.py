@@ -24,6 +24,10 @@ class RegistryConfig:
     """Registered model name ("" = do not register)."""
     alias: str = "newest"
     """Alias moved to each new version."""
+    copy_weights: bool = True
+    """Log the checkpoint's files as the MLflow Model's artifacts (a registry entry usable on any
+    machine that reaches the tracking server). False: register the checkpoint's URI by reference
+    (no copy: for very large models whose checkpoint already lives in shared storage)."""
 
 
 @dataclass

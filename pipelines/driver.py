@@ -10,6 +10,7 @@ from glm.config import ConfigError
 from pipelines import effects
 from pipelines.config import PipelineConfig
 from pipelines.endpoint import check
+from pipelines.jobs import place_job_outputs
 from pipelines.markers import Markers, fingerprint
 from pipelines.runs import describe, key_runs
 from pipelines.tracking import PipelineRun
@@ -35,6 +36,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     from stages.cluster import ensure_ray
 
     selected = selected_stages(p, only, start)
+    place_job_outputs(p)  # a Ray job's outputs and MLflow store must outlive its working directory
     p.work_dir = storage.absolute(p.work_dir.replace("{name}", p.name))
     # stages log from other processes (Ray tasks, train workers): one store for all, decided here
     p.tracking.tracking_uri = p.tracking.tracking_uri or default_tracking_uri()
@@ -42,6 +44,7 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
     ensure_ray(4)
     tracker = PipelineRun(p)
     outputs: dict[str, dict[str, str]] = {}
+    scores: dict[str, dict[str, float]] = {}  # model URI -> its evaluation's metrics
     t_start = time.time()
     upstream = ""  # hash chain: a stage's hash covers every stage before it
     try:
@@ -84,10 +87,10 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                 tracker.stage_done(name, outputs[name], time.time() - t0)
                 print(f"== {name} done in {time.time() - t0:.0f}s: {outputs[name]}", flush=True)
             if name in p.eval_after:
-                evaluate(p, name, outputs[name]["model"], config_hash, markers, tracker)
+                scores[outputs[name]["model"]] = evaluate(p, name, outputs[name]["model"], config_hash, markers, tracker)
         final = final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
-            tracker.register(final)
+            tracker.register(final, scores.get(final), outputs.get("data", {}).get("data", ""))
             effects.summary(outputs)  # what each stage did, measured (pipelines/effects.py)
             answers = check(p, outputs, final)
             tracker.log_check(answers)
@@ -109,8 +112,9 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
 
 
 def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers: Markers,
-             tracker: PipelineRun) -> None:
-    """Evaluate a stage's model (skipped when its report for the same config and model exists)."""
+             tracker: PipelineRun) -> dict[str, float]:
+    """Evaluate a stage's model (skipped when its report for the same config and model exists);
+    returns the report's metrics."""
     from pipelines.placement import run_eval
 
     cfg = eval_config(p, after, model)
@@ -118,7 +122,7 @@ def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers
     if (done := markers.finished(name, config_hash)) is not None:
         print(f"== {name}: report for config {config_hash} exists ({done['outputs']['report']}): skipped", flush=True)
         tracker.stage_skipped(name, done)
-        return
+        return _report_metrics(done["outputs"]["report"])
     print(f"== {name} (config {config_hash})", flush=True)
     t0 = time.time()
     report = run_eval(cfg)  # a Ray task with its config's device
@@ -127,3 +131,15 @@ def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers
     tracker.stage_done(name, outputs, time.time() - t0)
     headline = {k: round(v, 4) for k, v in report["metrics"].items() if not k.endswith("/items")}
     print(f"== {name} done in {time.time() - t0:.0f}s: {headline}", flush=True)
+    return report["metrics"]
+
+
+def _report_metrics(uri: str) -> dict[str, float]:
+    """The metrics of an evaluation report written earlier ({} when it is gone)."""
+    import json
+
+    fs, path = storage.resolve(uri)
+    try:
+        return json.loads(storage.read_bytes(fs, path)).get("metrics", {})
+    except FileNotFoundError:
+        return {}

@@ -25,6 +25,31 @@ def ensure_ray(min_cpus: int) -> None:
         atexit.register(shutdown_ray)  # runs before Ray's own exit hook (registered at import)
 
 
+def require_resources(need: dict[str, float], what: str, timeout_s: float | None = None) -> None:
+    """Wait until the Ray cluster has at least `need` in total (an autoscaler may be adding
+    nodes), at most `timeout_s` (default $GLM_RESOURCE_WAIT_S, else 120 s); then RuntimeError
+    naming what is missing, instead of a job that waits forever for a placement it cannot get."""
+    import ray
+
+    need = {k: v for k, v in need.items() if v > 0}
+    timeout_s = float(os.environ.get("GLM_RESOURCE_WAIT_S", 120)) if timeout_s is None else timeout_s
+    deadline, said = time.time() + timeout_s, 0.0
+    while True:
+        have = ray.cluster_resources()
+        missing = {k: v - have.get(k, 0.0) for k, v in need.items() if have.get(k, 0.0) < v}
+        if not missing:
+            return
+        text = ", ".join(f"{k} {need[k]:g} (cluster total {have.get(k, 0.0):g})" for k in missing)
+        if time.time() >= deadline:
+            raise RuntimeError(f"{what} needs {text}: the Ray cluster never had that within {timeout_s:.0f} s. "
+                               "Lower the stage's num_workers / cpus_per_worker (or use_gpu), or add nodes "
+                               "(GLM_RESOURCE_WAIT_S sets how long to wait for an autoscaler)")
+        if time.time() - said > 30:
+            print(f"waiting for the Ray cluster: {what} needs {text}", flush=True)
+            said = time.time()
+        time.sleep(2)
+
+
 def shutdown_ray(grace_s: float = 10.0) -> list[int]:
     """`ray.shutdown()`, then, when this process had started the local instance, end the worker
     processes of that instance that outlived it; returns their pids.

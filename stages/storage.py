@@ -7,6 +7,8 @@ import fnmatch
 import posixpath
 from pathlib import Path
 
+from glm.registry import is_mlflow_uri, local_checkpoint
+
 
 def resolve(uri: str):
     """(pyarrow FileSystem, path within it) for a local path or URI; relative paths are made absolute."""
@@ -71,4 +73,11 @@ def replace_dir(fs, staging: str, final: str) -> None:
 
 def absolute(uri: str) -> str:
     """A URI unchanged, a local path made absolute (Ray workers run in another directory)."""
-    return uri if "://" in uri else str(Path(uri).expanduser().absolute())
+    return uri if "://" in uri or is_mlflow_uri(uri) else str(Path(uri).expanduser().absolute())
+
+
+def checkpoint(uri: str) -> str:
+    """An inference checkpoint's location for a stage and its Ray workers: an MLflow URI
+    (`models:/NAME@ALIAS`, `runs:/...`) resolved here, once, to its local download (the workers
+    need no access to the tracking server); any other as `absolute`."""
+    return local_checkpoint(uri) if is_mlflow_uri(uri) else absolute(uri)

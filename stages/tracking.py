@@ -45,6 +45,37 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's UI opens an experiment on its GenAI trace view unless this tag says otherwise."""
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for any other store)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):])
+
+
+def use_experiment(mlflow, name: str, tracking_uri: str) -> None:
+    """Make `name` the active experiment, creating it when missing: for a SQLite store with its
+    artifacts in `mlruns/` beside the database file (MLflow's default is `./mlruns` of whatever
+    directory the creating process runs in: a Ray job's temporary working directory, lost with
+    the cluster), and tagged as a model-development experiment so the UI opens on its runs."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        db = sqlite_path(tracking_uri)
+        location = (db.parent / "mlruns").resolve().as_uri() if db is not None else None
+        try:
+            mlflow.create_experiment(name, artifact_location=location,
+                                     tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process of the run
+            pass
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 "custom_model_development")
+    mlflow.set_experiment(name)
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/lists as flat 'a.b.0.c' keys (MLflow params are flat)."""
     if isinstance(data, dict):
@@ -82,6 +113,25 @@ class StageRun:
         if self._mlflow:
             self._mlflow.set_tags(tags)
 
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
+        if self._mlflow:
+            log_dataset(self._mlflow, uri, name, digest, context)
+
+
+def log_dataset(mlflow, uri: str, name: str, digest: str, context: str) -> None:
+    """Record the data stage's output at `uri` as an input of the active run (the runs table's
+    Dataset column and the run's lineage in the MLflow UI): `context` "output" for the run that
+    built it, "training" for runs that train on it."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path or an object store
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest[:36]), context=context)
+
 
 @contextlib.contextmanager
 def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str = "glm-pipeline",
@@ -92,9 +142,10 @@ def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    tracking_uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
     if mlflow.active_run() is None:
-        mlflow.set_experiment(experiment)
+        use_experiment(mlflow, experiment, tracking_uri)
     parent = active_run_id()
     tags = {"mlflow.parentRunId": parent} if parent and mlflow.active_run() is None else None
     with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=tags) as run:

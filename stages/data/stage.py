@@ -133,6 +133,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         # 4. tokenize with an actor pool, then cut rows per (split, bucket)
         tokenized = placed.map_batches(
             steps.Tokenize, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.workers),
+            num_cpus=_actor_cpus(cfg.workers),
             fn_constructor_args=(tokenizer.to_bytes(),)).materialize()
         per_source = tokenized.select_columns(["source", "n_tokens", "control_strings"]).to_pandas().groupby("source")
         doc_tokens = per_source["n_tokens"].sum().to_dict()
@@ -181,6 +182,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         storage.replace_dir(out_fs, staging, out_path)
         tracker.log_metrics(_flat_metrics(manifest))
         tracker.log_dict(manifest, "data/manifest.json")
+        tracker.log_dataset(cfg.output, dataset_name(cfg.output), manifest["config_hash"], context="output")
         tracker.set_tags({"output": cfg.output})
         progress(f"output ready: {cfg.output}")
 
@@ -193,6 +195,21 @@ def _partitions(cfg: DataConfig) -> int:
     import ray
 
     return max(2, int(ray.cluster_resources().get("CPU", cfg.workers)))
+
+
+def dataset_name(uri: str) -> str:
+    """How the data stage's output is named in MLflow's dataset lineage: its last path parts."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
+
+
+def _actor_cpus(actors: int) -> float:
+    """CPUs reserved per tokenizer actor: one each where the cluster has room for the pool and a
+    task beside it, else a share that leaves one CPU for the upstream tasks (a 2-CPU head whose
+    CPUs all went to the pool starved the filter feeding it: the stage hung, silently)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    return max(0.0, min(1.0, (cpus - 1.0) / actors))
 
 
 def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:

@@ -644,6 +644,23 @@ def _maybe_fail(cfg: EngineConfig, step: int, rank: int, attempt: int) -> None:
         os._exit(1)
 
 
+def _log_training_data(mlflow, uri: str) -> None:
+    """The training data as the run's input in MLflow's lineage (its manifest's config hash as
+    the digest when it has one)."""
+    import hashlib
+    import json
+
+    from stages.data.stage import MANIFEST, dataset_name
+    from stages.tracking import log_dataset
+
+    fs, path = storage.resolve(uri)
+    try:
+        digest = json.loads(storage.read_bytes(fs, posixpath.join(path, MANIFEST)))["config_hash"]
+    except (FileNotFoundError, KeyError, ValueError):
+        digest = hashlib.sha256(uri.encode()).hexdigest()
+    log_dataset(mlflow, uri, dataset_name(uri), digest, context="training")
+
+
 class _Tracker:
     """MLflow from rank 0, one run that survives restarts (its id is in the checkpoint state)."""
 
@@ -657,15 +674,16 @@ class _Tracker:
         if state["mlflow_run_id"]:
             mlflow.start_run(run_id=state["mlflow_run_id"])
         else:
-            mlflow.set_experiment(spec.experiment)
+            from stages.tracking import flatten, use_experiment
+
+            use_experiment(mlflow, spec.experiment, spec.tracking_uri)
             tags = {"mlflow.parentRunId": spec.parent_run_id} if spec.parent_run_id else None
             run = mlflow.start_run(run_name=cfg.run_name, tags=tags)
             state["mlflow_run_id"] = run.info.run_id
-            from stages.tracking import flatten
-
             mlflow.log_params({k: str(v)[:500] for k, v in flatten({**spec.params, "engine": asdict(cfg)}).items()})
             for name, obj in spec.artifacts.items():
                 mlflow.log_dict(obj, name)
+            _log_training_data(mlflow, spec.data_uri)
             if spec.start_metrics:
                 mlflow.log_metrics({k: float(v) for k, v in spec.start_metrics.items()}, step=0)
         self.mlflow = mlflow

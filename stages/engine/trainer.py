@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from stages import storage
-from stages.cluster import ensure_ray
+from stages.cluster import ensure_ray, require_resources
 from stages.engine import steplog
 from stages.engine.config import EngineConfig
 from stages.engine.loop import TrainSpec, run_uri, stopped_reason, train_loop
@@ -20,7 +20,13 @@ def fit(spec: TrainSpec, cfg: EngineConfig):
     from ray.train.torch import TorchTrainer
 
     ensure_ray(int(cfg.num_workers * cfg.cpus_per_worker) + 2)
+    # Ray Train's print patch sends each worker print to its logger *and* (stdout being wrapped by
+    # Ray) to stdout: every line reached the console twice. Plain prints; Train propagates this.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    require_resources({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers if use_gpu else 0},
+                      f"training run {cfg.run_name} ({cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU"
+                      f"{' + 1 GPU' if use_gpu else ''})")
     cfg.storage_path = storage.absolute(cfg.storage_path)
     spec.data_uri = storage.absolute(spec.data_uri)
     if "://" not in cfg.storage_path:

@@ -143,7 +143,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from glm.checkpoint import read_checkpoint_config
 
     start = time.perf_counter()
-    cfg.checkpoint, cfg.output = storage.absolute(cfg.checkpoint), storage.absolute(cfg.output)
+    cfg.checkpoint, cfg.output = storage.checkpoint(cfg.checkpoint), storage.absolute(cfg.output)
     tasks = load_tasks(cfg.tasks)
     groups = task_groups(tasks)
     for t in tasks:  # fail before any model is loaded when a data file is missing

@@ -88,7 +88,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     """Quantize `cfg.checkpoint` into `cfg.output`; returns the report (raises QualityGateError)."""
     if not cfg.checkpoint:
         raise ValueError("quantize config: `checkpoint` (the full-precision inference checkpoint) is not set")
-    cfg.checkpoint, cfg.output = storage.absolute(cfg.checkpoint), storage.absolute(cfg.output)
+    cfg.checkpoint, cfg.output = storage.checkpoint(cfg.checkpoint), storage.absolute(cfg.output)
     if read_checkpoint_quantization(cfg.checkpoint) is not None:
         raise ValueError(f"{cfg.checkpoint} is already quantized: give the full-precision checkpoint")
     if cfg.gate.enabled:

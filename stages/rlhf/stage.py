@@ -122,9 +122,9 @@ def run(cfg: RLHFConfig):
     if not cfg.base:
         raise ValueError("rlhf config: `base` (the SFT stage's inference checkpoint) is not set")
     cfg.__post_init__()  # again: the CLI may have changed the mode
-    cfg.base, cfg.output = storage.absolute(cfg.base), storage.absolute(cfg.output)
+    cfg.base, cfg.output = storage.checkpoint(cfg.base), storage.absolute(cfg.output)
     if cfg.reward_model:
-        cfg.reward_model = storage.absolute(cfg.reward_model)
+        cfg.reward_model = storage.checkpoint(cfg.reward_model)
     if cfg.ppo.ptx_data:
         cfg.ppo.ptx_data = storage.absolute(cfg.ppo.ptx_data)
     cfg.data.output = storage.absolute(cfg.data.output or f"{cfg.output}_data")

@@ -22,12 +22,13 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from glm.registry import is_mlflow_uri, local_checkpoint
 from stages.cli import load_config_or_exit
 from stages.serve.config import ServeConfig
 from stages.tracking import stage_run
 
 FLAGS = {  # flag -> (ServeConfig field, type, help)
-    "--checkpoint": ("checkpoint", str, "inference checkpoint directory or URI (default: newest under ./runs)"),
+    "--checkpoint": ("checkpoint", str, "inference checkpoint directory or URI, or an MLflow model (models:/glm-chat@newest, runs:/...) (default: newest under ./runs)"),
     "--host": ("host", str, "address to bind (default 127.0.0.1; 0.0.0.0 exposes the server)"),
     "--port": ("port", int, "HTTP port (default 8000)"),
     "--model-name": ("model_name", str, "model id for clients (default 'glm')"),
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
 
             config.checkpoint = str(newest_checkpoint())
             print(f"serving the newest checkpoint: {config.checkpoint}", flush=True)
+        if is_mlflow_uri(config.checkpoint):  # from the MLflow registry: downloaded once, then local
+            config.checkpoint = local_checkpoint(config.checkpoint)
+            print(f"serving {config.checkpoint}", flush=True)
         if "://" not in config.checkpoint:  # a missing or truncated local checkpoint: say so before starting Ray
             from glm.checkpoint import check_checkpoint_files
 

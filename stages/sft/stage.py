@@ -115,7 +115,7 @@ def run(cfg: SFTConfig):
     """Prepare the data, fine-tune, export; rerunning the same run name resumes."""
     if not cfg.base:
         raise ValueError("sft config: `base` (the pretraining stage's inference checkpoint) is not set")
-    cfg.base, cfg.output = storage.absolute(cfg.base), storage.absolute(cfg.output)
+    cfg.base, cfg.output = storage.checkpoint(cfg.base), storage.absolute(cfg.output)
     cfg.data.output = storage.absolute(cfg.data.output or f"{cfg.output}_data")
     for source in cfg.data.sources:
         source.uri = storage.absolute(source.uri)

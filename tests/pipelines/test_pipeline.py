@@ -93,8 +93,50 @@ def test_mlflow_has_a_parent_run_with_nested_stage_runs_and_a_registered_model(f
                                                                  artifact_path="check_requests.json")))
     assert set(answers) == {"chat: 你好", "fill: 话说天下大势，[MASK]"}  # answered by the endpoint
     assert parent.data.tags["sft.model"] == outputs["sft"]["model"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert exp.artifact_location == (tmp / "mlruns").as_uri()  # beside the database, not in the cwd
     version = client.get_model_version_by_alias("glm-chat", "newest")
-    assert version.source == outputs["quantize"]["model"] and version.run_id == parent.info.run_id
+    assert version.run_id == parent.info.run_id and version.source.startswith("models:/")  # an MLflow Model
+    assert version.tags["checkpoint"] == outputs["quantize"]["model"]
+    assert float(version.tags["eval.boolq/accuracy"]) == int4.data.metrics["boolq/accuracy"]
+    assert "GLM chat model from pipeline `tiny`" in version.description and "INT4" in version.description
+    assert "final.boolq.accuracy" in client.get_run(parent.info.run_id).data.metrics
+
+
+def test_the_registered_model_answers_from_another_process_and_directory(finished, tmp_path):
+    """mlflow.pyfunc.load_model("models:/glm-chat@newest") in a fresh Python elsewhere: the weights
+    came with the registry entry; chat requests as a list and as a DataFrame."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, cfg, _ = finished
+    script = (
+        "import mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model('models:/glm-chat@newest')\n"
+        "a = m.predict([{'messages': [{'role': 'user', 'content': '你好'}], 'max_tokens': 4}])\n"
+        "b = m.predict(pd.DataFrame({'messages': [[{'role': 'user', 'content': 'hi'}]], 'max_tokens': [3]}))\n"
+        "assert a[0]['role'] == 'assistant' and isinstance(a[0]['content'], str) and len(b) == 1, (a, b)\n"
+        "print('ANSWER', repr(a[0]['content']))\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri, "GLM_MODEL_CACHE": str(tmp_path / "cache")}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "ANSWER" in done.stdout, done.stderr[-3000:]
+
+    from glm.checkpoint import load_inference_checkpoint
+    from stages.storage import checkpoint
+
+    os.environ["GLM_MODEL_CACHE"] = str(tmp_path / "cache")
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+        local = checkpoint("models:/glm-chat@newest")  # what stages.serve / eval / quantize / sft open
+        assert local.startswith(str(tmp_path / "cache")) and local.endswith("artifacts/model")
+        load_inference_checkpoint("models:/glm-chat@newest")
+    finally:
+        del os.environ["GLM_MODEL_CACHE"]
 
 
 def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, capsys):
@@ -105,6 +147,11 @@ def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, ca
     assert out.count(": skipped") == 6, out  # 4 stages and 2 evaluations
     assert again == outputs
     assert len(step_log(engine_run(tmp / "work", "pretrain"))) == before
+    assert "weights unchanged" in out  # the same bytes: no second registry version
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='glm-chat'")) == 1
 
 
 def test_a_pipeline_killed_in_pretraining_resumes_from_its_checkpoint(tmp_path, tokenizer, ray_instance):
