@@ -1,4 +1,4 @@
-"""python -m stages.eval --checkpoint DIR --tasks PATH... [--output URI] [--track]
+"""python -m stages.eval --checkpoint DIR [--tasks PATH...] [--set KEY=VALUE ...] [--output URI] [--track]
 
 Scores an inference checkpoint (FP or quantized) on GLM-130B-style task YAMLs: multiple
 choice, generation and language modelling. PATH is a task YAML or a directory searched
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from glm.config import ConfigError
-from stages.cli import load_config_or_exit
+from stages.cli import add_set_argument, load_config_or_exit
 from stages.eval.config import EvalConfig
 
 
@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of EvalConfig fields (flags below override it)")
+    add_set_argument(parser)
     parser.add_argument("--checkpoint", help="inference checkpoint directory or URI")
     parser.add_argument("--tasks", nargs="+", help="task YAML files or directories (recursive)")
     parser.add_argument("--output", help="where the JSON report goes (default runs/eval/report.json)")
@@ -33,12 +34,10 @@ def main(argv=None) -> int:
                         help="ray: tasks as parallel Ray tasks; local: one by one here; auto: Ray if it is up")
     parser.add_argument("--track", action="store_true", help="log to MLflow (MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = parser.parse_args(argv)
-    if args.config:
-        cfg = load_config_or_exit(EvalConfig, args.config)
-    elif args.checkpoint:
-        cfg = EvalConfig(checkpoint=args.checkpoint)
-    else:
+    if not (args.config or args.checkpoint or args.overrides):
         parser.error("give --checkpoint (or --config with a checkpoint field)")
+    start = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    cfg = load_config_or_exit(EvalConfig, args.config, args.overrides, start)
     for name in ("checkpoint", "tasks", "output", "batch_size", "max_items", "device", "parallel"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
