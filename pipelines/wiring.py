@@ -170,11 +170,12 @@ def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipe
 
 
 def eval_config(p: PipelineConfig, after: str, model: str, where: str = "pipeline"):
-    """The evaluation of stage `after`'s model: report under <work_dir>/eval/, MLflow run eval-<stage>."""
+    """The evaluation of stage `after`'s model: a report of its own per run under <work_dir>/eval/
+    (<stage>-<UTC time>.json, the time filled in when it runs), MLflow run eval-<stage>."""
     from stages.eval.config import EvalConfig
 
     raw = {**copy.deepcopy(p.eval), "checkpoint": model, "run_name": f"eval-{after}"}
-    raw.setdefault("output", posixpath.join(p.work_dir, "eval", f"{after}.json"))
+    raw.setdefault("output", posixpath.join(p.work_dir, "eval", f"{after}-{{time}}.json"))
     raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
     return from_dict(EvalConfig, raw, f"{where}: eval")
 

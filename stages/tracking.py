@@ -45,6 +45,17 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def json_text(data: Any) -> str:
+    """JSON for a file or an MLflow artifact: indented, UTF-8 text with Chinese (any non-ASCII)
+    as is, not \\u-escaped, so it reads in the MLflow UI; what JSON cannot hold as its str()."""
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+
+
+def log_json(mlflow, data: Any, name: str) -> None:
+    """`mlflow.log_dict` as readable UTF-8 (log_dict escapes every non-ASCII character)."""
+    mlflow.log_text(json_text(data), name)
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/lists as flat 'a.b.0.c' keys (MLflow params are flat)."""
     if isinstance(data, dict):
@@ -76,7 +87,11 @@ class StageRun:
 
     def log_dict(self, data: dict, name: str) -> None:
         if self._mlflow:
-            self._mlflow.log_dict(data, name)
+            log_json(self._mlflow, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self._mlflow:
+            self._mlflow.log_text(text, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow:
@@ -98,7 +113,7 @@ def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str
     parent = active_run_id()
     tags = {"mlflow.parentRunId": parent} if parent and mlflow.active_run() is None else None
     with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=tags) as run:
-        params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
+        params = {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tag("stage", stage)
         yield StageRun(mlflow, run)

@@ -35,7 +35,7 @@ def test_each_stage_takes_the_previous_outputs_and_the_pipeline_defaults():
     assert c["sft"].engine.storage_path == "runs/exp1/ray" and c["sft"].tracking.enabled
     e = eval_config(p, "quantize", c["quantize"].output)
     assert e.checkpoint == c["quantize"].output and e.run_name == "eval-quantize"
-    assert e.output == "runs/exp1/eval/quantize.json"
+    assert e.output == "runs/exp1/eval/quantize-{time}.json"  # each run its own report
 
 
 def test_stage_selection_and_order_are_checked():
