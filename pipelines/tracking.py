@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from pipelines.config import PipelineConfig
-from stages.tracking import default_tracking_uri
+from stages.tracking import default_tracking_uri, log_json
 
 
 class PipelineRun:
@@ -22,7 +22,7 @@ class PipelineRun:
         mlflow.set_experiment(p.tracking.experiment)
         self.run = mlflow.start_run(run_name=p.name, tags={"pipeline": p.name, "work_dir": p.work_dir})
         mlflow.log_params({"stages": ",".join(p.stages), "work_dir": p.work_dir})
-        mlflow.log_dict(asdict(p), "pipeline_config.json")
+        log_json(mlflow, asdict(p), "pipeline_config.json")
         self.mlflow = mlflow
 
     def stage_done(self, stage: str, outputs: dict, seconds: float) -> None:
@@ -60,7 +60,7 @@ class PipelineRun:
 
     def log_check(self, answers: dict[str, str]) -> None:
         if self.mlflow:
-            self.mlflow.log_dict(answers, "check_requests.json")
+            log_json(self.mlflow, answers, "check_requests.json")
 
     def finish(self, status: str) -> None:
         if self.mlflow and self.mlflow.active_run():

@@ -113,7 +113,7 @@ def stage_run(enabled: bool, stage: str, params: dict[str, Any], experiment: str
     parent = active_run_id()
     tags = {"mlflow.parentRunId": parent} if parent and mlflow.active_run() is None else None
     with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=tags) as run:
-        params = {k: (json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
+        params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.set_tag("stage", stage)
         yield StageRun(mlflow, run)

@@ -661,11 +661,11 @@ class _Tracker:
             tags = {"mlflow.parentRunId": spec.parent_run_id} if spec.parent_run_id else None
             run = mlflow.start_run(run_name=cfg.run_name, tags=tags)
             state["mlflow_run_id"] = run.info.run_id
-            from stages.tracking import flatten
+            from stages.tracking import flatten, log_json
 
             mlflow.log_params({k: str(v)[:500] for k, v in flatten({**spec.params, "engine": asdict(cfg)}).items()})
             for name, obj in spec.artifacts.items():
-                mlflow.log_dict(obj, name)
+                log_json(mlflow, obj, name)
             if spec.start_metrics:
                 mlflow.log_metrics({k: float(v) for k, v in spec.start_metrics.items()}, step=0)
         self.mlflow = mlflow
@@ -697,8 +697,10 @@ class _Tracker:
 
     def log_artifacts(self, artifacts: dict[str, Any]) -> None:
         if self.mlflow:
+            from stages.tracking import log_json
+
             for name, obj in artifacts.items():
-                self.mlflow.log_dict(obj, name)
+                log_json(self.mlflow, obj, name)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.mlflow:
