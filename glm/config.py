@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -311,6 +312,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
 
 
+@functools.lru_cache(maxsize=None)
 def _yaml_loader():
     """PyYAML's safe loader, which also reads `1e-3` as a float (YAML 1.2; PyYAML's YAML 1.1
     rules want a dot, `1.0e-3`, and would read `1e-3` as a string)."""

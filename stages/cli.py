@@ -1,5 +1,5 @@
-"""What every stage CLI shares: loading its typed YAML config and running the stage, with errors a
-user can act on instead of tracebacks."""
+"""What every stage CLI shares: loading its typed YAML config (with `--set path.to.key=value`
+overrides) and running the stage, with errors a user can act on instead of tracebacks."""
 
 from __future__ import annotations
 

@@ -123,6 +123,9 @@ class EvalConfig:
             raise ConfigError("tasks: name at least one task YAML file or directory")
         if self.bootstrap_iters < 0:
             raise ConfigError(f"bootstrap_iters must be >= 0, got {self.bootstrap_iters}")
-        unknown = {f for _, f, _, _ in string.Formatter().parse(self.output) if f is not None} - set(OUTPUT_FIELDS)
+        try:
+            unknown = {f for _, f, _, _ in string.Formatter().parse(self.output) if f is not None} - set(OUTPUT_FIELDS)
+        except ValueError as e:  # an unmatched brace
+            raise ConfigError(f"output {self.output!r}: {e}") from None
         if unknown:
             raise ConfigError(f"output {self.output!r}: unknown placeholder(s) {sorted(unknown)}; known: {list(OUTPUT_FIELDS)}")
