@@ -6,13 +6,16 @@ Every config in the project is a dataclass; `from_dict` builds one from plain da
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -304,8 +307,26 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Load a YAML file into dataclass `cls`, with errors naming the file and key."""
+# --- YAML files and command-line overrides ---------------------------------------------------
+
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader():
+    """PyYAML's safe loader, which also reads `1e-3` as a float (YAML 1.2; PyYAML's YAML 1.1
+    rules want a dot, `1.0e-3`, and would read `1e-3` as a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789."))
+    return Loader
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The plain data of a YAML file ({} when empty), errors naming the file."""
     import yaml
 
     path = Path(path)
@@ -313,7 +334,111 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            return yaml.load(f, Loader=_yaml_loader()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    return from_dict(cls, data, where=str(path))
+
+
+_KEY_PART = re.compile(r"([^.\[\]=]+)((?:\[[0-9]+\])*)")
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`path.to.key=value` (a `--set` flag) -> (key path, value).
+
+    `a.b[0].c` steps into item 0 of the list `a.b`. The value is read as YAML, so
+    `1e-3` is a float, `true` a bool, `[data, pretrain]` a list and `{lr: 1}` a mapping; `null`
+    is None and an empty value the empty string. A value that reads as a block mapping or list
+    (`Q: why?`, `- x`) stays a string: only `{...}` and `[...]` make collections.
+    """
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected path.to.key=value")
+    path: list[str | int] = []
+    for part in key.split("."):
+        m = _KEY_PART.fullmatch(part.strip())
+        if not m:
+            raise ConfigError(f"--set {text}: {part!r} in {key!r} is not a key (name, or name[index])")
+        path.append(m.group(1))
+        path += [int(i) for i in re.findall(r"[0-9]+", m.group(2))]
+    if not raw.strip():
+        return path, ""
+    try:
+        value = yaml.load(raw, Loader=_yaml_loader())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML: {e}") from None
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+        value = raw
+    return path, value
+
+
+def key_name(path: Sequence[str | int]) -> str:
+    """A key path as written in `--set`: a.b[0].c."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+
+
+def apply_overrides(data: Any, overrides: Sequence[str]) -> Any:
+    """A copy of the plain config data with each `path.to.key=value` set, in order: as if the
+    YAML file said so. Mappings on the way are created when missing; a list item must exist (a
+    list the file does not have is set whole, `--set a.items=[...]`). The typed loader then
+    checks the result like any file, so unknown keys and wrong types fail there."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"--set: the config is a {type(data).__name__}, not a mapping of keys")
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, key in enumerate(path):
+            at = key_name(path[:i])
+            if isinstance(key, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"--set {text}: {at} is not a list, it has no item [{key}]")
+                if key >= len(node):
+                    raise ConfigError(f"--set {text}: {at} has {len(node)} item(s), no [{key}]")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {at} is a {type(node).__name__}, not a mapping with key {key!r}")
+            if i == len(path) - 1:
+                node[key] = value
+                break
+            if isinstance(key, str) and node.get(key) is None:
+                if isinstance(path[i + 1], int):
+                    raise ConfigError(f"--set {text}: {key_name(path[:i + 1])} is not in the config, so it has "
+                                      f"no item [{path[i + 1]}]: set the whole list, --set {key_name(path[:i + 1])}=[...]")
+                node[key] = {}
+            node = node[key]
+    return data
+
+
+def build_with_overrides(build: Callable[[Any], T], data: Any, overrides: Sequence[str]) -> T:
+    """`build(data with overrides applied)`. A ConfigError the overrides caused (the data alone
+    does not fail so) names the first `--set` after which it occurs."""
+    try:
+        return build(apply_overrides(data, overrides))
+    except ConfigError as e:
+        if not overrides:
+            raise
+        error = str(e)
+
+    def fails_so(n: int) -> bool:
+        try:
+            build(apply_overrides(data, overrides[:n]))
+        except Exception as e:  # noqa: BLE001 - any other failure of a prefix is not this error
+            return isinstance(e, ConfigError) and str(e) == error
+        return False
+
+    if fails_so(0):
+        raise ConfigError(error)
+    culprit = next((text for n, text in enumerate(overrides, 1) if fails_so(n)), None)
+    if culprit is None:
+        raise ConfigError(f"{error} (with {' '.join(f'--set {o}' for o in overrides)})")
+    raise ConfigError(f"--set {culprit}: {error}")
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
+    """Load a YAML file into dataclass `cls`, with `--set` overrides applied to its data before
+    the strict loader checks it; errors name the file and key (and the `--set` they came from)."""
+    return build_with_overrides(lambda data: from_dict(cls, data, where=str(path)), read_yaml(path), overrides)

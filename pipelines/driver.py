@@ -126,11 +126,11 @@ def evaluate(p: PipelineConfig, after: str, model: str, model_hash: str, markers
     print(f"== {name} (config {config_hash})", flush=True)
     t0 = time.time()
     report = run_eval(cfg)  # a Ray task with its config's device
-    outputs = {"report": storage.absolute(cfg.output)}
+    outputs = {"report": report["report_uri"], "table": report["table_uri"]}  # the time in their names filled in
     markers.write(name, config_hash, outputs, time.time() - t0)
     tracker.stage_done(name, outputs, time.time() - t0)
-    headline = {k: round(v, 4) for k, v in report["metrics"].items() if not k.endswith("/items")}
-    print(f"== {name} done in {time.time() - t0:.0f}s: {headline}", flush=True)
+    headline = {k: round(v, 4) for k, v in report["metrics"].items() if not k.endswith(("/items", "_stderr"))}
+    print(f"== {name} done in {time.time() - t0:.0f}s: {headline} (table: {report['table_uri']})", flush=True)
     return report["metrics"]
 
 

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from stages.effects import read_effects
+from stages.tracking import log_json
 
 CHECK_SEED = 0
 
@@ -78,7 +79,7 @@ def summary(outputs: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
     if mlflow is not None and mlflow.active_run() is not None:
         mlflow.log_metrics({f"{label.replace(':', '.')}.{k}": float(v) for label, e in found.items()
                             for k, v in e.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        mlflow.log_dict(found, "effects.json")
+        log_json(mlflow, found, "effects.json")
     return found
 
 

@@ -9,7 +9,8 @@ Each stage gets the URIs of the previous stages' outputs. A stage whose complete
 the same config exists is skipped (a finished pipeline rerun does nothing and says so); a
 training stage interrupted by a crash continues from its last checkpoint when the pipeline
 is rerun with the same name. `--only STAGE` runs one stage (its inputs must exist), `--from
-STAGE` starts there. MLflow: one parent run per pipeline run, a nested run per stage, the
+STAGE` starts there; `--set sft.engine.optim.lr=1e-3` changes a key of the YAML (repeatable; the
+same checks and stage hashes as an edited file). MLflow: one parent run per pipeline run, a nested run per stage, the
 final model registered in the Model Registry (a version per run, alias `newest`).
 """
 
@@ -42,6 +43,7 @@ from pipelines.driver import evaluate, run, selected_stages  # noqa: E402,F401
 from pipelines.endpoint import check  # noqa: E402,F401
 from pipelines.markers import Markers, fingerprint  # noqa: E402,F401
 from pipelines.runs import apply_resume_from  # noqa: E402
+from stages.cli import add_set_argument  # noqa: E402
 from stages.cluster import shutdown_ray  # noqa: E402
 
 __all__ = ["CheckConfig", "Markers", "ORDER", "PipelineConfig", "RegistryConfig", "STAGES", "check", "eval_config",
@@ -64,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                              "checkpoint directory path / URI) when it has none of its own: continue an "
                              "earlier run after changing the config (by default a changed config trains "
                              "anew); repeatable")
+    add_set_argument(parser)
     args = parser.parse_args(argv)
     try:
-        p = load_config(args.config, args.run_name)
+        p = load_config(args.config, args.run_name, args.overrides)
         apply_resume_from(p, args.resume_from_run)
         run(p, only=args.only, start=args.start)
     except (ConfigError, FileNotFoundError, RuntimeError) as e:

@@ -10,6 +10,7 @@ import posixpath
 import time
 
 from stages import storage
+from stages.tracking import json_text
 
 MARKERS = "pipeline"
 """Folder of the markers under the work_dir."""
@@ -62,4 +63,4 @@ class Markers:
         """`runs`: the stage's engine runs (label -> engine run name), for the record."""
         record = {"stage": stage, "config_hash": config_hash, "outputs": outputs, "seconds": seconds,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs or {}}
-        storage.write_bytes(self.fs, posixpath.join(self.root, f"{stage}.json"), json.dumps(record, indent=2).encode())
+        storage.write_bytes(self.fs, posixpath.join(self.root, f"{stage}.json"), json_text(record).encode("utf-8"))

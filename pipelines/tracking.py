@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from pipelines.config import PipelineConfig
-from stages.tracking import default_tracking_uri, use_experiment
+from stages.tracking import default_tracking_uri, log_json, use_experiment
 
 
 class PipelineRun:
@@ -23,7 +23,7 @@ class PipelineRun:
         use_experiment(mlflow, p.tracking.experiment, uri)
         self.run = mlflow.start_run(run_name=p.name, tags={"pipeline": p.name, "work_dir": p.work_dir})
         mlflow.log_params({"stages": ",".join(p.stages), "work_dir": p.work_dir})
-        mlflow.log_dict(asdict(p), "pipeline_config.json")
+        log_json(mlflow, asdict(p), "pipeline_config.json")
         self.mlflow = mlflow
 
     def stage_done(self, stage: str, outputs: dict, seconds: float) -> None:
@@ -57,7 +57,7 @@ class PipelineRun:
             mlflow.log_metrics({f"final.{k.replace('/', '.')}": v for k, v in metrics.items()})
         manifest = _data_manifest(data_uri)
         if manifest is not None:
-            mlflow.log_dict(manifest, "data/manifest.json")
+            log_json(mlflow, manifest, "data/manifest.json")
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException:
@@ -91,7 +91,7 @@ class PipelineRun:
 
     def log_check(self, answers: dict[str, str]) -> None:
         if self.mlflow:
-            self.mlflow.log_dict(answers, "check_requests.json")
+            log_json(self.mlflow, answers, "check_requests.json")
 
     def finish(self, status: str) -> None:
         if self.mlflow and self.mlflow.active_run():

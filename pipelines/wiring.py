@@ -8,9 +8,9 @@ import copy
 import dataclasses
 import posixpath
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from glm.config import from_dict, load_yaml
+from glm.config import build_with_overrides, from_dict, read_yaml
 from pipelines.config import ORDER, PipelineConfig
 
 
@@ -170,11 +170,12 @@ def stage_config(p: PipelineConfig, name: str, outputs: dict, where: str = "pipe
 
 
 def eval_config(p: PipelineConfig, after: str, model: str, where: str = "pipeline"):
-    """The evaluation of stage `after`'s model: report under <work_dir>/eval/, MLflow run eval-<stage>."""
+    """The evaluation of stage `after`'s model: a report of its own per run under <work_dir>/eval/
+    (<stage>-<UTC time>.json, the time filled in when it runs), MLflow run eval-<stage>."""
     from stages.eval.config import EvalConfig
 
     raw = {**copy.deepcopy(p.eval), "checkpoint": model, "run_name": f"eval-{after}"}
-    raw.setdefault("output", posixpath.join(p.work_dir, "eval", f"{after}.json"))
+    raw.setdefault("output", posixpath.join(p.work_dir, "eval", f"{after}-{{time}}.json"))
     raw["tracking"] = {**asdict(p.tracking), **raw.get("tracking", {})}
     return from_dict(EvalConfig, raw, f"{where}: eval")
 
@@ -187,9 +188,15 @@ def final_model(p: PipelineConfig, outputs: dict) -> str | None:
     return None
 
 
-def load_config(path: str, run_name: str | None = None) -> PipelineConfig:
-    """The pipeline config, every stage section validated against its typed config."""
-    p = load_yaml(PipelineConfig, path)
+def load_config(path: str, run_name: str | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The pipeline config, every stage section validated against its typed config. `overrides`
+    (`--set path.to.key=value`) change the YAML's data before it is checked, exactly as an edit of
+    the file would: same validation, same stage config hashes."""
+    return build_with_overrides(lambda data: _validated(data, path, run_name), read_yaml(path), overrides)
+
+
+def _validated(data: dict, path: str, run_name: str | None) -> PipelineConfig:
+    p = from_dict(PipelineConfig, data, where=path)
     p.name = run_name or p.name
     p.work_dir = p.work_dir.replace("{name}", p.name)
     outputs: dict[str, dict[str, str]] = {}

@@ -1,20 +1,35 @@
-"""What every stage CLI shares: loading its typed YAML config and running the stage, with errors a
-user can act on instead of tracebacks."""
+"""What every stage CLI shares: loading its typed YAML config (with `--set path.to.key=value`
+overrides) and running the stage, with errors a user can act on instead of tracebacks."""
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from glm.config import ConfigError, load_yaml
+from glm.config import ConfigError, build_with_overrides, from_dict, load_yaml
 
 T = TypeVar("T")
 
+SET_HELP = ("set a config key, as if the YAML said so: path.to.key=value, the value read as YAML "
+            "(e.g. --set engine.optim.lr=1e-3, --set 'tasks=[a.yaml, b.yaml]', --set sources[0].uri=...); "
+            "repeatable, applied in order before the strict config check; flags win over it")
 
-def load_config_or_exit(cls: type[T], path: str) -> T:
-    """The config in `path`, or exit with status 2 and a message naming the file and key."""
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable) on a CLI; the values land in `args.overrides`."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def load_config_or_exit(cls: type[T], path: str | None, overrides: Sequence[str] = (),
+                        start: dict[str, Any] | None = None) -> T:
+    """The config in `path` with the `--set` overrides, or exit with status 2 and a message
+    naming the file and key (and the `--set` it came from). Without a file the overrides apply
+    to `start` (default: no keys, the dataclass defaults)."""
     try:
-        return load_yaml(cls, path)
+        if path:
+            return load_yaml(cls, path, overrides)
+        return build_with_overrides(lambda data: from_dict(cls, data), start or {}, overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

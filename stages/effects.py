@@ -13,6 +13,7 @@ import json
 from typing import Any, Callable
 
 from stages import storage
+from stages.tracking import json_text, log_json
 
 
 def effects_path(output: str) -> str:
@@ -21,7 +22,7 @@ def effects_path(output: str) -> str:
 
 def write_effects(output: str, effects: dict[str, Any]) -> None:
     fs, path = storage.resolve(effects_path(output))
-    storage.write_bytes(fs, path, json.dumps(effects, indent=2, ensure_ascii=False).encode())
+    storage.write_bytes(fs, path, json_text(effects).encode("utf-8"))
 
 
 def read_effects(output: str) -> dict[str, Any] | None:
@@ -38,7 +39,7 @@ def log_effect_metrics(effects: dict[str, Any]) -> None:
         return
     mlflow.log_metrics({f"effect.{k}": float(v) for k, v in effects.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    mlflow.log_dict(effects, "effects.json")
+    log_json(mlflow, effects, "effects.json")
 
 
 def validation_before_after(names: list[str]) -> dict[str, float]:

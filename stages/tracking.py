@@ -76,6 +76,17 @@ def use_experiment(mlflow, name: str, tracking_uri: str) -> None:
     mlflow.set_experiment(name)
 
 
+def json_text(data: Any) -> str:
+    """JSON for a file or an MLflow artifact: indented, UTF-8 text with Chinese (any non-ASCII)
+    as is, not \\u-escaped, so it reads in the MLflow UI; what JSON cannot hold as its str()."""
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+
+
+def log_json(mlflow, data: Any, name: str) -> None:
+    """`mlflow.log_dict` as readable UTF-8 (log_dict escapes every non-ASCII character)."""
+    mlflow.log_text(json_text(data), name)
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts/lists as flat 'a.b.0.c' keys (MLflow params are flat)."""
     if isinstance(data, dict):
@@ -107,7 +118,11 @@ class StageRun:
 
     def log_dict(self, data: dict, name: str) -> None:
         if self._mlflow:
-            self._mlflow.log_dict(data, name)
+            log_json(self._mlflow, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self._mlflow:
+            self._mlflow.log_text(text, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow:

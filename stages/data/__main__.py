@@ -1,4 +1,4 @@
-"""python -m stages.data --config FILE [--output URI] [--workers N] [--track]
+"""python -m stages.data --config FILE [--set KEY=VALUE ...] [--output URI] [--workers N] [--track]
 
 Reads the corpora and MIP sets named in the config, cleans and screens them (Gopher quality
 rules, language identification, decontamination against the evaluation tasks), removes exact
@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from stages.cli import load_config_or_exit
+from stages.cli import add_set_argument, load_config_or_exit
 from stages.data.config import DataConfig
 
 
@@ -20,11 +20,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file of DataConfig fields (see stages/data/configs/)")
+    add_set_argument(parser)
     parser.add_argument("--output", help="override the config's output path or URI")
     parser.add_argument("--workers", type=int, help="override the tokenizer actor-pool size")
     parser.add_argument("--track", action="store_true", help="log to MLflow (tracking.enabled)")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(DataConfig, args.config)
+    cfg = load_config_or_exit(DataConfig, args.config, args.overrides)
     if args.output:
         cfg.output = args.output
     if args.workers:

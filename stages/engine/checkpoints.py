@@ -91,7 +91,7 @@ class CheckpointStore:
         """Rank 0, once every rank's files are written: the completion record, last."""
         files = self._files(self.path(tag))
         record = {**record, "tag": tag, "time": time.time(), "files": files}
-        data = json.dumps(record, indent=1).encode()
+        data = json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8")
         final = posixpath.join(self.path(tag), RECORD)
         if self.local:  # write then rename: the record is whole or absent
             tmp = final + ".tmp"
@@ -229,7 +229,7 @@ def convert_to_universal(found: Found) -> None:
         files = {posixpath.relpath(i.path, dest): i.size for i in store.fs.get_file_info(
             pafs.FileSelector(dest, recursive=True)) if i.type == pafs.FileType.File}
         storage.write_bytes(store.fs, posixpath.join(dest, RECORD),
-                            json.dumps({"files": files, "source": found.uri, "time": time.time()}).encode())
+                            json.dumps({"files": files, "source": found.uri, "time": time.time()}, ensure_ascii=False).encode("utf-8"))
     finally:
         shutil.rmtree(out, ignore_errors=True)
         if src_tmp:

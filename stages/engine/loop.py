@@ -674,7 +674,7 @@ class _Tracker:
         if state["mlflow_run_id"]:
             mlflow.start_run(run_id=state["mlflow_run_id"])
         else:
-            from stages.tracking import flatten, use_experiment
+            from stages.tracking import flatten, log_json, use_experiment
 
             use_experiment(mlflow, spec.experiment, spec.tracking_uri)
             tags = {"mlflow.parentRunId": spec.parent_run_id} if spec.parent_run_id else None
@@ -682,7 +682,7 @@ class _Tracker:
             state["mlflow_run_id"] = run.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in flatten({**spec.params, "engine": asdict(cfg)}).items()})
             for name, obj in spec.artifacts.items():
-                mlflow.log_dict(obj, name)
+                log_json(mlflow, obj, name)
             _log_training_data(mlflow, spec.data_uri)
             if spec.start_metrics:
                 mlflow.log_metrics({k: float(v) for k, v in spec.start_metrics.items()}, step=0)
@@ -715,8 +715,10 @@ class _Tracker:
 
     def log_artifacts(self, artifacts: dict[str, Any]) -> None:
         if self.mlflow:
+            from stages.tracking import log_json
+
             for name, obj in artifacts.items():
-                self.mlflow.log_dict(obj, name)
+                log_json(self.mlflow, obj, name)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.mlflow:

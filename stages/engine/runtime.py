@@ -43,8 +43,8 @@ class RayRuntime(Runtime):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "engine_checkpoint.json"), "w") as f:
-                json.dump(checkpoint, f)
+            with open(os.path.join(d, "engine_checkpoint.json"), "w", encoding="utf-8") as f:
+                json.dump(checkpoint, f, ensure_ascii=False)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

@@ -28,9 +28,9 @@ class StepLog:
         self.fs.create_dir(self.dir, recursive=True)
 
     def write(self, record: dict) -> None:
-        line = json.dumps({"attempt": self.attempt, **record}) + "\n"
+        line = json.dumps({"attempt": self.attempt, **record}, ensure_ascii=False) + "\n"
         if self.local:
-            with open(posixpath.join(self.dir, f"attempt-{self.attempt:03d}.jsonl"), "a") as f:
+            with open(posixpath.join(self.dir, f"attempt-{self.attempt:03d}.jsonl"), "a", encoding="utf-8") as f:
                 f.write(line)
         else:
             self.buffer.append(line)

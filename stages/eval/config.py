@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,8 +45,11 @@ class TaskConfig:
     """Mask token after the context: Part B (the answer) fills it, as in training."""
     max_length: int = 512
     """Longest sequence scored (also capped at the model's max_seq_len); contexts are cut from the left."""
+    version: int = 1
+    """Task version, reported beside its metrics: raise it when a change (prompt, data, scoring)
+    makes its numbers incomparable with earlier reports."""
     few_shot: int = 0
-    """Solved examples put before each item (from `few_shot_data`, in file order)."""
+    """Solved examples put before each item (from `few_shot_data`, in file order); the report's n-shot."""
     few_shot_data: str = ""
     """Data file of the few-shot examples (same format and `where` filter as `data`)."""
     few_shot_match: str = ""
@@ -76,6 +80,10 @@ class TaskConfig:
             raise ConfigError(f"task {self.name!r}: stride {self.stride} leaves no room in max_length {self.max_length}")
 
 
+OUTPUT_FIELDS = ("run_name", "time")
+"""Placeholders of EvalConfig.output."""
+
+
 @dataclass
 class EvalConfig:
     """Score an inference checkpoint on task YAMLs (`python -m stages.eval`)."""
@@ -84,8 +92,16 @@ class EvalConfig:
     """Inference checkpoint directory or URI (FP or quantized; glm.checkpoint loads it)."""
     tasks: list[str] = field(default_factory=lambda: ["stages/eval/tasks"])
     """Task YAML files or directories (searched recursively for *.yaml)."""
-    output: str = "runs/eval/report.json"
-    """Where the JSON report is written (path or URI)."""
+    output: str = "runs/eval/{run_name}-{time}.json"
+    """Where the JSON report is written (path or URI); `{run_name}` and `{time}` (UTC start,
+    20250101T120000Z) are filled in, so each run writes its own report. Beside it go the table
+    (`.md`) and, with `log_samples`, the per-item log (`.samples.jsonl`)."""
+    log_samples: bool = False
+    """Also write every item's prompt, target, prediction and scores as JSONL beside the report."""
+    bootstrap_iters: int = 1000
+    """Resamples for the bootstrap standard errors (f1, perplexity, bits per byte); 0 = none."""
+    seed: int = 1234
+    """Seed of the bootstrap resampling (the same items give the same errors)."""
     batch_size: int = 16
     """Items per forward pass (multiple choice, generation) or windows (perplexity)."""
     max_items: int = 0
@@ -105,3 +121,11 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.tasks:
             raise ConfigError("tasks: name at least one task YAML file or directory")
+        if self.bootstrap_iters < 0:
+            raise ConfigError(f"bootstrap_iters must be >= 0, got {self.bootstrap_iters}")
+        try:
+            unknown = {f for _, f, _, _ in string.Formatter().parse(self.output) if f is not None} - set(OUTPUT_FIELDS)
+        except ValueError as e:  # an unmatched brace
+            raise ConfigError(f"output {self.output!r}: {e}") from None
+        if unknown:
+            raise ConfigError(f"output {self.output!r}: unknown placeholder(s) {sorted(unknown)}; known: {list(OUTPUT_FIELDS)}")

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     print(json.dumps(results["results"], indent=2, default=str))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            json.dump({k: results[k] for k in ("results", "configs", "versions")}, f, indent=2, default=str)
+            json.dump({k: results[k] for k in ("results", "configs", "versions")}, f, indent=2, default=str, ensure_ascii=False)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""python -m stages.quantize --config FILE [--checkpoint URI] [--output URI] [--bits 4|8] [--group-size N] [--text FILE] [--max-ppl-increase X] [--track]
+"""python -m stages.quantize --config FILE [--set KEY=VALUE ...] [--checkpoint URI] [--output URI] [--bits 4|8] [--group-size N] [--text FILE] [--max-ppl-increase X] [--track]
 
 Quantizes a full-precision inference checkpoint to INT8 or INT4 weight-only (per output row
 absmax with fp16 scales, or per group of input columns), converting it tensor by tensor.
@@ -13,7 +13,7 @@ Example (see stages/quantize/configs/sample.yaml):
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit, run_stage
+from stages.cli import add_set_argument, load_config_or_exit, run_stage
 from stages.quantize.config import QuantizeConfig
 
 
@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file of QuantizeConfig fields")
+    add_set_argument(parser)
     parser.add_argument("--checkpoint", help="override the full-precision checkpoint to quantize")
     parser.add_argument("--output", help="override where the quantized checkpoint goes")
     parser.add_argument("--bits", type=int, choices=(4, 8), help="override bits")
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-gate", action="store_true", help="skip the perplexity gate")
     parser.add_argument("--track", action="store_true", help="log to MLflow")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(QuantizeConfig, args.config)
+    cfg = load_config_or_exit(QuantizeConfig, args.config, args.overrides)
     cfg.checkpoint = args.checkpoint or cfg.checkpoint
     cfg.output = args.output or cfg.output
     cfg.bits = args.bits or cfg.bits

@@ -146,7 +146,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
 def _record_in_metadata(staged: str, report: dict[str, Any]) -> None:
     """Keep the measurements with the checkpoint (config.json metadata), for eval and serve."""
     path = Path(staged) / "config.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     data["metadata"]["quantize_report"] = {k: v for k, v in report.items() if k not in ("samples",)}
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 

@@ -1,4 +1,4 @@
-"""python -m stages.rlhf --config FILE [--mode reward|ppo|dpo] [--base DIR] [--reward-model DIR]
+"""python -m stages.rlhf --config FILE [--set KEY=VALUE ...] [--mode reward|ppo|dpo] [--base DIR] [--reward-model DIR]
                          [--output DIR] [--run-name NAME] [--track]
 
 RLHF after SFT, on the training engine (Ray Train + DeepSpeed; rerunning the same run name
@@ -20,7 +20,7 @@ Typical order:  --mode reward  ->  --mode ppo --reward-model <reward output>.
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit, run_stage
+from stages.cli import add_set_argument, load_config_or_exit, run_stage
 from stages.rlhf.config import MODES, RLHFConfig
 
 
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file of RLHFConfig fields")
+    add_set_argument(parser)
     parser.add_argument("--mode", choices=MODES, help="override mode")
     parser.add_argument("--base", help="override the SFT inference checkpoint to start from")
     parser.add_argument("--reward-model", help="override the reward checkpoint (ppo)")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
     parser.add_argument("--track", action="store_true", help="log to MLflow")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(RLHFConfig, args.config)
+    cfg = load_config_or_exit(RLHFConfig, args.config, args.overrides)
     cfg.mode = args.mode or cfg.mode
     cfg.base = args.base or cfg.base
     cfg.reward_model = args.reward_model or cfg.reward_model

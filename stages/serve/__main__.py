@@ -1,4 +1,4 @@
-"""python -m stages.serve [--checkpoint DIR] [--port 8000] [--api-key KEY] [...]
+"""python -m stages.serve [--config FILE] [--set KEY=VALUE ...] [--checkpoint DIR] [--port 8000] [--api-key KEY] [...]
 
 Serves an inference checkpoint (default: the newest under ./runs) with the OpenAI-compatible
 API, GLM blank filling and a web chat page, in the foreground until Ctrl-C. Starts a local Ray
@@ -7,7 +7,7 @@ an API key (--api-key or GLM_SERVE_API_KEY) every route but /health and the web 
 `Authorization: Bearer KEY`. Binding beyond loopback without a key refuses to start unless
 --allow-unauthenticated says the endpoint is meant to be open. Exit status 2 when the config,
 the checkpoint or the replica's start-up fails (the replica's own error is printed).
-Flags override the fields of --config (a YAML of ServeConfig fields).
+Flags override the fields of --config (a YAML of ServeConfig fields) and of --set.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from glm.registry import is_mlflow_uri, local_checkpoint
-from stages.cli import load_config_or_exit
+from stages.cli import add_set_argument, load_config_or_exit
 from stages.serve.config import ServeConfig
 from stages.tracking import stage_run
 
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of ServeConfig fields (flags override it)")
+    add_set_argument(parser)
     for flag, (_, tp, text) in FLAGS.items():
         parser.add_argument(flag, type=tp, help=text)
     parser.add_argument("--api-key", default=os.environ.get("GLM_SERVE_API_KEY"),
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--track", action="store_true",
                         help="log the config and endpoint to MLflow (a 'serve' run, ended at shutdown)")
     args = parser.parse_args(argv)
-    config = load_config_or_exit(ServeConfig, args.config) if args.config else ServeConfig()
+    config = load_config_or_exit(ServeConfig, args.config, args.overrides)
     for flag, (name, _, _) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:

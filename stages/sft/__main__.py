@@ -1,4 +1,4 @@
-"""python -m stages.sft --config FILE [--base DIR] [--output DIR] [--method full|ptuning|lora] [--run-name NAME] [--track]
+"""python -m stages.sft --config FILE [--set KEY=VALUE ...] [--base DIR] [--output DIR] [--method full|ptuning|lora] [--run-name NAME] [--track]
 
 Fine-tunes a pretrained inference checkpoint into a chat model:
   1. reads the instruction / dialogue JSONL sources (Alpaca, ShareGPT `conversations`, OpenAI
@@ -14,7 +14,7 @@ Fine-tunes a pretrained inference checkpoint into a chat model:
 import argparse
 import sys
 
-from stages.cli import load_config_or_exit, run_stage
+from stages.cli import add_set_argument, load_config_or_exit, run_stage
 from stages.sft.config import SFTConfig
 
 
@@ -22,13 +22,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file of SFTConfig fields")
+    add_set_argument(parser)
     parser.add_argument("--base", help="override the pretrained inference checkpoint to start from")
     parser.add_argument("--output", help="override where the fine-tuned checkpoint goes")
     parser.add_argument("--method", choices=("full", "ptuning", "lora"), help="override method.kind")
     parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
     parser.add_argument("--track", action="store_true", help="log to MLflow")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(SFTConfig, args.config)
+    cfg = load_config_or_exit(SFTConfig, args.config, args.overrides)
     cfg.base = args.base or cfg.base
     cfg.output = args.output or cfg.output
     cfg.method.kind = args.method or cfg.method.kind

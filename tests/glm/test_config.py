@@ -1,5 +1,6 @@
 """Presets, strict config loading, and parameter counts without allocating."""
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -79,3 +80,58 @@ def test_from_dict_nested_and_unknown_keys_named():
         from_dict(_Outer, {})
     with pytest.raises(ConfigError, match=r"train\.lr: expected float"):
         from_dict(_Outer, {"name": "x", "train": {"lr": "fast"}})
+
+
+# --- --set overrides ----------------------------------------------------------------------
+
+def test_override_values_read_as_yaml():
+    from glm.config import parse_override
+
+    assert parse_override("pretrain.engine.optim.lr=1e-3") == (["pretrain", "engine", "optim", "lr"], 0.001)
+    assert parse_override("stages=[data, pretrain]") == (["stages"], ["data", "pretrain"])
+    assert parse_override("data.sources[0].uri=s3://b/x=y.jsonl") == (["data", "sources", 0, "uri"], "s3://b/x=y.jsonl")
+    assert parse_override("m={a: 1, b: [2]}")[1] == {"a": 1, "b": [2]}
+    assert [parse_override(f"k={v}")[1] for v in ("true", "12", "-2E-3", "null", "'01'", "", "Q: why?", "你好")] == \
+        [True, 12, -0.002, None, "01", "", "Q: why?", "你好"]
+    for bad, message in (("lr", "expected path.to.key=value"), ("=1", "expected path.to.key=value"),
+                         ("a..b=1", "'' in 'a..b' is not a key"), ("a=[1", "not valid YAML")):
+        with pytest.raises(ConfigError, match=message):
+            parse_override(bad)
+
+
+def test_yaml_files_read_exponents_without_a_dot_as_floats(tmp_path):
+    from glm.config import load_yaml
+
+    (tmp_path / "c.yaml").write_text("name: x\ntrain: {lr: 3e-4}\n")
+    assert load_yaml(_Outer, tmp_path / "c.yaml").train.lr == 3e-4
+
+
+def test_overrides_set_nested_keys_creating_mappings_and_leave_the_data_alone():
+    from glm.config import apply_overrides
+
+    data = {"name": "x", "sources": [{"uri": "a"}, {"uri": "b"}]}
+    out = apply_overrides(data, ["train.lr=2", "sources[1].uri=c", "name=y", "name=z"])
+    assert out == {"name": "z", "sources": [{"uri": "a"}, {"uri": "c"}], "train": {"lr": 2}}
+    assert data == {"name": "x", "sources": [{"uri": "a"}, {"uri": "b"}]}
+    for bad, message in (("sources[2].uri=c", r"sources has 2 item\(s\), no \[2\]"),
+                         ("sources.uri=c", "sources is a list, not a mapping with key 'uri'"),
+                         ("name.first=c", "name is a str, not a mapping"),
+                         ("other[0]=c", r"other is not in the config, so it has no item \[0\]: set the whole list")):
+        with pytest.raises(ConfigError, match=rf"--set {re.escape(bad)}: {message}"):
+            apply_overrides(data, [bad])
+
+
+def test_an_override_error_names_the_key_and_the_set_it_came_from(tmp_path):
+    from glm.config import load_yaml
+
+    (tmp_path / "f.yaml").write_text("name: x\ntrain: {lr: 0.1}\n")
+    assert load_yaml(_Outer, tmp_path / "f.yaml", ["train.lr=1e-3", "model.preset=tiny"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"^--set train\.lrr=1: .*f\.yaml\.train: unknown key\(s\) 'lrr'"):
+        load_yaml(_Outer, tmp_path / "f.yaml", ["name=y", "train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=fast: .*train\.lr: expected float, got str 'fast'"):
+        load_yaml(_Outer, tmp_path / "f.yaml", ["train.lr=fast", "name=y"])
+    with pytest.raises(ConfigError, match=r"^--set train=3: .*train: expected a mapping"):
+        load_yaml(_Outer, tmp_path / "f.yaml", ["train=3"])
+    (tmp_path / "f.yaml").write_text("name: x\ntrain: {lrr: 0.1}\n")  # the file's own error stays the file's
+    with pytest.raises(ConfigError, match=r"^\S*f\.yaml\.train: unknown key\(s\) 'lrr'"):
+        load_yaml(_Outer, tmp_path / "f.yaml", ["name=y"])

@@ -35,7 +35,7 @@ def test_each_stage_takes_the_previous_outputs_and_the_pipeline_defaults():
     assert c["sft"].engine.storage_path == "runs/exp1/ray" and c["sft"].tracking.enabled
     e = eval_config(p, "quantize", c["quantize"].output)
     assert e.checkpoint == c["quantize"].output and e.run_name == "eval-quantize"
-    assert e.output == "runs/exp1/eval/quantize.json"
+    assert e.output == "runs/exp1/eval/quantize-{time}.json"  # each run its own report
 
 
 def test_stage_selection_and_order_are_checked():
@@ -105,3 +105,38 @@ def test_resume_from_run_is_explicit_and_changes_the_identity():
     for bad, message in (("pretrain", "expected RUN=NAME"), ("dpo=x", "not an engine run"), ("eval=x", "not an engine run")):
         with pytest.raises(ConfigError, match=message):
             apply_resume_from(load_config(str(SMOKE)), [bad])
+
+
+def stage_hashes(p: PipelineConfig) -> dict[str, str]:
+    """Every stage's and evaluation's config hash, chained as the driver chains them."""
+    from pipelines.full import STAGES, fingerprint
+
+    hashes, upstream, outputs = {}, "", {}
+    for name, cfg in wired(p).items():
+        if STAGES[name].deploys:
+            continue
+        hashes[name] = upstream = fingerprint(cfg, upstream)
+        outputs[name] = STAGES[name].outputs(cfg)
+        if name in p.eval_after:
+            hashes[f"eval-{name}"] = fingerprint(eval_config(p, name, outputs[name]["model"]), upstream)
+    return hashes
+
+
+def test_set_overrides_change_the_run_identity_exactly_as_an_edited_yaml(tmp_path):
+    text = SMOKE.read_text()
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(text.replace("optim: {lr: 2.0e-3, warmup_steps: 30}", "optim: {lr: 1.0e-3, warmup_steps: 30}")
+                      .replace("en_dpo_demo_messages.jsonl", "other.jsonl").replace("eval_after: [pretrain, sft, rlhf, quantize]", "eval_after: [sft]"))
+    assert edited.read_text() != text
+    overrides = ["pretrain.engine.optim.lr=1e-3", "sft.data.sources[1].uri=data/sample/sft/other.jsonl", "eval_after=[sft]"]
+    by_set, by_edit, plain = load_config(str(SMOKE), "x", overrides), load_config(str(edited), "x"), load_config(str(SMOKE), "x")
+    assert by_set == by_edit and stage_hashes(by_set) == stage_hashes(by_edit)
+    changed = {k for k, v in stage_hashes(by_set).items() if stage_hashes(plain).get(k) != v}
+    assert changed == {"pretrain", "sft", "eval-sft", "rlhf", "quantize"}  # the data stage is upstream of the change
+
+
+def test_a_bad_set_names_the_flag_and_the_key():
+    with pytest.raises(ConfigError, match=r"^--set sft\.engine\.optim\.lrr=1: .*smoke\.yaml: sft\.engine\.optim: unknown key\(s\) 'lrr'"):
+        load_config(str(SMOKE), None, ["name=y", "sft.engine.optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set stages=\[sft, data\]: .*must be in pipeline order"):
+        load_config(str(SMOKE), None, ["stages=[sft, data]"])

@@ -128,3 +128,13 @@ def test_few_shot_examples_share_the_subject(tmp_path):
     assert "dev b1" in b.inputs and "dev a1" not in b.inputs and b.inputs.index("dev b1") < b.inputs.index("test b")
     assert a.inputs.index("dev a1") < a.inputs.index("dev a2") < a.inputs.index("test a")
     assert "dev a1\nA. 1\nB. 2\nAnswer: A\n\n" in a.inputs  # demonstration = prompt + space + answer
+
+
+def test_report_path_placeholders_are_checked():
+    from stages.eval.config import EvalConfig
+
+    assert EvalConfig(checkpoint="c").output == "runs/eval/{run_name}-{time}.json"  # a report of its own per run
+    with pytest.raises(ConfigError, match=r"unknown placeholder\(s\) \['run'\]"):
+        EvalConfig(checkpoint="c", output="runs/{run}.json")
+    with pytest.raises(ConfigError, match="expected '}'"):
+        EvalConfig(checkpoint="c", output="runs/{time.json")
