@@ -89,7 +89,7 @@ def test_imported_logits_equal_the_published_forward(tmp_path, ice_text, variant
 
 
 def test_qkv_permutation_is_per_head_and_inverts():
-    heads, hd, h = 3, 2, 6
+    heads, h = 3, 6  # head_dim 2
     rows = torch.arange(3 * h)  # published order: head 0 q(2) k(2) v(2), head 1 ...
     ours = qkv_from_chatglm(rows, heads)
     # ours: all q rows (head 0, 1, 2), then all k, then all v
