@@ -246,17 +246,30 @@ def test_chatglm_vocabulary_encodes_as_the_published_tokenizer(tmp_path, ice_tex
     assert tokenizer.decode(ids) == "The [MASK] fox, not <sop>"
 
 
-def test_imported_model_chats_and_quantizes(tmp_path, ice_text):
-    from glm.generation import GenerationConfig, chat
+def test_imported_model_chats_quantizes_and_serves(tmp_path, ice_text):
+    """What quantize and serve do with a checkpoint, on an imported one: glm's chat, the streaming
+    conversion to INT8, and the serving engine (its streamed text is the tokenizer's decoding)."""
+    from glm.generation import GenerationConfig, SpanQuery, chat, generate_spans
     from glm.quantization import QuantSpec, quantize_checkpoint
+    from stages.serve.engine import DecodeEngine, wait_for
 
     chatglm_dir(tmp_path / "hf", ice_text, shards=1)
     import_chatglm(str(tmp_path / "hf"), str(tmp_path / "ckpt"), **quiet)
     quantize_checkpoint(tmp_path / "ckpt", tmp_path / "int8", QuantSpec(bits=8), progress=lambda _: None)
+    config = GenerationConfig(max_new_tokens=6)
     for path in ("ckpt", "int8"):
         model, tokenizer = load_inference_checkpoint(tmp_path / path)
-        response, history = chat(model, tokenizer, "你好", config=GenerationConfig(max_new_tokens=4))
+        response, history = chat(model, tokenizer, "你好", config=config)
         assert isinstance(response, str) and history == [("你好", response)]
+        ids = tokenizer.encode("def f(x):\n    return x") + [tokenizer.special.gmask]
+        query = SpanQuery(ids, len(ids) - 1, True)
+        engine = DecodeEngine(model, tokenizer, max_batch_size=2)
+        try:
+            event = wait_for(engine, query, config, timeout=120)
+        finally:
+            engine.close()
+        assert event.tokens == generate_spans(model, [query], tokenizer.special, config, vocab_limit=len(tokenizer))[0]
+        assert event.text == tokenizer.decode(event.tokens)
 
 
 def test_command_line(tmp_path, ice_text, capsys):
