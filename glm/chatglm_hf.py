@@ -128,22 +128,19 @@ def glm_config_from_chatglm(hf: dict[str, Any], where: str) -> GLMConfig:
         raise ValueError(f"{where}: quantization_bit {hf['quantization_bit']}: a quantized release (chatglm-6b-int4 / "
                          f"-int8) stores other tensors; import the full-precision weights and quantize them with "
                          f"stages.quantize")
-    hidden = hf["hidden_size"]
     pre_seq_len = hf.get("pre_seq_len") or 0
-    try:
-        return GLMConfig(
-            vocab_size=hf["vocab_size"], hidden_size=hidden, num_layers=hf["num_layers"],
-            num_heads=hf["num_attention_heads"], ffn_hidden_size=hf.get("inner_hidden_size") or 4 * hidden,
-            ffn_type="gelu", position_encoding="rope_2d" if hf.get("position_encoding_2d", True) else "rope_1d",
-            rope_base=ROPE_BASE, rope_fp16_frequencies=True, max_seq_len=hf["max_sequence_length"],
-            tie_word_embeddings=False, layernorm_eps=float(hf["layernorm_epsilon"]),
-            hidden_dropout=0.0, attention_dropout=0.0,
-            embedding_grad_shrink=1.0,  # ChatGLM's fine-tuning code has none (it only changes gradients)
-            attention_softmax_fp32_scaling=True, pre_seq_len=pre_seq_len,
-            prefix_projection=bool(hf.get("prefix_projection")) and pre_seq_len > 0,
-        )
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    fields = {  # GLMConfig field: value, typed by GLMConfig.from_dict (errors name config.json and the field)
+        "vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_layers"],
+        "num_heads": hf["num_attention_heads"], "ffn_hidden_size": hf.get("inner_hidden_size"), "ffn_type": "gelu",
+        "position_encoding": "rope_2d" if hf.get("position_encoding_2d", True) else "rope_1d",
+        "rope_base": ROPE_BASE, "rope_fp16_frequencies": True, "max_seq_len": hf["max_sequence_length"],
+        "tie_word_embeddings": False, "layernorm_eps": hf["layernorm_epsilon"],
+        "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "embedding_grad_shrink": 1.0,  # ChatGLM's fine-tuning code has none (it only changes gradients)
+        "attention_softmax_fp32_scaling": True, "pre_seq_len": pre_seq_len,
+        "prefix_projection": bool(hf.get("prefix_projection")) and pre_seq_len > 0,
+    }
+    return GLMConfig.from_dict(fields, where=where)
 
 
 def chatglm_config(config: GLMConfig, tokenizer: GLMTokenizer, dtype: torch.dtype) -> dict[str, Any]:
