@@ -94,6 +94,10 @@ def qkv_to_chatglm(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.reshape(3, num_heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
+def _is_qkv(name: str) -> bool:
+    return name.endswith((".attention.query_key_value.weight", ".attention.query_key_value.bias"))
+
+
 def _chatglm_name(name: str) -> str:
     """glm.model parameter name -> the published one."""
     return name if name == "lm_head.weight" else f"transformer.{name}"
@@ -370,7 +374,7 @@ def import_chatglm(src: str, dest: str, dtype: str | None = None, progress: Prog
                 raise ValueError(f"{local / file}: tensor {hf_name!r} has NaN or infinite values")
             if name in tensors:
                 raise ValueError(f"{local / file}: tensor {hf_name!r} appears twice")
-            if name.endswith("attention.query_key_value.weight") or name.endswith("attention.query_key_value.bias"):
+            if _is_qkv(name):
                 tensor = qkv_from_chatglm(tensor, config.num_heads)
             tensors[name] = (tensor if cast is None else tensor.to(cast)).contiguous()
         missing = sorted(set(shapes) - set(tensors))
@@ -471,7 +475,7 @@ def export_chatglm(src: str, dest: str, dtype: str | None = None, max_shard_byte
                             tensor = f.get_tensor("word_embeddings.weight").clone()
                         else:
                             tensor = f.get_tensor(name)
-                        if name.endswith("attention.query_key_value.weight") or name.endswith("attention.query_key_value.bias"):
+                        if _is_qkv(name):
                             tensor = qkv_to_chatglm(tensor, config.num_heads)
                         tensors[_chatglm_name(name)] = tensor.to(out_dtype).contiguous()
                     save_file(tensors, str(staging / file), metadata={"format": "pt"})
