@@ -23,8 +23,9 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -218,6 +219,21 @@ def _parse_config(path: Path) -> tuple[GLMConfig, dict[str, Any], QuantSpec | No
     return GLMConfig.from_dict(data["model"], where=str(path)), data.get("metadata", {}), spec
 
 
+@contextmanager
+def verified_checkpoint(uri: str | Path) -> Iterator[tuple[Path, GLMConfig, dict[str, Any], QuantSpec | None]]:
+    """(local directory, model config, metadata, quantization) of a checkpoint whose weights file
+    matched its recorded size and SHA-256 (ValueError naming the file otherwise); a remote
+    checkpoint is fetched to a temporary directory for the duration."""
+    with _fetched(str(uri)) as local:
+        config, metadata, spec = _parse_config(local / CONFIG_FILE)
+        record = json.loads((local / CONFIG_FILE).read_text()).get("weights")
+        if record:
+            _verify_weights(local, record)
+        else:
+            logger.warning("%s was written without a weights checksum (an older checkpoint): not verified", uri)
+        yield local, config, metadata, spec
+
+
 def load_inference_checkpoint(
     uri: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GLMModel, GLMTokenizer]:
@@ -230,13 +246,7 @@ def load_inference_checkpoint(
     """
     from safetensors.torch import load_model
 
-    with _fetched(str(uri)) as local:
-        config, _, spec = _parse_config(local / CONFIG_FILE)
-        record = json.loads((local / CONFIG_FILE).read_text()).get("weights")
-        if record:
-            _verify_weights(local, record)
-        else:
-            logger.warning("%s was written without a weights checksum (an older checkpoint): not verified", uri)
+    with verified_checkpoint(uri) as (local, config, _, spec):
         with torch.device("meta"):
             model = GLMModel(config)
             if spec is not None:

@@ -45,6 +45,12 @@ class GLMConfig:
     position_ids, the other half by block_position_ids (GLM-10B, ChatGLM-6B)."""
     rope_base: float = 10000.0
     """RoPE frequency base."""
+    rope_fp16_frequencies: bool = False
+    """Round the RoPE inverse frequencies to fp16 before use, as ChatGLM-6B's published code does
+    (its RotaryEmbedding keeps them in half precision); the rotation angles are still computed in
+    fp32. Set by the ChatGLM-6B import (`glm.chatglm_hf`) so its weights give the published
+    model's logits: the rounding moves the angles by up to 4e-4 relative (0.3 rad at position 2000
+    for ChatGLM-6B's head dim 128)."""
     max_seq_len: int = 2048
     """Longest sequence the model is trained or asked to generate for."""
     tie_word_embeddings: bool = False

@@ -49,6 +49,8 @@ class SelfAttention(nn.Module):
         # the meta device still gets real values. Moved to the activations' device on use.
         rotary_dim = config.head_dim // 2 if config.uses_2d_positions else config.head_dim
         self._inv_freq = rope_inv_freq(rotary_dim, config.rope_base, device="cpu")
+        if config.rope_fp16_frequencies:  # ChatGLM-6B's RotaryEmbedding: inv_freq.half()
+            self._inv_freq = self._inv_freq.half().float()
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq.device != device:

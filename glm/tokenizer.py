@@ -4,10 +4,16 @@ Training: `train_tokenizer(texts, vocab_size)` returns a GLMTokenizer; its seria
 (`to_bytes`) travels with checkpoints. Encoding is lossless: byte fallback covers any
 character, no normalisation or whitespace collapsing, and newlines, tabs and runs of spaces
 are their own pieces, so code indentation survives encode -> decode.
+
+ChatGLM-6B's vocabulary (`ice_text.model`, brought in by `glm.chatglm_hf`) is recognised by its
+pieces and handled with ChatGLM's own conventions: span tokens `<sop>` / `<eop>`, and whitespace
+written as pieces before SentencePiece sees the text ("\n" -> `<n>`, "\t" -> `<|tab|>`, a run of
+k spaces -> `<|blank_k|>`), turned back on decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -26,6 +32,16 @@ _CONTROL_RE = re.compile("|".join(re.escape(s) for s in sorted(CONTROL_STRINGS, 
 _MASK_RE = re.compile("|".join(re.escape(s) for s in sorted(MASK_STRINGS, key=len, reverse=True)))
 # SentencePiece stores spaces as U+2581 internally, so runs of spaces are given in that form.
 WHITESPACE_PIECES = ("\n", "\t") + tuple("\u2581" * n for n in (16, 8, 4, 3, 2))
+
+# ChatGLM-6B's ice_text vocabulary: its span tokens, and the pieces its tokenizer writes whitespace as.
+CHATGLM_SOP, CHATGLM_EOP = "<sop>", "<eop>"
+CHATGLM_NEWLINE, CHATGLM_TAB = "<n>", "<|tab|>"
+_CHATGLM_BLANK_RE = re.compile(r"<\|blank_(\d+)\|>")
+
+
+def chatglm_blank(n: int) -> str:
+    """ChatGLM's piece for a run of n >= 2 spaces."""
+    return f"<|blank_{n}|>"
 
 
 def _training_lines(texts: Iterable[str], max_line_bytes: int) -> Iterator[str]:
@@ -107,7 +123,12 @@ def _train(spm, texts, buffer, vocab_size, character_coverage, input_sentence_si
 
 
 class GLMTokenizer:
-    """Encode / decode text; knows the ids of GLM's special tokens."""
+    """Encode / decode text; knows the ids of GLM's special tokens.
+
+    Two vocabularies are understood: the project's own (`train_tokenizer`: span tokens `[sop]` /
+    `[eop]`, whitespace as plain pieces) and ChatGLM-6B's ice_text (`<sop>` / `<eop>` and no
+    `[sop]`; whitespace as `<n>`, `<|tab|>`, `<|blank_k|>`; `convention == "chatglm"`).
+    """
 
     MODEL_FILE = "tokenizer.model"
 
@@ -116,16 +137,42 @@ class GLMTokenizer:
 
         self._proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        chatglm = self._has_piece(CHATGLM_SOP) and self._has_piece(CHATGLM_EOP) and not self._has_piece(SOP)
+        self.convention = "chatglm" if chatglm else "glm"
+        sop, eop = (CHATGLM_SOP, CHATGLM_EOP) if chatglm else (SOP, EOP)
         ids = {}
-        for piece in (PAD, EOS) + GLM_SPECIAL:
-            i = self.sp.piece_to_id(piece)
-            if i == self.sp.unk_id() or self.sp.id_to_piece(i) != piece:
-                raise ValueError(f"tokenizer model lacks the special token {piece!r}: not a GLM tokenizer")
-            ids[piece] = i
+        for piece in (PAD, EOS, MASK, SMASK, GMASK, sop, eop):
+            if not self._has_piece(piece):
+                raise ValueError(f"tokenizer model lacks the special token {piece!r}: not a GLM tokenizer "
+                                 f"(nor ChatGLM-6B's ice_text vocabulary)")
+            ids[piece] = self.sp.piece_to_id(piece)
         self.special = SpecialTokens(
-            mask=ids[MASK], smask=ids[SMASK], gmask=ids[GMASK], sop=ids[SOP], eop=ids[EOP],
+            mask=ids[MASK], smask=ids[SMASK], gmask=ids[GMASK], sop=ids[sop], eop=ids[eop],
             pad=ids[PAD], eos=ids[EOS],
         )
+        if chatglm:
+            self._init_chatglm()
+
+    def _has_piece(self, piece: str) -> bool:
+        i = self.sp.piece_to_id(piece)
+        return i != self.sp.unk_id() and self.sp.id_to_piece(i) == piece
+
+    def _init_chatglm(self) -> None:
+        """Whitespace pieces, and the ids `encode` must spell out as characters (special symbols
+        SentencePiece would match in text: the user-defined pieces and GLM's span tokens)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        self._whitespace: dict[str, str] = {CHATGLM_NEWLINE: "\n", CHATGLM_TAB: "\t"}
+        self._max_blank = 1
+        for piece in proto.pieces:
+            match = _CHATGLM_BLANK_RE.fullmatch(piece.piece)
+            if match and int(match.group(1)) >= 2:
+                self._whitespace[piece.piece] = " " * int(match.group(1))
+                self._max_blank = max(self._max_blank, int(match.group(1)))
+        self._escape = {i for i, p in enumerate(proto.pieces) if p.type == user_defined and p.piece not in self._whitespace}
+        self._escape |= set(dataclasses.asdict(self.special).values())
 
     @classmethod
     def load(cls, path: str | Path) -> "GLMTokenizer":
@@ -162,6 +209,8 @@ class GLMTokenizer:
         special tokens enter a sequence only through the code that builds GLM layouts (or
         `encode_with_masks`, the blank-filling syntax). Decoding gives the text back.
         """
+        if self.convention == "chatglm":
+            return self._encode_chatglm(text)
         if not _CONTROL_RE.search(text):
             return self.sp.encode(text)
         ids: list[int] = []
@@ -174,6 +223,8 @@ class GLMTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text (plain text: never a special id)."""
+        if self.convention == "chatglm":
+            return [self._spell_specials(ids) for ids in self.sp.encode([self._chatglm_text(t) for t in texts])]
         if not any(_CONTROL_RE.search(t) for t in texts):
             return self.sp.encode(texts)
         return [self.encode(t) for t in texts]
@@ -184,6 +235,13 @@ class GLMTokenizer:
 
         The one place where user text may name a special token: GLM blank filling
         (`glm.generation.fill_blanks`, the serve route /v1/glm/fill)."""
+        if self.convention == "chatglm":
+            ids = self._encode_chatglm(text, keep=frozenset(self.special.mask_ids))
+            masks = sum(i in self.special.mask_ids for i in ids)
+            if masks != len(_MASK_RE.findall(text)):
+                raise ValueError("this ChatGLM vocabulary does not match the mask strings in the text as single "
+                                 "pieces; blank filling needs [MASK], [sMASK] and [gMASK] as user-defined symbols")
+            return ids, masks
         ids: list[int] = []
         masks, start = 0, 0
         by_string = {MASK: self.special.mask, SMASK: self.special.smask, GMASK: self.special.gmask}
@@ -197,12 +255,48 @@ class GLMTokenizer:
     def _plain(self, text: str) -> list[int]:
         return self.sp.encode(text) if text else []
 
+    def _chatglm_text(self, text: str) -> str:
+        """ChatGLM's preprocessing: whitespace written as its pieces (longest blank runs first)."""
+        text = text.replace("\n", CHATGLM_NEWLINE).replace("\t", CHATGLM_TAB)
+        if "  " in text:
+            for n in range(self._max_blank, 1, -1):
+                text = text.replace(" " * n, chatglm_blank(n))
+        return text
+
+    def _encode_chatglm(self, text: str, keep: frozenset[int] = frozenset()) -> list[int]:
+        return self._spell_specials(self.sp.encode(self._chatglm_text(text)), keep)
+
+    def _spell_specials(self, ids: list[int], keep: frozenset[int] = frozenset()) -> list[int]:
+        """Replace special symbols SentencePiece matched in the text by the ids of their characters."""
+        if not self._escape.intersection(ids):
+            return ids
+        out: list[int] = []
+        for i in ids:
+            out += self._spell(self.sp.id_to_piece(i)) if i in self._escape and i not in keep else [i]
+        return out
+
+    def _spell(self, piece: str) -> list[int]:
+        """Ids of `piece`'s characters, each a piece of its own (or its UTF-8 bytes)."""
+        ids = []
+        for char in piece:
+            if self._has_piece(char) and not self.sp.is_control(self.sp.piece_to_id(char)):
+                ids.append(self.sp.piece_to_id(char))
+                continue
+            for byte in char.encode("utf-8"):
+                if not self._has_piece(f"<0x{byte:02X}>"):
+                    raise ValueError(f"the tokenizer cannot write {piece!r} as text: no piece for {char!r} "
+                                     f"and no byte fallback")
+                ids.append(self.sp.piece_to_id(f"<0x{byte:02X}>"))
+        return ids
+
     @property
     def max_piece_chars(self) -> int:
         """Most characters one token stands for: a text longer than n x this has more than n
         tokens (lets a server refuse an over-long text without encoding it)."""
         if getattr(self, "_max_piece_chars", None) is None:
-            self._max_piece_chars = max(len(self.sp.id_to_piece(i)) for i in range(len(self)))
+            pieces = (self.sp.id_to_piece(i) for i in range(len(self)))
+            whitespace = getattr(self, "_whitespace", {})  # ChatGLM: <|blank_80|> stands for 80 spaces
+            self._max_piece_chars = max(len(whitespace.get(p, p)) for p in pieces)
         return self._max_piece_chars
 
     @staticmethod
@@ -211,7 +305,11 @@ class GLMTokenizer:
         return _CONTROL_RE.search(text) is not None
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        text = self.sp.decode([int(i) for i in ids])
+        if self.convention == "chatglm" and "<" in text:  # ChatGLM's postprocessing: whitespace pieces back
+            for piece in sorted(self._whitespace, key=len, reverse=True):
+                text = text.replace(piece, self._whitespace[piece])
+        return text
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

@@ -20,6 +20,7 @@ LOADERS = {
     "pipelines/configs/smoke.yaml": load_pipeline,  # validates every stage section too
     "pipelines/configs/glm_1b.yaml": load_pipeline,
     "pipelines/configs/chatglm_6b.yaml": load_pipeline,
+    "pipelines/configs/chatglm_6b_ptuning.yaml": load_pipeline,
     "pipelines/configs/glm_130b.yaml": load_pipeline,
     "stages/data/configs/sample.yaml": DataConfig,
     "stages/data/configs/shared.yaml": DataConfig,

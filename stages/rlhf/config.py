@@ -142,7 +142,8 @@ class RLHFConfig:
     """Where the exported checkpoint goes: the reward model (mode reward) or the policy."""
     mode: Literal["reward", "ppo", "dpo"] = "reward"
     base: str = ""
-    """The SFT stage's inference checkpoint: the reward model's backbone, the actor, the reference."""
+    """The SFT stage's inference checkpoint (or another, e.g. ChatGLM-6B weights imported with
+    `python -m glm.chatglm_hf import`): the reward model's backbone, the actor, the reference."""
     reward_model: str = ""
     """PPO: the reward stage's checkpoint (frozen reward, and the critic's initialisation)."""
     rule_reward: RuleRewardConfig = field(default_factory=RuleRewardConfig)

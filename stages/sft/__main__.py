@@ -23,7 +23,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file of SFTConfig fields")
     add_set_argument(parser)
-    parser.add_argument("--base", help="override the pretrained inference checkpoint to start from")
+    parser.add_argument("--base", help="override the inference checkpoint to start from (pretrained here, or imported "
+                        "with python -m glm.chatglm_hf import, or an MLflow models:/ URI)")
     parser.add_argument("--output", help="override where the fine-tuned checkpoint goes")
     parser.add_argument("--method", choices=("full", "ptuning", "lora"), help="override method.kind")
     parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")

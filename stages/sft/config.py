@@ -98,8 +98,9 @@ class SFTConfig:
     output: str
     """Where the fine-tuned inference checkpoint goes."""
     base: str = ""
-    """The pretraining stage's inference checkpoint (path or URI); a pipeline fills it in.
-    Its tokenizer is used for the data."""
+    """The inference checkpoint to start from (path or URI): the pretraining stage's, which a
+    pipeline fills in, or published weights imported with `python -m glm.chatglm_hf import`
+    (docs/interop.md). Its tokenizer is used for the data."""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)
