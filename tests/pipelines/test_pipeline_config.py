@@ -1,5 +1,7 @@
 """Pipeline config loading and stage wiring, without running anything."""
 
+import re
+
 import pytest
 
 from conftest import REPO
@@ -125,7 +127,8 @@ def stage_hashes(p: PipelineConfig) -> dict[str, str]:
 def test_set_overrides_change_the_run_identity_exactly_as_an_edited_yaml(tmp_path):
     text = SMOKE.read_text()
     edited = tmp_path / "edited.yaml"
-    edited.write_text(text.replace("optim: {lr: 2.0e-3, warmup_steps: 30}", "optim: {lr: 1.0e-3, warmup_steps: 30}")
+    pretrain_lr = re.compile(r"(optim: \{lr: )[0-9.e-]+")  # the first optim section is pretraining's
+    edited.write_text(pretrain_lr.sub(r"\g<1>1.0e-3", text, count=1)
                       .replace("en_dpo_demo_messages.jsonl", "other.jsonl").replace("eval_after: [pretrain, sft, rlhf, quantize]", "eval_after: [sft]"))
     assert edited.read_text() != text
     overrides = ["pretrain.engine.optim.lr=1e-3", "sft.data.sources[1].uri=data/sample/sft/other.jsonl", "eval_after=[sft]"]
