@@ -303,10 +303,9 @@ class GLMServer:
                     finals[i] = event
         return finals, gathered
 
-    def _prepare(self, body, prompts: list[str], param: str,
-                 rid: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
-        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count.
-        Everything is validated before anything is queued; the client's `user` is logged."""
+    def _check(self, body, rid: str) -> None:
+        """Validate what depends on the model or on several fields, before anything is queued;
+        log the client's `user` with the request id."""
         body.stop_strings()
         body.check_ranges(len(self.tokenizer), self.context)
         body.logprobs_count()
@@ -315,6 +314,11 @@ class GLMServer:
         user = body.user or body.safety_identifier
         if user:
             logger.info("%s for user %r", rid, user[:256])
+
+    def _prepare(self, body, prompts: list[str], param: str,
+                 rid: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
+        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
+        self._check(body, rid)
         for prompt in prompts:
             check_prompt_chars(prompt, self.context, self.tokenizer.max_piece_chars, param)
         jobs, prompt_tokens = [], 0
@@ -430,8 +434,9 @@ class GLMServer:
         self._check_model(body.model)
         if body.stream or body.n != 1:
             raise APIError(400, "/v1/glm/fill supports neither stream nor n > 1", param="stream" if body.stream else "n")
+        rid = f"fill-{uuid.uuid4().hex}"
+        self._check(body, rid)
         stop = body.stop_strings()
-        body.check_ranges(len(self.tokenizer), self.context)
         check_prompt_chars(body.text, self.context, self.tokenizer.max_piece_chars, "text")
         special = self.tokenizer.special
         ids, masks = self.tokenizer.encode_with_masks(body.text)  # the one route where mask strings are masks
@@ -449,7 +454,7 @@ class GLMServer:
             spans.append(final.text)
             finals.append(final)
         return {
-            "id": f"fill-{uuid.uuid4().hex}", "object": "glm.fill", "created": int(time.time()),
+            "id": rid, "object": "glm.fill", "created": int(time.time()),
             "model": self.config.model_name, "text": self.tokenizer.decode(ids), "spans": spans, "masks": masks,
             "usage": self._usage(prompt_tokens, finals),
         }

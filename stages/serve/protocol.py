@@ -40,6 +40,8 @@ MIN_TEMPERATURE = 0.01
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 SEED_MAX = 2**64 - 1
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS = 1024, 256
+"""Entries per request: each is applied at every decode step of the request's row."""
 _TOOLS = "tool calling is not implemented yet: describe the functions in the messages and parse the answer"
 UNSUPPORTED = {
     "tools": _TOOLS, "tool_choice": _TOOLS, "parallel_tool_calls": _TOOLS,
@@ -119,10 +121,10 @@ class _Request(_Body):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    logit_bias: Optional[dict[int, Bias]] = None
+    logit_bias: Optional[dict[int, Bias]] = Field(None, max_length=MAX_LOGIT_BIAS)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[int]] = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     top_k: int = Field(0, ge=0)
     num_beams: int = Field(1, ge=1, le=8)
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)

@@ -41,6 +41,7 @@ def answer(error: ValidationError) -> dict:
     ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("repetition_penalty", 0), ("repetition_penalty", 11),
     ("min_p", 1.5), ("min_p", -0.1), ("top_logprobs", 21), ("logit_bias", {"5": 100.5}), ("logit_bias", {"x": 1}),
     ("stop_token_ids", "7"), ("stream_options", {"include_usage": True, "colour": 1}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}), ("stop_token_ids", list(range(257))),
 ])
 def test_out_of_range_values_are_400_naming_the_field(field, value):
     with pytest.raises(ValidationError) as e:
