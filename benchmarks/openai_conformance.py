@@ -8,7 +8,8 @@ and its effect is checked on what comes back (a stop string cuts the text, a log
 its token, a presence penalty moves the forced token's logprob by exactly the penalty relative
 to every other token, min_p = 1 samples the greedy answer ...); every response and every
 streamed chunk must validate as the client's typed model (ChatCompletion, Completion,
-ChatCompletionChunk). Each parameter the server does not implement must be refused with a 400
+ChatCompletionChunk; a streamed completion chunk as Completion with `finish_reason` allowed to be
+null, as OpenAI's own stream sends it until the last chunk). Each parameter the server does not implement must be refused with a 400
 that names it (`code: unsupported_parameter`), and out-of-range values with a 400 naming the
 field. /v1/tokenize, /v1/detokenize and /metrics are checked too.
 
@@ -127,7 +128,7 @@ class Conformance:
             answer.usage = parsed.usage
             return answer
         for chunk in create.create(stream=True, **body):
-            chunk = type(chunk).model_validate(chunk.to_dict())  # the typed model, validated
+            chunk = (type(chunk) if chat else _CompletionChunk).model_validate(chunk.to_dict())  # validated
             if chunk.usage is not None:
                 answer.usage = chunk.usage
             for choice in chunk.choices:
@@ -164,6 +165,24 @@ class Conformance:
             assert code is None or e.code == code, f"code {e.code!r}, expected {code!r}: {e.message}"
             return
         raise AssertionError(f"{param} was accepted; it should be refused with 400")
+
+
+def _completion_chunk_type():
+    """The client's Completion with finish_reason optional: what a streamed completion chunk is."""
+    from typing import Literal, Optional
+
+    from openai.types import Completion, CompletionChoice
+
+    class ChunkChoice(CompletionChoice):
+        finish_reason: Optional[Literal["stop", "length", "content_filter"]] = None
+
+    class CompletionChunk(Completion):
+        choices: list[ChunkChoice]
+
+    return CompletionChunk
+
+
+_CompletionChunk = _completion_chunk_type()
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -409,7 +428,7 @@ def _metrics(c: Conformance) -> None:
         return samples
 
     before = scrape()
-    c.client.completions.create(model=c.model, prompt=PROMPT, max_tokens=4, min_tokens=4, temperature=0)
+    c.ask("completions", max_tokens=4, min_tokens=4, temperature=0)
     after = scrape()
     for name in ("glm_serve_requests_waiting", "glm_serve_requests_running", "glm_serve_generation_tokens_per_second",
                  "glm_serve_time_to_first_token_seconds_count", "glm_serve_time_per_output_token_seconds_count"):
