@@ -65,8 +65,9 @@ class Check:
     parameter: str
     endpoint: str
     """One of ENDPOINTS, or the route it checks."""
-    refused: bool
-    """The server must answer 400 naming the parameter (the matrix shows it refused)."""
+    kind: str
+    """'supported' (the parameter works), 'refused' (not implemented: a 400 naming it) or 'range'
+    (a bad value: a 400 naming it; the matrix shows these only when they fail)."""
     run: Callable[[], None]
 
 
@@ -205,23 +206,24 @@ REFUSED = {  # OpenAI parameters this server does not implement, with a value a 
     "metadata": {"k": "v"},
     "service_tier": "auto",
     "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h",
 }
 REFUSED_COMPLETIONS = {"best_of": 2, "suffix": " and then"}
-BAD_VALUES = [  # (parameter named in the 400, request parameters, endpoints)
-    ("presence_penalty", {"presence_penalty": 2.5}, ENDPOINTS),
-    ("frequency_penalty", {"frequency_penalty": -3}, ENDPOINTS),
-    ("repetition_penalty", {"repetition_penalty": 0}, ENDPOINTS),
-    ("min_p", {"min_p": 1.5}, ENDPOINTS),
-    ("logit_bias", {"logit_bias": {"10000000": 1}}, ENDPOINTS),
-    ("logit_bias.1", {"logit_bias": {"1": 101}}, ENDPOINTS),
-    ("stop_token_ids", {"stop_token_ids": [-1]}, ENDPOINTS),
-    ("logprobs", {"logprobs": 21}, ("completions",)),
-    ("top_logprobs", {"logprobs": 21}, ("chat",)),
-    ("top_logprobs", {"top_logprobs": 2}, ("chat",)),
-    ("logprobs", {"logprobs": 2, "num_beams": 2, "temperature": 0}, ("chat", "completions")),
-    ("echo", {"logprobs": 2, "echo": True}, ("completions",)),
-    ("stream_options", {"stream_options": {"include_usage": True}}, ("chat", "completions")),
-    ("seed", {"seed": -1}, ENDPOINTS),
+BAD_VALUES = [  # (matrix row, parameter the 400 must name, request parameters, endpoints)
+    ("presence_penalty", "presence_penalty", {"presence_penalty": 2.5}, ENDPOINTS),
+    ("frequency_penalty", "frequency_penalty", {"frequency_penalty": -3}, ENDPOINTS),
+    ("repetition_penalty", "repetition_penalty", {"repetition_penalty": 0}, ENDPOINTS),
+    ("min_p", "min_p", {"min_p": 1.5}, ENDPOINTS),
+    ("logit_bias", "logit_bias", {"logit_bias": {"10000000": 1}}, ENDPOINTS),
+    ("logit_bias", "logit_bias.1", {"logit_bias": {"1": 101}}, ENDPOINTS),
+    ("stop_token_ids", "stop_token_ids", {"stop_token_ids": [-1]}, ENDPOINTS),
+    ("logprobs", "logprobs", {"logprobs": 21}, ("completions",)),
+    ("logprobs", "top_logprobs", {"logprobs": 21}, ("chat",)),
+    ("logprobs", "top_logprobs", {"top_logprobs": 2}, ("chat",)),
+    ("logprobs", "logprobs", {"logprobs": 2, "num_beams": 2, "temperature": 0}, ("chat", "completions")),
+    ("logprobs", "echo", {"logprobs": 2, "echo": True}, ("completions",)),
+    ("stream_options", "stream_options", {"stream_options": {"include_usage": True}}, ("chat", "completions")),
+    ("seed", "seed", {"seed": -1}, ENDPOINTS),
 ]
 
 
@@ -230,10 +232,10 @@ def checks(c: Conformance | None) -> list[Check]:
     a check runs, so `checks(None)` lists them."""
     out: list[Check] = []
 
-    def add(parameter: str, endpoints, fn: Callable[[str], None], refused: bool = False, name: str = "") -> None:
+    def add(parameter: str, endpoints, fn: Callable[[str], None], kind: str = "supported", name: str = "") -> None:
         for endpoint in endpoints:
             label = f"{parameter}{'/' + name if name else ''} [{endpoint}]"
-            out.append(Check(label, parameter, endpoint, refused, lambda e=endpoint: fn(e)))
+            out.append(Check(label, parameter, endpoint, kind, lambda e=endpoint: fn(e)))
 
     def max_tokens(e):
         a = c.ask(e, max_tokens=5, min_tokens=5, **GREEDY)
@@ -375,15 +377,15 @@ def checks(c: Conformance | None) -> list[Check]:
     add("min_tokens", ENDPOINTS, min_tokens)
     add("num_beams", ENDPOINTS, beams)
     add("no_repeat_ngram_size", ENDPOINTS, no_repeat)
-    add("unsupported ones as null", ("chat", "completions"), accepted(tools=None, response_format={"type": "text"}))
+    add("an unsupported parameter as null", ENDPOINTS, accepted(tools=None, response_format={"type": "text"}))
     for param, value in REFUSED.items():
         add(param, ENDPOINTS, lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}),
-            refused=True)
+            kind="refused")
     for param, value in REFUSED_COMPLETIONS.items():
         add(param, ("completions", "completions stream"),
-            lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}), refused=True)
-    for param, params, endpoints in BAD_VALUES:
-        add(param.split(".")[0], endpoints, lambda e, p=param, b=params: c.refused(e, p, **b), name="range")
+            lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}), kind="refused")
+    for row, param, params, endpoints in BAD_VALUES:
+        add(row, endpoints, lambda e, p=param, b=params: c.refused(e, p, **b), kind="range", name=f"bad {param}")
     add("/v1/tokenize", ("/v1/tokenize",), lambda e: _tokenize(c))
     add("/v1/detokenize", ("/v1/detokenize",), lambda e: _detokenize(c))
     add("/metrics", ("/metrics",), lambda e: _metrics(c))
@@ -456,7 +458,8 @@ def run_checks(c: Conformance, log=print) -> list[tuple[Check, str | None]]:
 
 
 def matrix(results: list[tuple[Check, str | None]]) -> str:
-    """Markdown: one row per parameter, one column per endpoint: supported, refused (400), FAIL, or -."""
+    """Markdown: one row per parameter, one column per endpoint: supported, refused (400), FAIL
+    (any of its checks failed, range checks included), or -."""
     rows: dict[str, dict[str, str]] = {}
     for check, error in results:
         if check.endpoint.startswith("/"):
@@ -464,11 +467,8 @@ def matrix(results: list[tuple[Check, str | None]]) -> str:
         cell = rows.setdefault(check.parameter, {})
         if error is not None:
             cell[check.endpoint] = "FAIL"
-        elif cell.get(check.endpoint) != "FAIL":
-            if check.refused:
-                cell[check.endpoint] = "refused (400)"
-            else:
-                cell.setdefault(check.endpoint, "supported")
+        elif check.kind != "range" and cell.get(check.endpoint) != "FAIL":
+            cell[check.endpoint] = "refused (400)" if check.kind == "refused" else "supported"
     lines = ["| parameter | " + " | ".join(ENDPOINTS) + " |", "|---" * (len(ENDPOINTS) + 1) + "|"]
     for parameter, cells in rows.items():
         lines.append(f"| `{parameter}` | " + " | ".join(cells.get(e, "-") for e in ENDPOINTS) + " |")
@@ -480,9 +480,9 @@ def matrix(results: list[tuple[Check, str | None]]) -> str:
     return "\n".join(lines)
 
 
-def summary(results: list[tuple[Check, str | None]], url: str) -> dict:
+def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str | None = None) -> dict:
     failed = [c.name for c, error in results if error is not None]
-    return {"benchmark": "openai_conformance", "url": url, "checked": len(results),
+    return {"benchmark": "openai_conformance", "url": url, "checkpoint": checkpoint, "checked": len(results),
             "passed": len(results) - len(failed), "failed": len(failed), "failed_checks": failed,
             "json_schema_valid_rate": None, "tool_call_valid_rate": None, "note": NOT_IMPLEMENTED}
 
@@ -494,7 +494,7 @@ def main() -> int:
     parser.add_argument("--api-key", default="none", help="its Bearer key, if it needs one")
     parser.add_argument("--model", help="model id (default: the one the server lists)")
     args = parser.parse_args()
-    url, stop = args.url, None
+    url, stop, checkpoint = args.url, None, None
     if url is None:
         from stages.cluster import ensure_ray
         from stages.serve import ServeConfig, deploy, newest_checkpoint, shutdown
@@ -515,7 +515,7 @@ def main() -> int:
         if stop is not None:
             stop()
     print("\n" + matrix(results) + "\n", flush=True)
-    result = summary(results, url)
+    result = summary(results, url, checkpoint)
     print(json.dumps(result), flush=True)
     return 1 if result["failed"] else 0
 
