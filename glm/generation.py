@@ -134,8 +134,9 @@ def apply_penalties(logits: torch.Tensor, histories: list[list[int]], generated:
     """Repetition penalty (over the whole sequence), presence and frequency penalties (over the
     `generated` span tokens), then the logit bias, on (B, V) logits in place. With c[t] the
     times token t was generated: logit[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)."""
+    penalised = config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
     device = logits.device
-    for row, history in enumerate(histories):
+    for row, history in enumerate(histories if penalised else []):
         if config.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), device=device)
             values = logits[row, seen]
