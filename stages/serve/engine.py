@@ -124,6 +124,11 @@ class _Row:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.config.seed if self.config.seed is not None else torch.seed())
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs not yet sent (for the next event)."""
+        taken, self.logprobs = self.logprobs, []
+        return taken
+
 
 class _Beam:
     """A running beam search: its generator (one forward step per `next`) and its text."""
@@ -325,7 +330,8 @@ class DecodeEngine:
     def _decode_rows(self) -> None:
         """Pick and record every row's next token (each row on its own: a failure ends that row
         only), then run one forward step for the rows still going."""
-        picks, picked, scores = [], [], {}  # each row under its own settings; one device sync for the whole step
+        picks, picked, scores = [], [], {}  # each row under its own settings; one device sync for the step
+                                            # (plus one per row that asks for logprobs)
         for i, row in enumerate(self._rows):
             try:
                 logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
@@ -416,7 +422,7 @@ class DecodeEngine:
             self._finish(row, "length", delta)
             return False
         if delta:
-            self._emit(request, SpanEvent(delta=delta, logprobs=self._take_logprobs(row)))
+            self._emit(request, SpanEvent(delta=delta, logprobs=row.take_logprobs()))
         return True
 
     def _count_tokens(self, n: int, now: float) -> None:
@@ -430,15 +436,10 @@ class DecodeEngine:
         while recent[0][0] < now - RATE_WINDOW_S:
             recent.popleft()
 
-    @staticmethod
-    def _take_logprobs(row: _Row) -> list[TokenLogprob]:
-        taken, row.logprobs = row.logprobs, []
-        return taken
-
     def _finish(self, row: _Row, reason: str, delta: str = "") -> None:
         delta += row.text.finish()
         self._emit(row.request, SpanEvent(delta=delta, done=True, finish_reason=reason, tokens=list(row.generated),
-                                          text=row.text.text, logprobs=self._take_logprobs(row)))
+                                          text=row.text.text, logprobs=row.take_logprobs()))
 
     def _finish_beam(self, row: _Row, tokens: list[int]) -> None:
         """A finished beam search: its best hypothesis, cut at a stop string."""
