@@ -55,7 +55,8 @@ EXTREMES = [2**64, 2**64 - 1, 2**100, -1, -(2**63), 0, 10**9, 1e308, 1e-300, -1e
 RAW_EXTREMES = ["NaN", "Infinity", "-Infinity", "1e999", "-0", "123456789012345678901234567890"]
 FIELDS = ["max_tokens", "temperature", "top_p", "n", "seed", "top_k", "num_beams", "length_penalty",
           "no_repeat_ngram_size", "min_tokens", "stop", "stream", "echo", "stream_options", "user",
-          "max_completion_tokens", "model", "logprobs", "frequency_penalty"]
+          "max_completion_tokens", "model", "logprobs", "frequency_penalty", "presence_penalty", "repetition_penalty",
+          "min_p", "logit_bias", "top_logprobs", "stop_token_ids"]
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/glm/fill"]
 
 

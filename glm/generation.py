@@ -8,6 +8,7 @@ invisible to real tokens) and decoded with the KV cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,18 @@ class GenerationConfig:
     """Extra stop tokens beside [eop] and end-of-text."""
     seed: int | None = None
     """Seed of the sampling RNG (None: nondeterministic)."""
+    repetition_penalty: float = 1.0
+    """CTRL / Hugging Face form: the logit of every token already in the sequence (Part A and
+    the span so far) is divided by this when positive, multiplied when negative (1.0 = off)."""
+    presence_penalty: float = 0.0
+    """OpenAI form: subtracted once from the logit of every token generated so far in the span."""
+    frequency_penalty: float = 0.0
+    """OpenAI form: subtracted from a token's logit once per time it was generated so far."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> value added to its logit at every step."""
+    min_p: float = 0.0
+    """Sampling keeps only tokens whose probability is at least min_p x the most likely one's
+    (after temperature, top-k and top-p; 0 = off)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -55,6 +68,13 @@ class GenerationConfig:
             raise ValueError("top_k, no_repeat_ngram_size, min_new_tokens must be >= 0 and num_beams >= 1")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search with sampling is not supported: set do_sample=False or num_beams=1")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        penalties = [self.presence_penalty, self.frequency_penalty, *self.logit_bias.values()]
+        if not all(math.isfinite(v) for v in penalties):
+            raise ValueError("presence_penalty, frequency_penalty and logit_bias values must be finite")
 
 
 # ChatGLM's chat decoding (nucleus sampling, top_p 0.7, temperature 0.95) with a repetition
@@ -91,7 +111,11 @@ def process_logits(
     logits: torch.Tensor, histories: list[list[int]], generated: int, stop_ids: list[int],
     config: GenerationConfig, vocab_limit: int | None,
 ) -> torch.Tensor:
-    """Apply vocab limit, min length and no-repeat-ngram to (B, V) fp32 logits, in place."""
+    """The distribution the next token is drawn from, on (B, V) fp32 logits, in place: first the
+    penalties and the logit bias (`apply_penalties`), then the bans (vocabulary limit, minimum
+    length, no-repeat n-grams) set logits to the most negative float. `histories[b]` is row b's
+    whole sequence (Part A, [sop], the span so far), whose last `generated` tokens are the span."""
+    apply_penalties(logits, histories, generated, config)
     neg = torch.finfo(logits.dtype).min
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits[:, vocab_limit:] = neg  # padded embedding rows are never real tokens
@@ -105,8 +129,31 @@ def process_logits(
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, histories: list[list[int]], generated: int,
+                    config: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty (over the whole sequence), presence and frequency penalties (over the
+    `generated` span tokens), then the logit bias, on (B, V) logits in place. With c[t] the
+    times token t was generated: logit[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)."""
+    penalised = config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
+    device = logits.device
+    for row, history in enumerate(histories if penalised else []):
+        if config.repetition_penalty != 1.0 and history:
+            seen = torch.tensor(sorted(set(history)), device=device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / config.repetition_penalty,
+                                            values * config.repetition_penalty)
+        if (config.presence_penalty or config.frequency_penalty) and generated:
+            span = torch.tensor(history[len(history) - generated:], device=device)
+            counts = torch.bincount(span, minlength=logits.shape[-1]).to(logits.dtype)
+            logits[row] -= config.frequency_penalty * counts + config.presence_penalty * (counts > 0)
+    if config.logit_bias:
+        ids = torch.tensor(list(config.logit_bias), device=device)
+        logits[:, ids] += torch.tensor(list(config.logit_bias.values()), dtype=logits.dtype, device=device)
+    return logits
+
+
 def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick next tokens (B,) from processed (B, V) fp32 logits: temperature, top-k, top-p."""
+    """Pick next tokens (B,) from processed (B, V) fp32 logits: temperature, top-k, top-p, min-p."""
     if not config.do_sample:
         return logits.argmax(dim=-1)
     neg = torch.finfo(logits.dtype).min
@@ -120,6 +167,8 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, generator: torch
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= config.top_p  # keep the first token always
         logits = logits.masked_fill(drop.scatter(-1, order, drop), neg)
     probs = torch.softmax(logits, dim=-1)
+    if config.min_p > 0:
+        probs = probs.masked_fill(probs < config.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

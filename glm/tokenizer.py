@@ -313,3 +313,13 @@ class GLMTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token `i` adds to decoded text: one byte for a byte-fallback piece
+        (possibly part of a character), nothing for a control token (<pad>, </s>). Joined over
+        a sequence they are its `decode`, encoded (where `decode` shows a byte that is no valid
+        UTF-8 as U+FFFD)."""
+        i = int(i)
+        if self.sp.is_byte(i):
+            return bytes([int(self.sp.id_to_piece(i)[1:-1], 16)])  # "<0xE4>"
+        return self.sp.decode([i]).encode("utf-8")

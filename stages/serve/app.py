@@ -1,7 +1,8 @@
 """The Ray Serve application: a FastAPI ingress around one continuous-batching DecodeEngine.
 
 Routes (docs/serve.md): POST /v1/chat/completions, POST /v1/completions (both with SSE
-streaming), POST /v1/glm/fill, GET /v1/models, GET /health, and the web chat page at /.
+streaming), POST /v1/glm/fill, POST /v1/tokenize, POST /v1/detokenize, GET /v1/models,
+GET /health, GET /metrics (Prometheus, this replica's) and the web chat page at /.
 `build_app(args)` is the import path for Serve config files; `stages.serve.stage.deploy`
 runs it from Python.
 
@@ -24,27 +25,30 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm.config import from_dict
 from glm.generation import GenerationConfig, SpanQuery, mask_positions, splice_span
 from stages.serve.config import ServeConfig
-from stages.serve.engine import EngineOverloaded, EngineStopped, SpanEvent, SpanRequest
+from stages.serve.engine import EngineOverloaded, EngineStopped, SpanEvent, SpanRequest, TokenLogprob
+from stages.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from stages.serve.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, FillRequest, chat_prompt, check_prompt_chars,
-    generation_query, max_new_tokens,
+    UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FillRequest, TokenizeRequest,
+    chat_prompt, check_prompt_chars, generation_query, max_new_tokens,
 )
 
 logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
-OPEN_PATHS = ("/", "/health")
-"""Routes that need no API key (the web page asks for the key itself)."""
+OPEN_PATHS = ("/", "/health", "/metrics")
+"""Routes that need no API key (the web page asks for the key itself; /metrics, like /health,
+tells load, not content)."""
 GUARD: dict[str, Any] = {"api_key": "", "max_request_bytes": 1_048_576, "max_inflight": 120, "inflight": 0,
-                         "body_timeout_s": 30.0}
+                         "body_timeout_s": 30.0, "metrics": None}
 """The replica's key and body limit (set by GLMServer.__init__; one replica per process). Read
-and written through `_guard()`: Serve ships the deployment class and the app by value, each
+and written through `_guard()`; `metrics` is the replica's ServeMetrics, which counts every
+answer, the guard's own included. Serve ships the deployment class and the app by value, each
 with its own copy of this module's globals, so only the imported module is shared."""
 
 
@@ -78,6 +82,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         guard = _guard()
+        if guard["metrics"] is not None:
+            send = guard["metrics"].counting(_route(scope), send)
         if guard["inflight"] >= guard["max_inflight"]:
             # answered here, in our error shape, so Serve's own queue (plain-text answers) stays empty
             return await error_response(APIError(429, f"server overloaded: {guard['inflight']} requests in flight on "
@@ -112,11 +118,9 @@ class Guard:
     @staticmethod
     def _check_headers(scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        root, path = scope.get("root_path", ""), scope.get("path", "")
-        path = path[len(root):] if root and path.startswith(root) else path
         guard = _guard()
         key = guard["api_key"]
-        if key and (path or "/") not in OPEN_PATHS:
+        if key and _route(scope) not in OPEN_PATHS:
             scheme, _, given = headers.get("authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 return APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -129,6 +133,12 @@ class Guard:
                 return APIError(413, f"request body of {int(length)} bytes is larger than this server's limit of "
                                      f"{guard['max_request_bytes']} bytes", code="request_too_large")
         return None
+
+
+def _route(scope) -> str:
+    """The request's path inside the application (without Serve's route prefix)."""
+    root, path = scope.get("root_path", ""), scope.get("path", "")
+    return (path[len(root):] if root and path.startswith(root) else path) or "/"
 
 
 api = FastAPI(title="GLM", description="OpenAI-compatible GLM endpoint with GLM blank filling")
@@ -149,6 +159,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if first.get("type") == "json_invalid":
         message = f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
         param = None
+    elif first.get("type") == "extra_forbidden" and param in UNSUPPORTED:
+        return error_response(APIError(400, f"{param!r} is not supported by this server: {UNSUPPORTED[param]}",
+                                       param=param, code="unsupported_parameter"))
     elif first.get("type") == "extra_forbidden":
         message = f"unknown parameter {param!r}"
     elif first.get("type") == "missing":
@@ -187,6 +200,7 @@ class GLMServer:
 
         from glm.checkpoint import load_inference_checkpoint
         from stages.serve.engine import DecodeEngine
+        from stages.serve.metrics import ServeMetrics
 
         self.config = from_dict(ServeConfig, config, where="serve config")
         device = self.config.device
@@ -196,13 +210,15 @@ class GLMServer:
         t0 = time.time()
         self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
         self.context = self.model.config.max_seq_len
+        self.metrics = ServeMetrics(self.config.model_name, serve.get_replica_context().replica_id.unique_id)
         self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
-                                   self.config.max_beam_requests)
+                                   self.config.max_beam_requests, observer=self.metrics)
+        self.metrics.watch(self.engine)
         # in-flight bound a little under Serve's max_ongoing_requests: overload is answered by this
         # replica (JSON) before Serve would start queueing (and answering in plain text)
         _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes,
                         max_inflight=max(1, self.config.max_ongoing_requests - 8),
-                        body_timeout_s=self.config.body_timeout_s)
+                        body_timeout_s=self.config.body_timeout_s, metrics=self.metrics)
         self.created = int(time.time())
         logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
@@ -224,8 +240,10 @@ class GLMServer:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _submit(self, jobs: list[tuple[SpanQuery, GenerationConfig]], stop: list[str]) -> tuple[list, asyncio.Queue]:
-        """Queue every (query, config); events arrive on one asyncio queue as (job index, event).
+    def _submit(self, jobs: list[tuple[SpanQuery, GenerationConfig]], stop: list[str],
+                logprobs: int | None = None) -> tuple[list, asyncio.Queue]:
+        """Queue every (query, config) (with `logprobs` top alternatives per token, or none);
+        events arrive on one asyncio queue as (job index, event).
 
         All or nothing: when the engine refuses one, the ones already queued are cancelled and
         the client gets 429.
@@ -240,7 +258,7 @@ class GLMServer:
             for i, (query, config) in enumerate(jobs):
                 def on_event(event: SpanEvent, i=i) -> None:
                     loop.call_soon_threadsafe(events.put_nowait, (i, event))
-                requests.append(self.engine.submit(SpanRequest(query, config, on_event, stop)))
+                requests.append(self.engine.submit(SpanRequest(query, config, on_event, stop, logprobs)))
         except (EngineOverloaded, EngineStopped) as e:
             for r in requests:
                 self.engine.cancel(r)
@@ -271,20 +289,36 @@ class GLMServer:
             for r in requests:
                 self.engine.cancel(r)  # no-op for finished jobs; stops work a dropped client no longer wants
 
-    async def _finals(self, jobs, stop) -> list[SpanEvent]:
-        requests, events = self._submit(jobs, stop)
+    async def _finals(self, jobs, stop,
+                      logprobs: int | None = None) -> tuple[list[SpanEvent], list[list[TokenLogprob]]]:
+        """Each job's final event and all its token logprobs (empty lists when not asked for)."""
+        requests, events = self._submit(jobs, stop, logprobs)
         finals: list[SpanEvent | None] = [None] * len(jobs)
+        gathered: list[list[TokenLogprob]] = [[] for _ in jobs]
         # aclosing: when the client leaves mid-way, the generator's cleanup cancels the jobs now
         async with contextlib.aclosing(self._events(requests, events)) as stream:
             async for i, event in stream:
+                gathered[i] += event.logprobs
                 if event.done:
                     finals[i] = event
-        return finals
+        return finals, gathered
 
-    def _prepare(self, body, prompts: list[str], param: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
-        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
-        body.stop_strings()  # validates before anything is queued
+    def _check(self, body, rid: str) -> None:
+        """Validate what depends on the model or on several fields, before anything is queued;
+        log the client's `user` with the request id."""
+        body.stop_strings()
         body.check_ranges(len(self.tokenizer), self.context)
+        body.logprobs_count()
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only with stream: true", param="stream_options")
+        user = body.user or body.safety_identifier
+        if user:
+            logger.info("%s for user %r", rid, user[:256])
+
+    def _prepare(self, body, prompts: list[str], param: str,
+                 rid: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
+        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
+        self._check(body, rid)
         for prompt in prompts:
             check_prompt_chars(prompt, self.context, self.tokenizer.max_piece_chars, param)
         jobs, prompt_tokens = [], 0
@@ -298,18 +332,26 @@ class GLMServer:
                                                            self.config.default_top_p, choice)))
         return jobs, prompt_tokens
 
-    def _stream(self, kind: str, body, jobs, prompt_tokens: int, echo: list[str] | None = None) -> StreamingResponse:
-        """SSE in OpenAI's chunk format; `kind` is 'chat' or 'text'."""
-        requests, events = self._submit(jobs, body.stop_strings())
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    def _stream(self, kind: str, rid: str, body, jobs, prompt_tokens: int,
+                echo: list[str] | None = None) -> StreamingResponse:
+        """SSE in OpenAI's chunk format; `kind` is 'chat' or 'text'. Each chunk carries the
+        logprobs of the tokens whose text it brings (when asked for)."""
+        logprobs = body.logprobs_count()
+        requests, events = self._submit(jobs, body.stop_strings(), logprobs)
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         base = {"id": rid, "object": obj, "created": int(time.time()), "model": self.config.model_name}
+        offsets = [TextOffsets() for _ in jobs]
 
-        def choice(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        def choice(i: int, text: str | None, finish: str | None, first: bool = False,
+                   tokens: list[TokenLogprob] | None = None) -> dict:
+            scores = None
+            if tokens:
+                scores = (chat_logprobs(self.tokenizer, tokens) if kind == "chat"
+                          else completion_logprobs(self.tokenizer, tokens, offsets[i]))
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            return {**base, "choices": [{"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                return {**base, "choices": [{"index": i, "delta": delta, "logprobs": scores, "finish_reason": finish}]}
+            return {**base, "choices": [{"index": i, "text": text or "", "logprobs": scores, "finish_reason": finish}]}
 
         async def body_iter() -> AsyncIterator[str]:
             completion_tokens = 0
@@ -323,7 +365,8 @@ class GLMServer:
                 async with contextlib.aclosing(self._events(requests, events)) as stream:
                     async for i, event in stream:
                         if event.delta or event.done:
-                            yield _sse(choice(i, event.delta, event.finish_reason if event.done else None))
+                            yield _sse(choice(i, event.delta, event.finish_reason if event.done else None,
+                                              tokens=event.logprobs))
                         completion_tokens += len(event.tokens)
             except APIError as e:  # headers are sent: report in-band, as OpenAI's servers do
                 yield _sse(e.body())
@@ -348,15 +391,17 @@ class GLMServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
         body.max_tokens = body.max_tokens or body.max_completion_tokens
-        jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages")
+        jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages", rid)
         if body.stream:
-            return self._stream("chat", body, jobs, prompt_tokens)
-        finals = await self._finals(jobs, body.stop_strings())
+            return self._stream("chat", rid, body, jobs, prompt_tokens)
+        logprobs = body.logprobs_count()
+        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.config.model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": f.text}, "logprobs": None,
+            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.config.model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": f.text},
+                         "logprobs": None if logprobs is None else chat_logprobs(self.tokenizer, scores[i]),
                          "finish_reason": f.finish_reason} for i, f in enumerate(finals)],
             "usage": self._usage(prompt_tokens, finals),
         }
@@ -367,15 +412,18 @@ class GLMServer:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > 16:
             raise APIError(400, f"prompt: give 1 to 16 prompts, got {len(prompts)}", param="prompt")
-        jobs, prompt_tokens = self._prepare(body, prompts, "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs, prompt_tokens = self._prepare(body, prompts, "prompt", rid)
         echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
         if body.stream:
-            return self._stream("text", body, jobs, prompt_tokens, echo)
-        finals = await self._finals(jobs, body.stop_strings())
+            return self._stream("text", rid, body, jobs, prompt_tokens, echo)
+        logprobs = body.logprobs_count()
+        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": self.config.model_name,
-            "choices": [{"index": i, "text": (echo[i] if echo else "") + f.text, "logprobs": None,
+            "id": rid, "object": "text_completion", "created": int(time.time()), "model": self.config.model_name,
+            "choices": [{"index": i, "text": (echo[i] if echo else "") + f.text,
+                         "logprobs": None if logprobs is None else completion_logprobs(self.tokenizer, scores[i],
+                                                                                       TextOffsets()),
                          "finish_reason": f.finish_reason} for i, f in enumerate(finals)],
             "usage": self._usage(prompt_tokens, finals),
         }
@@ -386,8 +434,9 @@ class GLMServer:
         self._check_model(body.model)
         if body.stream or body.n != 1:
             raise APIError(400, "/v1/glm/fill supports neither stream nor n > 1", param="stream" if body.stream else "n")
+        rid = f"fill-{uuid.uuid4().hex}"
+        self._check(body, rid)
         stop = body.stop_strings()
-        body.check_ranges(len(self.tokenizer), self.context)
         check_prompt_chars(body.text, self.context, self.tokenizer.max_piece_chars, "text")
         special = self.tokenizer.special
         ids, masks = self.tokenizer.encode_with_masks(body.text)  # the one route where mask strings are masks
@@ -400,12 +449,12 @@ class GLMServer:
         todo = mask_positions(ids, special)
         while todo:  # each of the text's own masks exactly once (a generated mask token is text)
             j = todo[0]
-            [final] = await self._finals([(SpanQuery(ids, j, ids[j] == special.gmask), config)], stop)
+            [final], _ = await self._finals([(SpanQuery(ids, j, ids[j] == special.gmask), config)], stop)
             ids, todo = splice_span(ids, todo, final.tokens)
             spans.append(final.text)
             finals.append(final)
         return {
-            "id": f"fill-{uuid.uuid4().hex}", "object": "glm.fill", "created": int(time.time()),
+            "id": rid, "object": "glm.fill", "created": int(time.time()),
             "model": self.config.model_name, "text": self.tokenizer.decode(ids), "spans": spans, "masks": masks,
             "usage": self._usage(prompt_tokens, finals),
         }
@@ -427,6 +476,28 @@ class GLMServer:
                                 f"this model's {self.context}-token context window, leaving {room} "
                                 f"({room // masks} per mask)", param="max_tokens", code="context_length_exceeded")
         return requested
+
+    @api.post("/v1/tokenize")
+    async def tokenize(self, body: TokenizeRequest):
+        """vLLM's shape: {count, max_model_len, tokens, token_strs}."""
+        self._check_model(body.model)
+        ids = self.tokenizer.encode(body.text())
+        if body.add_special_tokens:
+            ids += [self.tokenizer.special.gmask, self.tokenizer.special.sop]
+        strs = [self.tokenizer.id_to_piece(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": strs}
+
+    @api.post("/v1/detokenize")
+    async def detokenize(self, body: DetokenizeRequest):
+        self._check_model(body.model)
+        body.check(len(self.tokenizer))
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    @api.get("/metrics")
+    async def metrics_page(self):
+        from stages.serve.metrics import CONTENT_TYPE
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(self, request: Request):

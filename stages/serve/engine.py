@@ -15,6 +15,11 @@ when none are. At most `max_beam_requests` run at once (more wait, without holdi
 requests behind them). So a normal request's latency grows by one beam forward pass per
 token, never by whole beam searches.
 
+Per-row logprobs (`SpanRequest.logprobs`) are those of the distribution each token was drawn
+from after penalties and logit bias, before temperature and top-k / top-p / min-p truncation:
+`log_softmax` of what `process_logits` returns. An `EngineObserver` hears each token's timing
+(the serve metrics), and `tokens_per_s` gives the recent generation rate.
+
 Failures are per request: a row whose sampling, text decoding or admission fails (or a beam
 search that fails) ends with an error event and every other row keeps decoding. Only a failure
 of the shared forward pass fails the rows decoded with it.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,12 +44,28 @@ from glm.tokenizer import GLMTokenizer
 from stages.serve.textstream import TextStream
 
 
+RATE_WINDOW_S = 10.0
+"""`DecodeEngine.tokens_per_s` counts the tokens of this many seconds."""
+LOGPROB_FLOOR = -9999.0
+"""Reported for a token the processed distribution excludes (OpenAI's value for "very unlikely")."""
+
+
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full: the caller should answer 429 and the client retry later."""
 
 
 class EngineStopped(RuntimeError):
     """The engine was closed (the replica is shutting down)."""
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """(token id, log-probability) of the `SpanRequest.logprobs` most likely tokens, best first."""
 
 
 @dataclass
@@ -60,6 +82,9 @@ class SpanEvent:
     text: str = ""
     """On the final event: the whole generated text (the deltas concatenated)."""
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """When the request asked for logprobs: those of the tokens generated since the previous
+    event (like `delta`; a token whose text is held back comes with the next event)."""
 
 
 @dataclass
@@ -71,6 +96,11 @@ class SpanRequest:
     on_event: Callable[[SpanEvent], None]
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends before the first occurrence, which is not returned."""
+    logprobs: int | None = None
+    """Report each token's logprob and this many top alternatives (None: no logprobs; not
+    available with beam search)."""
+    queued_at: float = field(default_factory=time.monotonic)
+    """When the request was made (time to first token counts from here)."""
     cancelled: bool = False
     done: bool = False
     """Set when the final event was sent."""
@@ -86,20 +116,51 @@ class _Row:
         self.history = request.query.part_a + [tokenizer.special.sop]
         self.generated: list[int] = []
         self.text = TextStream(tokenizer, request.stop)
+        self.logprobs: list[TokenLogprob] = []
+        """Logprobs of tokens not yet sent with an event."""
+        self.last_token_at: float | None = None
         self.generator = None
         if self.config.do_sample:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.config.seed if self.config.seed is not None else torch.seed())
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs not yet sent (for the next event)."""
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
 
 class _Beam:
     """A running beam search: its generator (one forward step per `next`) and its text."""
 
     def __init__(self, engine: "DecodeEngine", request: SpanRequest):
+        if request.logprobs is not None:
+            raise ValueError("logprobs are not available with beam search (it scores hypotheses, not tokens)")
         stop_ids = sorted({*engine._base_stop_ids, *request.config.stop_token_ids})
         self.row = _Row(request, engine.tokenizer, stop_ids, engine.device)
         self.steps = beam_search_steps(engine.model, request.query, engine.tokenizer.special, request.config,
                                        engine.vocab_limit)
+
+
+class EngineObserver:
+    """Token timing, called on the engine thread (`stages.serve.metrics` records it; this base
+    class ignores it)."""
+
+    def first_token(self, seconds: float) -> None:
+        """A request's first token, `seconds` after the request was made."""
+
+    def next_token(self, seconds: float) -> None:
+        """A later token, `seconds` after the previous token of the same request."""
+
+
+def _token_logprob(scores: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s log-probability in `scores` (V,) and the k most likely tokens', floored at LOGPROB_FLOOR."""
+    values, ids = scores[token:token + 1], []
+    if k:
+        top = torch.topk(scores, min(k, scores.shape[-1]))
+        values, ids = torch.cat((values, top.values)), top.indices.tolist()
+    chosen, *rest = [max(v, LOGPROB_FLOOR) for v in values.tolist()]
+    return TokenLogprob(token, chosen, list(zip(ids, rest)))
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -115,7 +176,7 @@ class DecodeEngine:
     """Continuous-batching generation of Part-B spans for one model (thread-safe `submit`)."""
 
     def __init__(self, model: GLMModel, tokenizer: GLMTokenizer, max_batch_size: int = 8, max_waiting: int = 64,
-                 max_beam_requests: int = 2):
+                 max_beam_requests: int = 2, observer: EngineObserver | None = None):
         if max_batch_size < 1 or max_waiting < 0 or max_beam_requests < 1:
             raise ValueError(f"max_batch_size and max_beam_requests must be >= 1 and max_waiting >= 0, got "
                              f"{max_batch_size}, {max_beam_requests}, {max_waiting}")
@@ -135,6 +196,9 @@ class DecodeEngine:
         self._cache: KVCache | None = None
         self._segment_ids = self._prefix_mask = self._logits = None
         self.stats = collections.Counter()  # iterations, steps, beam_steps, tokens, batch_rows, prefills, failed
+        self.observer = observer or EngineObserver()
+        self._started = time.monotonic()
+        self._recent_tokens: collections.deque[list] = collections.deque()  # [time, tokens] per step, RATE_WINDOW_S
         self._thread = threading.Thread(target=self._loop, name="glm-decode-loop", daemon=True)
         self._thread.start()
 
@@ -168,6 +232,13 @@ class DecodeEngine:
         """Requests running and waiting now, and tokens generated since start."""
         return {"running": len(self._rows) + len(self._beams), "waiting": len(self._waiting),
                 "tokens_generated": self.stats["tokens"]}
+
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second over the last RATE_WINDOW_S seconds (since start when shorter)."""
+        now = time.monotonic()
+        window = min(RATE_WINDOW_S, now - self._started)
+        recent = sum(n for t, n in list(self._recent_tokens) if t >= now - window)
+        return recent / window if window > 0 else 0.0
 
     @property
     def alive(self) -> bool:
@@ -259,20 +330,25 @@ class DecodeEngine:
     def _decode_rows(self) -> None:
         """Pick and record every row's next token (each row on its own: a failure ends that row
         only), then run one forward step for the rows still going."""
-        picks, picked = [], []  # each row under its own settings; one device sync for the whole step
+        picks, picked, scores = [], [], {}  # each row under its own settings; one device sync for the step
+                                            # (plus one per row that asks for logprobs)
         for i, row in enumerate(self._rows):
             try:
                 logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
                                         row.config, self.vocab_limit)
+                if row.request.logprobs is not None:
+                    scores[i] = torch.log_softmax(logits[0], dim=-1)  # before temperature and truncation
                 picks.append(sample_next(logits, row.config, row.generator))
                 picked.append(i)
             except Exception as e:  # noqa: BLE001 - numeric trouble in one row's settings
                 self._fail(row.request, e)
         keep, next_tokens = [], []
-        for i, token in zip(picked, torch.cat(picks).tolist() if picks else []):
+        tokens = torch.cat(picks).tolist() if picks else []
+        now = time.monotonic()
+        for i, token in zip(picked, tokens):
             row = self._rows[i]
             try:
-                going = self._advance(row, token)
+                going = self._advance(row, token, scores.get(i), now)
             except Exception as e:  # noqa: BLE001 - e.g. a tokenizer error decoding this row's text
                 self._fail(row.request, e)
                 going = False
@@ -318,8 +394,9 @@ class DecodeEngine:
                 self._fail(request, e)
         self._beams = going
 
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Record a sampled token for a row; emits events. False when the row is finished."""
+    def _advance(self, row: _Row, token: int, scores: torch.Tensor | None, now: float) -> bool:
+        """Record a token sampled at time `now` (with the log-probabilities it was drawn from when
+        the request wants logprobs); emits events. False when the row is finished."""
         request = row.request
         if request.cancelled:
             self._finish(row, "cancelled")
@@ -329,7 +406,14 @@ class DecodeEngine:
             return False
         row.generated.append(token)
         row.history.append(token)
-        self.stats["tokens"] += 1
+        if scores is not None:
+            row.logprobs.append(_token_logprob(scores, token, request.logprobs))
+        self._count_tokens(1, now)
+        if row.last_token_at is None:
+            self.observer.first_token(now - request.queued_at)
+        else:
+            self.observer.next_token(now - row.last_token_at)
+        row.last_token_at = now
         delta = row.text.add(token)
         if row.text.stopped:
             self._finish(row, "stop", delta)
@@ -338,13 +422,24 @@ class DecodeEngine:
             self._finish(row, "length", delta)
             return False
         if delta:
-            self._emit(request, SpanEvent(delta=delta))
+            self._emit(request, SpanEvent(delta=delta, logprobs=row.take_logprobs()))
         return True
+
+    def _count_tokens(self, n: int, now: float) -> None:
+        """Count `n` tokens generated at `now` (stats and the tokens_per_s window)."""
+        self.stats["tokens"] += n
+        recent = self._recent_tokens
+        if recent and recent[-1][0] == now:
+            recent[-1][1] += n
+        else:
+            recent.append([now, n])
+        while recent[0][0] < now - RATE_WINDOW_S:
+            recent.popleft()
 
     def _finish(self, row: _Row, reason: str, delta: str = "") -> None:
         delta += row.text.finish()
         self._emit(row.request, SpanEvent(delta=delta, done=True, finish_reason=reason, tokens=list(row.generated),
-                                          text=row.text.text))
+                                          text=row.text.text, logprobs=row.take_logprobs()))
 
     def _finish_beam(self, row: _Row, tokens: list[int]) -> None:
         """A finished beam search: its best hypothesis, cut at a stop string."""
@@ -354,7 +449,10 @@ class DecodeEngine:
             delta += row.text.add(token)
             if row.text.stopped:
                 break
-        self.stats["tokens"] += len(row.generated)
+        now = time.monotonic()
+        if row.generated:  # the client sees the first token now, with the others
+            self._count_tokens(len(row.generated), now)
+            self.observer.first_token(now - row.request.queued_at)
         finished_by_length = len(tokens) >= row.config.max_new_tokens and not row.text.stopped
         self._finish(row, "length" if finished_by_length else "stop", delta)
 

@@ -1,9 +1,11 @@
 """The OpenAI-compatible request bodies, OpenAI-style errors, and prompts in GLM's form.
 
 Requests are pydantic models with OpenAI's ranges (unknown fields are refused by name, so a
-typo never silently changes decoding); `top_k`, `num_beams`, `length_penalty`,
-`no_repeat_ngram_size` and `min_tokens` are extensions. Every failure becomes an `APIError`,
-answered as `{"error": {"message", "type", "param", "code"}}` with its status code.
+typo never silently changes decoding; OpenAI parameters this server does not implement are
+refused naming an alternative, `UNSUPPORTED`); `top_k`, `num_beams`, `length_penalty`,
+`no_repeat_ngram_size`, `min_tokens`, `min_p`, `repetition_penalty` and `stop_token_ids` are
+extensions (the last three as vLLM). Every failure becomes an `APIError`, answered as
+`{"error": {"message", "type", "param", "code"}}` with its status code.
 
 Ranges are chosen so that no accepted value can overflow or break decoding: the seed fits 64
 bits unsigned, a temperature below `MIN_TEMPERATURE` decodes greedily (dividing logits by
@@ -13,7 +15,7 @@ surrogate cannot be encoded).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +39,39 @@ MIN_TEMPERATURE = 0.01
 """A temperature in (0, MIN_TEMPERATURE) decodes greedily (what it approaches) instead of overflowing."""
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 SEED_MAX = 2**64 - 1
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS = 1024, 256
+"""Entries per request: each is applied at every decode step of the request's row."""
+_TOOLS = "tool calling is not implemented yet: describe the functions in the messages and parse the answer"
+UNSUPPORTED = {
+    "tools": _TOOLS, "tool_choice": _TOOLS, "parallel_tool_calls": _TOOLS,
+    "functions": _TOOLS, "function_call": _TOOLS,
+    "response_format": "structured output is not implemented yet: ask for JSON in the messages and validate it "
+                       "client-side (only {\"type\": \"text\"} is accepted)",
+    "best_of": "ask for n choices and pick client-side, or use beam search (num_beams, an extension)",
+    "suffix": "insert text with POST /v1/glm/fill: put a [MASK] where the insertion goes",
+    "audio": "this model reads and writes text only", "modalities": "this model reads and writes text only",
+    "prediction": "predicted outputs are not implemented: leave it out",
+    "reasoning_effort": "this model has no hidden reasoning to configure: leave it out",
+    "verbosity": "not implemented: ask for the length you want in the messages, or set max_tokens",
+    "web_search_options": "this server has no web search: put the context in the messages",
+    "store": "this server stores no completions: leave it out",
+    "metadata": "this server stores no completions to attach metadata to: leave it out",
+    "service_tier": "this server has a single tier: leave it out",
+    "prompt_cache_key": "prompt caching is not implemented: leave it out",
+    "prompt_cache_retention": "prompt caching is not implemented: leave it out",
+}
+"""OpenAI parameters this server does not implement -> what to do instead (a 400 names both).
+Sent as null (and `response_format` as {"type": "text"}, what the server does anyway) they
+ask for nothing and are accepted."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    include_obfuscation: Optional[Literal[False]] = None
+    """Only off (no obfuscation padding is added to chunks)."""
 
 
 def _check_unicode(value, where: str = "") -> None:
@@ -55,9 +90,22 @@ def _check_unicode(value, where: str = "") -> None:
             _check_unicode(v, where)
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
+    """A request body: unknown fields are refused by name; strings must be valid Unicode."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        _check_unicode(data)
+        return data
+
+
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
+class _Request(_Body):
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -67,7 +115,16 @@ class _Request(BaseModel):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
     user: Optional[str] = None
-    stream_options: Optional[dict] = None
+    """Logged with the request id (not used otherwise)."""
+    safety_identifier: Optional[str] = None
+    """OpenAI's newer name for `user`; logged the same way."""
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    logit_bias: Optional[dict[int, Bias]] = Field(None, max_length=MAX_LOGIT_BIAS)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    stop_token_ids: Optional[list[int]] = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     top_k: int = Field(0, ge=0)
     num_beams: int = Field(1, ge=1, le=8)
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
@@ -76,8 +133,11 @@ class _Request(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data):
-        _check_unicode(data)
+    def _null_asks_for_nothing(cls, data):
+        """An unsupported parameter sent as null (or response_format text) is accepted as absent."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items()
+                    if not (k in UNSUPPORTED and (v is None or (k == "response_format" and v == {"type": "text"})))}
         return data
 
     def stop_strings(self) -> list[str]:
@@ -92,7 +152,13 @@ class _Request(BaseModel):
         return stops
 
     def check_ranges(self, vocab_size: int, context: int) -> None:
-        """Ranges that depend on the served model: top_k <= vocabulary, n-gram size <= context."""
+        """Ranges that depend on the served model: token ids and top_k within the vocabulary,
+        n-gram size <= context."""
+        for param, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids or [])):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise APIError(400, f"{param}: {bad[0]} is not a token id of this model (0 to {vocab_size - 1})",
+                               param=param)
         if self.top_k > vocab_size:
             raise APIError(400, f"top_k: at most the vocabulary size {vocab_size}, got {self.top_k}", param="top_k")
         if self.no_repeat_ngram_size > context:
@@ -100,7 +166,17 @@ class _Request(BaseModel):
                                 f"{self.no_repeat_ngram_size}", param="no_repeat_ngram_size")
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprobs_count(self) -> int | None:
+        """Top alternatives to report per token when logprobs are asked for; None when not."""
+        return None
+
+    def _checked_logprobs(self, count: int | None, param: str) -> int | None:
+        if count is not None and self.num_beams > 1:
+            raise APIError(400, f"{param}: logprobs are not available with beam search (it scores hypotheses, "
+                                f"not tokens); leave num_beams out", param=param)
+        return count
 
     def generation_config(self, max_new_tokens: int, default_temperature: float, default_top_p: float,
                           choice: int) -> GenerationConfig:
@@ -124,13 +200,17 @@ class _Request(BaseModel):
             length_penalty=self.length_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             min_new_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids or []),
             seed=None if self.seed is None else (self.seed + choice) % (SEED_MAX + 1),
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=dict(self.logit_bias or {}),
+            min_p=self.min_p or 0.0,
         )
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
     content: str
     name: Optional[str] = None
@@ -140,11 +220,56 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     """OpenAI's newer name for max_tokens (either may be given)."""
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        return self._checked_logprobs((self.top_logprobs or 0) if self.logprobs else None, "logprobs")
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+    """A count (true is the chat form, refused here)."""
+
+    def logprobs_count(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise APIError(400, "echo: the prompt has no logprobs to echo (GLM reads it bidirectionally as Part A, "
+                                "it does not predict it); leave echo out or logprobs", param="echo")
+        return self._checked_logprobs(self.logprobs, "logprobs")
+
+
+class TokenizeRequest(_Body):
+    """POST /v1/tokenize (vLLM's shape): `prompt`, or `messages` rendered as a chat prompt."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    """Append [gMASK] [sop], so `count` is what a completion or chat of this input reports as
+    usage.prompt_tokens."""
+    return_token_strs: bool = False
+
+    def text(self) -> str:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give either prompt or messages (exactly one)", param="prompt")
+        return self.prompt if self.prompt is not None else chat_prompt(self.messages)
+
+
+class DetokenizeRequest(_Body):
+    """POST /v1/detokenize (vLLM's shape)."""
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+    def check(self, vocab_size: int) -> None:
+        bad = [t for t in self.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"tokens: {bad[0]} is not a token id of this model (0 to {vocab_size - 1})",
+                           param="tokens")
 
 
 class FillRequest(_Request):

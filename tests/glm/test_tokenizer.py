@@ -88,3 +88,11 @@ def test_too_large_vocab_is_a_clear_error():
 
     with pytest.raises(ValueError, match="more than this corpus supports"):
         train_tokenizer(["tiny corpus, tiny corpus."] * 3, vocab_size=5000)
+
+
+def test_token_bytes_join_to_the_decoded_text(tokenizer):
+    text = "话说天下大势 Ünïcödé ☃ 🚀\n\t    code [MASK] </s>"
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.sp.is_byte(i) for i in ids)  # byte-fallback pieces: a part of a character each
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tokenizer.token_bytes(tokenizer.special.eos) == b""

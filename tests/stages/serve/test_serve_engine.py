@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from glm.config import padded_vocab_size, preset
-from glm.generation import GenerationConfig, SpanQuery, beam_search, generate_spans
+from glm.generation import GenerationConfig, SpanQuery, beam_search, generate_spans, process_logits
 from glm.model import GLMModel
+from glm.schema import part_b_positions
 from stages.serve.engine import DecodeEngine, EngineOverloaded, SpanRequest, wait_for
 from stages.serve.textstream import TextStream
 
@@ -173,3 +174,103 @@ def test_text_stream_with_the_real_tokenizer(tokenizer):
     pieces = [stream.add(t) for t in ids] + [stream.finish()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def collect(engine, query, config, logprobs=None):
+    """Submit one request; returns (final event, every event) once it is done."""
+    done, events = threading.Event(), []
+
+    def on_event(event):
+        events.append(event)
+        if event.done:
+            done.set()
+
+    engine.submit(SpanRequest(query, config, on_event, logprobs=logprobs))
+    return done, events
+
+
+def test_a_seeded_row_samples_the_same_inside_a_batch_with_other_rows(model, tokenizer):
+    """Each row has its own generator and settings: a seeded request with penalties, bias and
+    min-p gives the same tokens alone, beside other sampled rows, and as glm/ computes it."""
+    q = queries(tokenizer)
+    seeded = GenerationConfig(max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=1.3, top_p=0.95,
+                              min_p=0.05, seed=5, presence_penalty=0.4, frequency_penalty=0.3, repetition_penalty=1.2,
+                              logit_bias={tokenizer.encode("the")[0]: 2.0})
+    other = GenerationConfig(max_new_tokens=20, min_new_tokens=20, do_sample=True, temperature=1.0, seed=9,
+                             frequency_penalty=-1.0)
+    engine = DecodeEngine(model, tokenizer, max_batch_size=4)
+    try:
+        alone = wait_for(engine, q[2], seeded, timeout=120)
+        batched = run_concurrently(engine, [(q[0], other), (q[2], seeded), (q[3], other)])
+        assert engine.stats["batch_rows"] > engine.stats["steps"]  # rows really shared steps
+    finally:
+        engine.close()
+    assert batched[1].tokens == alone.tokens == generate_spans(model, [q[2]], tokenizer.special, seeded,
+                                                                len(tokenizer))[0]
+    assert len(alone.tokens) == 16 and len(batched[0].tokens) == len(batched[2].tokens) == 20
+
+
+def reference_logprobs(model, tokenizer, query, tokens, config):
+    """log_softmax of glm's processed logits at each generated position, from one full forward pass."""
+    special = tokenizer.special
+    n = len(query.part_a)
+    ids = query.part_a + [special.sop] + tokens[:-1]
+    part_b, block = part_b_positions(query.mask_index, n, len(tokens), is_gmask=query.is_gmask,
+                                     use_2d=model.config.uses_2d_positions)
+    pos, block = list(range(n)) + part_b, [0] * n + block
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), torch.tensor([pos]), torch.tensor([block]),
+                    torch.ones(1, len(ids), dtype=torch.long), torch.tensor([[1] * n + [0] * len(tokens)]))
+    rows = []
+    for j in range(len(tokens)):
+        history = query.part_a + [special.sop] + tokens[:j]
+        logits = process_logits(out.logits[0, n + j:n + j + 1].float(), [history], j, [special.eop, special.eos],
+                                config, len(tokenizer))
+        rows.append(torch.log_softmax(logits[0], -1))
+    return rows
+
+
+def test_logprobs_are_of_the_penalised_distribution_and_stream_with_their_tokens(model, tokenizer):
+    q = queries(tokenizer)[3]
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=12, presence_penalty=1.5, frequency_penalty=0.5,
+                              repetition_penalty=1.3, logit_bias={tokenizer.encode("a")[0]: 3.0})
+    engine = DecodeEngine(model, tokenizer, max_batch_size=2)
+    try:
+        done, events = collect(engine, q, config, logprobs=3)
+        other, _ = collect(engine, queries(tokenizer)[0], GenerationConfig(max_new_tokens=5))
+        assert done.wait(120) and other.wait(120)
+    finally:
+        engine.close()
+    final = events[-1]
+    streamed = [lp for e in events for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == final.tokens and len(final.tokens) == 12
+    assert all(e.logprobs for e in events[:-1])  # every delta carries the logprobs of its tokens
+    for lp, expected in zip(streamed, reference_logprobs(model, tokenizer, q, final.tokens, config)):
+        assert lp.logprob == pytest.approx(expected[lp.token].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == expected.topk(3).indices.tolist()
+        assert lp.top[0] == (lp.token, lp.logprob)  # greedy: the chosen token is the most likely one
+
+
+class Timings:
+    def __init__(self):
+        self.first, self.next = [], []
+
+    def first_token(self, seconds):
+        self.first.append(seconds)
+
+    def next_token(self, seconds):
+        self.next.append(seconds)
+
+
+def test_the_observer_hears_every_token_and_the_rate_counts_them(model, tokenizer):
+    timings = Timings()
+    engine = DecodeEngine(model, tokenizer, max_batch_size=2, observer=timings)
+    try:
+        events = run_concurrently(engine, [(q, GenerationConfig(max_new_tokens=6, min_new_tokens=6))
+                                           for q in queries(tokenizer)[:2]])
+        assert engine.tokens_per_s() > 0
+    finally:
+        engine.close()
+    assert all(len(e.tokens) == 6 for e in events)
+    assert len(timings.first) == 2 and len(timings.next) == 10
+    assert all(s >= 0 for s in timings.first + timings.next)

@@ -1,0 +1,524 @@
+"""OpenAI API conformance: every parameter through the official `openai` client, streamed and not.
+
+    python benchmarks/openai_conformance.py [--checkpoint DIR]            # deploys it on a local Ray
+    python benchmarks/openai_conformance.py --url http://127.0.0.1:8000 [--api-key KEY] [--model NAME]
+
+Each supported parameter is sent to /v1/chat/completions and /v1/completions, streamed and not,
+and its effect is checked on what comes back (a stop string cuts the text, a logit bias forces
+its token, a presence penalty moves the forced token's logprob by exactly the penalty relative
+to every other token, min_p = 1 samples the greedy answer ...); every response and every
+streamed chunk must validate as the client's typed model (ChatCompletion, Completion,
+ChatCompletionChunk; a streamed completion chunk as Completion with `finish_reason` allowed to be
+null, as OpenAI's own stream sends it until the last chunk). Each parameter the server does not implement must be refused with a 400
+that names it (`code: unsupported_parameter`), and out-of-range values with a 400 naming the
+field. /v1/tokenize, /v1/detokenize and /metrics are checked too.
+
+Prints one line per check, the parity matrix (markdown, what docs/serve.md shows) and, last,
+one JSON object: checked, passed, failed (and the failed checks' names). json_schema_valid_rate
+and tool_call_valid_rate are null: structured output and tool calls are not implemented yet
+(response_format and tools are refused). Without --checkpoint or --url it deploys the newest
+inference checkpoint under ./runs. Exit status 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+PROMPT = "The quick brown fox"
+ENDPOINTS = ("chat", "chat stream", "completions", "completions stream")
+NOT_IMPLEMENTED = "not implemented: response_format and tools are refused (400), so nothing is measured"
+
+
+@dataclass
+class Answer:
+    """What one request returned, per choice, whether streamed or not."""
+
+    texts: dict[int, str] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, list[str]] = field(default_factory=dict)
+    """The generated tokens' strings, from the logprobs (when asked for)."""
+    steps: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    """Per generated token: token string -> logprob of the top alternatives and the chosen token."""
+    token_bytes: dict[int, list[int]] = field(default_factory=dict)
+    offsets: dict[int, list[int]] = field(default_factory=dict)
+    usage: object = None
+
+    @property
+    def text(self) -> str:
+        return self.texts.get(0, "")
+
+
+@dataclass
+class Check:
+    name: str
+    parameter: str
+    endpoint: str
+    """One of ENDPOINTS, or the route it checks."""
+    kind: str
+    """'supported' (the parameter works), 'refused' (not implemented: a 400 naming it) or 'range'
+    (a bad value: a 400 naming it; the matrix shows these only when they fail)."""
+    run: Callable[[], None]
+
+
+class Conformance:
+    """The checks against one endpoint."""
+
+    def __init__(self, url: str, api_key: str, model: str | None = None):
+        import openai
+        import requests
+
+        self.url, self.api_key = url.rstrip("/"), api_key
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=300)
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {api_key}"
+        self.model = model or self.client.models.list().data[0].id
+        self.forced = self.tokenize(" the", special=False)[0]
+        """A token id the bias checks force (the first token of ' the')."""
+        self.forced_text = self.detokenize([self.forced])
+
+    # --- requests ------------------------------------------------------------------------
+
+    def post(self, route: str, body: dict) -> dict:
+        r = self.http.post(self.url + route, json={"model": self.model, **body}, timeout=300)
+        assert r.status_code == 200, f"{route}: {r.status_code} {r.text[:300]}"
+        return r.json()
+
+    def tokenize(self, prompt: str, special: bool = True) -> list[int]:
+        return self.post("/v1/tokenize", {"prompt": prompt, "add_special_tokens": special})["tokens"]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.post("/v1/detokenize", {"tokens": tokens})["prompt"]
+
+    def ask(self, endpoint: str, **params) -> Answer:
+        """One request through the client; every response or chunk is validated as the client's
+        typed model. `endpoint` is one of ENDPOINTS."""
+        from openai.types import Completion
+        from openai.types.chat import ChatCompletion
+
+        chat, stream = endpoint.startswith("chat"), endpoint.endswith("stream")
+        create = self.client.chat.completions if chat else self.client.completions
+        if chat and "logprobs" in params:  # the parameter in the chat form: a flag + a count
+            count = params.pop("logprobs")
+            params.update(logprobs=True, top_logprobs=count)
+        known = inspect.signature(create.create).parameters  # the rest (extensions ...) goes in extra_body
+        extra = {k: params.pop(k) for k in list(params) if k not in known}
+        body = dict(model=self.model, extra_body=extra or None, **params)
+        if chat:
+            body["messages"] = [{"role": "user", "content": PROMPT}]
+        else:
+            body.setdefault("prompt", PROMPT)
+        answer = Answer()
+        if not stream:
+            raw = create.with_raw_response.create(**body)
+            data = raw.http_response.json()
+            parsed = (ChatCompletion if chat else Completion).model_validate(data)
+            for choice in parsed.choices:
+                self._add(answer, choice.index, choice.message.content if chat else choice.text, choice.finish_reason,
+                          choice.logprobs, chat)
+            answer.usage = parsed.usage
+            return answer
+        for chunk in create.create(stream=True, **body):
+            chunk = (type(chunk) if chat else _CompletionChunk).model_validate(chunk.to_dict())  # validated
+            if chunk.usage is not None:
+                answer.usage = chunk.usage
+            for choice in chunk.choices:
+                self._add(answer, choice.index, choice.delta.content if chat else choice.text, choice.finish_reason,
+                          choice.logprobs, chat)
+        return answer
+
+    @staticmethod
+    def _add(answer: Answer, i: int, text: str | None, finish: str | None, logprobs, chat: bool) -> None:
+        answer.texts[i] = answer.texts.get(i, "") + (text or "")
+        if finish:
+            answer.finish[i] = finish
+        if logprobs is None:
+            return
+        tokens, steps = answer.tokens.setdefault(i, []), answer.steps.setdefault(i, [])
+        if chat:
+            for entry in logprobs.content or []:
+                tokens.append(entry.token)
+                steps.append({**{t.token: t.logprob for t in entry.top_logprobs}, entry.token: entry.logprob})
+                answer.token_bytes.setdefault(i, []).extend(entry.bytes or [])
+        else:
+            tokens += logprobs.tokens
+            steps += [dict(top) for top in logprobs.top_logprobs]
+            answer.offsets.setdefault(i, []).extend(logprobs.text_offset)
+
+    def refused(self, endpoint: str, param: str, code: str | None = None, **params) -> None:
+        """The request must be answered 400 naming `param` (and `code` when given)."""
+        import openai
+
+        try:
+            self.ask(endpoint, max_tokens=2, **params)
+        except openai.BadRequestError as e:
+            assert e.param == param, f"the 400 names {e.param!r}, not {param!r}: {e.message}"
+            assert code is None or e.code == code, f"code {e.code!r}, expected {code!r}: {e.message}"
+            return
+        raise AssertionError(f"{param} was accepted; it should be refused with 400")
+
+
+def _completion_chunk_type():
+    """The client's Completion with finish_reason optional: what a streamed completion chunk is."""
+    from typing import Literal, Optional
+
+    from openai.types import Completion, CompletionChoice
+
+    class ChunkChoice(CompletionChoice):
+        finish_reason: Optional[Literal["stop", "length", "content_filter"]] = None
+
+    class CompletionChunk(Completion):
+        choices: list[ChunkChoice]
+
+    return CompletionChunk
+
+
+_CompletionChunk = _completion_chunk_type()
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+GREEDY = {"temperature": 0}
+REFUSED = {  # OpenAI parameters this server does not implement, with a value a client would send
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
+    "function_call": "auto",
+    "response_format": {"type": "json_object"},
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "web_search_options": {},
+    "store": True,
+    "metadata": {"k": "v"},
+    "service_tier": "auto",
+    "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h",
+}
+REFUSED_COMPLETIONS = {"best_of": 2, "suffix": " and then"}
+BAD_VALUES = [  # (matrix row, parameter the 400 must name, request parameters, endpoints)
+    ("presence_penalty", "presence_penalty", {"presence_penalty": 2.5}, ENDPOINTS),
+    ("frequency_penalty", "frequency_penalty", {"frequency_penalty": -3}, ENDPOINTS),
+    ("repetition_penalty", "repetition_penalty", {"repetition_penalty": 0}, ENDPOINTS),
+    ("min_p", "min_p", {"min_p": 1.5}, ENDPOINTS),
+    ("logit_bias", "logit_bias", {"logit_bias": {"10000000": 1}}, ENDPOINTS),
+    ("logit_bias", "logit_bias.1", {"logit_bias": {"1": 101}}, ENDPOINTS),
+    ("stop_token_ids", "stop_token_ids", {"stop_token_ids": [-1]}, ENDPOINTS),
+    ("logprobs", "logprobs", {"logprobs": 21}, ("completions",)),
+    ("logprobs", "top_logprobs", {"logprobs": 21}, ("chat",)),
+    ("logprobs", "top_logprobs", {"top_logprobs": 2}, ("chat",)),
+    ("logprobs", "logprobs", {"logprobs": 2, "num_beams": 2, "temperature": 0}, ("chat", "completions")),
+    ("logprobs", "echo", {"logprobs": 2, "echo": True}, ("completions",)),
+    ("stream_options", "stream_options", {"stream_options": {"include_usage": True}}, ("chat", "completions")),
+    ("seed", "seed", {"seed": -1}, ENDPOINTS),
+]
+
+
+def checks(c: Conformance | None) -> list[Check]:
+    """Every check against the endpoint behind `c`. Nothing is sent (and `c` is not used) until
+    a check runs, so `checks(None)` lists them."""
+    out: list[Check] = []
+
+    def add(parameter: str, endpoints, fn: Callable[[str], None], kind: str = "supported", name: str = "") -> None:
+        for endpoint in endpoints:
+            label = f"{parameter}{'/' + name if name else ''} [{endpoint}]"
+            out.append(Check(label, parameter, endpoint, kind, lambda e=endpoint: fn(e)))
+
+    def max_tokens(e):
+        a = c.ask(e, max_tokens=5, min_tokens=5, **GREEDY)
+        assert a.usage is None or a.usage.completion_tokens == 5, a.usage
+        assert a.finish[0] == "length", a.finish
+
+    def greedy(e):
+        assert c.ask(e, max_tokens=8, **GREEDY).text == c.ask(e.replace(" stream", ""), max_tokens=8, **GREEDY).text
+
+    def sampled_like_greedy(**params):
+        def check(e):
+            want = c.ask(e, max_tokens=8, min_tokens=8, **GREEDY).text
+            got = c.ask(e, max_tokens=8, min_tokens=8, temperature=1.0, seed=3, **params).text
+            assert got == want, f"{params} sampled {got!r}, greedy gives {want!r}"
+        return check
+
+    def seed(e):
+        body = dict(max_tokens=10, min_tokens=10, temperature=1.0, top_p=1.0, seed=42)
+        first = c.ask(e, **body).text
+        assert c.ask(e.replace(" stream", ""), **body).text == first
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(3) as pool:  # beside other rows of the batch: the same sample
+            others = [pool.submit(c.ask, "completions", max_tokens=12, temperature=1.0) for _ in range(2)]
+            again = pool.submit(c.ask, e, **body)
+            [o.result() for o in others]
+            assert again.result().text == first
+
+    def n(e):
+        a = c.ask(e, n=2, max_tokens=4, temperature=1.0, seed=5)
+        assert sorted(a.texts) == [0, 1] and sorted(a.finish) == [0, 1], a.texts
+
+    def stop(e):
+        text = c.ask(e, max_tokens=16, min_tokens=16, **GREEDY).text
+        assert len(text) >= 4, f"too short to cut: {text!r}"
+        s = text[len(text) // 2:len(text) // 2 + 2]
+        a = c.ask(e, max_tokens=16, min_tokens=16, stop=[s], **GREEDY)
+        assert a.text == text[:text.index(s)] and a.finish[0] == "stop", (a.text, s, text)
+
+    def stop_token_ids(e):
+        a = c.ask(e, max_tokens=4, logit_bias={str(c.forced): 100}, stop_token_ids=[c.forced], **GREEDY)
+        assert a.text == "" and a.finish[0] == "stop", (a.text, a.finish)
+
+    def logit_bias(e):
+        a = c.ask(e, max_tokens=4, logit_bias={str(c.forced): 100}, **GREEDY)
+        assert a.text == c.detokenize([c.forced] * 4), a.text
+
+    def shift(param: str, value: float, per_use: bool):
+        """With the forced token t generated j times, every other token's logprob relative to
+        t's rises by exactly the penalty (value, or value x j for the frequency penalty)."""
+        def check(e):
+            body = dict(max_tokens=3, logit_bias={str(c.forced): 100}, logprobs=5, **GREEDY)
+            base, pen = c.ask(e, **body), c.ask(e, **body, **{param: value})
+            t = c.forced_text
+            for j in (1, 2):
+                b, p = base.steps[0][j], pen.steps[0][j]
+                others = (set(b) & set(p)) - {t}
+                assert others, "no common alternatives to compare"
+                for u in others:
+                    moved = (p[u] - p[t]) - (b[u] - b[t])
+                    want = value * (j if per_use else 1)
+                    assert abs(moved - want) < 1e-3, f"step {j}: {u!r} moved {moved:.5f} relative to t, not {want}"
+        return check
+
+    def repetition(e):
+        """Every alternative that is not in the sequence moves by the same amount relative to the
+        forced (repeated) token, which loses: the penalty pushes a token already used down."""
+        body = dict(max_tokens=3, logit_bias={str(c.forced): 100}, logprobs=5, **GREEDY)
+        base, pen = c.ask(e, **body), c.ask(e, **body, repetition_penalty=1.5)
+        ids = c.tokenize(PROMPT) + [c.forced]
+        seen = {c.detokenize([i]) for i in ids}
+        t = c.forced_text
+        b, p = base.steps[0][2], pen.steps[0][2]
+        moved = [(b[t] - b[u]) - (p[t] - p[u]) for u in (set(b) & set(p)) - seen]
+        assert moved and max(moved) - min(moved) < 1e-3 and moved[0] > 0, moved
+
+    def logprobs(e):
+        a = c.ask(e, max_tokens=6, min_tokens=6, logprobs=3, **GREEDY)
+        steps, tokens = a.steps[0], a.tokens[0]
+        assert len(steps) == len(tokens) == 6, (len(steps), len(tokens))
+        for token, step in zip(tokens, steps):
+            assert 3 <= len(step) <= 4 and step[token] == max(step.values()), step  # greedy: the chosen is the top
+            assert all(v <= 0 for v in step.values())
+        if e.startswith("chat"):
+            assert bytes(a.token_bytes[0]).decode("utf-8", "replace") == a.text
+        else:
+            assert a.offsets[0][0] == 0 and a.offsets[0] == sorted(a.offsets[0])
+        whole = c.ask(e.replace(" stream", ""), max_tokens=6, min_tokens=6, logprobs=3, **GREEDY)
+        assert whole.steps[0] == steps  # streamed logprobs add up to the whole answer's
+
+    def include_usage(e):
+        a = c.ask(e, max_tokens=3, min_tokens=3, stream_options={"include_usage": True}, **GREEDY)
+        assert a.usage is not None and a.usage.completion_tokens == 3, a.usage
+
+    def accepted(**params):
+        def check(e):
+            assert c.ask(e, max_tokens=2, **params).finish[0] in ("stop", "length")
+        return check
+
+    def echo(e):
+        assert c.ask(e, max_tokens=3, echo=True, **GREEDY).text.startswith(PROMPT)
+
+    def max_completion_tokens(e):
+        a = c.ask(e, max_completion_tokens=3, min_tokens=3, **GREEDY)
+        assert a.finish[0] == "length" and (a.usage is None or a.usage.completion_tokens == 3), a.usage
+
+    def min_tokens(e):
+        a = c.ask(e, max_tokens=7, min_tokens=7, **GREEDY)
+        assert a.finish[0] == "length" and (a.usage is None or a.usage.completion_tokens == 7)
+
+    def beams(e):
+        a = c.ask(e, max_tokens=6, num_beams=3, length_penalty=0.5, **GREEDY)
+        assert a.finish[0] in ("stop", "length")
+
+    def no_repeat(e):
+        a = c.ask(e, max_tokens=8, logit_bias={str(c.forced): 100}, no_repeat_ngram_size=2, logprobs=0, **GREEDY)
+        pairs = list(zip(a.tokens[0], a.tokens[0][1:]))
+        assert len(pairs) == len(set(pairs)), a.tokens[0]
+
+    add("max_tokens", ENDPOINTS, max_tokens)
+    add("max_completion_tokens", ("chat", "chat stream"), max_completion_tokens)
+    add("temperature", ENDPOINTS, greedy)
+    add("top_p", ENDPOINTS, sampled_like_greedy(top_p=1e-6))
+    add("top_k", ENDPOINTS, sampled_like_greedy(top_k=1))
+    add("min_p", ENDPOINTS, sampled_like_greedy(min_p=1.0))
+    add("seed", ENDPOINTS, seed)
+    add("n", ENDPOINTS, n)
+    add("stop", ENDPOINTS, stop)
+    add("stop_token_ids", ENDPOINTS, stop_token_ids)
+    add("logit_bias", ENDPOINTS, logit_bias)
+    add("presence_penalty", ENDPOINTS, shift("presence_penalty", 1.5, per_use=False))
+    add("frequency_penalty", ENDPOINTS, shift("frequency_penalty", 0.75, per_use=True))
+    add("repetition_penalty", ENDPOINTS, repetition)
+    add("logprobs", ENDPOINTS, logprobs)
+    add("stream_options", ("chat stream", "completions stream"), include_usage)
+    add("user", ENDPOINTS, accepted(user="conformance-check"))
+    add("safety_identifier", ENDPOINTS, accepted(safety_identifier="conformance-check"))
+    add("echo", ("completions", "completions stream"), echo)
+    add("min_tokens", ENDPOINTS, min_tokens)
+    add("num_beams", ENDPOINTS, beams)
+    add("no_repeat_ngram_size", ENDPOINTS, no_repeat)
+    add("an unsupported parameter as null", ENDPOINTS, accepted(tools=None, response_format={"type": "text"}))
+    for param, value in REFUSED.items():
+        add(param, ENDPOINTS, lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}),
+            kind="refused")
+    for param, value in REFUSED_COMPLETIONS.items():
+        add(param, ("completions", "completions stream"),
+            lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}), kind="refused")
+    for row, param, params, endpoints in BAD_VALUES:
+        add(row, endpoints, lambda e, p=param, b=params: c.refused(e, p, **b), kind="range", name=f"bad {param}")
+    add("/v1/tokenize", ("/v1/tokenize",), lambda e: _tokenize(c))
+    add("/v1/detokenize", ("/v1/detokenize",), lambda e: _detokenize(c))
+    add("/metrics", ("/metrics",), lambda e: _metrics(c))
+    return out
+
+
+def _tokenize(c: Conformance) -> None:
+    """The count is the usage.prompt_tokens of the same input; messages go through the chat prompt."""
+    done = c.client.completions.create(model=c.model, prompt=PROMPT, max_tokens=1)
+    got = c.post("/v1/tokenize", {"prompt": PROMPT, "return_token_strs": True})
+    assert got["count"] == len(got["tokens"]) == len(got["token_strs"]) == done.usage.prompt_tokens, got
+    assert got["max_model_len"] > got["count"]
+    chat = c.client.chat.completions.create(model=c.model, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=1)
+    assert c.post("/v1/tokenize", {"messages": [{"role": "user", "content": PROMPT}]})["count"] == \
+        chat.usage.prompt_tokens
+    r = c.http.post(c.url + "/v1/tokenize", json={"model": c.model}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def _detokenize(c: Conformance) -> None:
+    assert c.detokenize(c.tokenize("话说天下大势 Ünïcödé", special=False)) == "话说天下大势 Ünïcödé"
+    r = c.http.post(c.url + "/v1/detokenize", json={"model": c.model, "tokens": [10**9]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+
+
+def _metrics(c: Conformance) -> None:
+    """Prometheus text that parses, with every series, counting what was just generated."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import requests
+
+    def scrape() -> dict[tuple, float]:
+        """Sample values summed by (name, route, status) (route and status: only on the request counter)."""
+        r = requests.get(c.url + "/metrics", timeout=60)  # no key: open, like /health
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.status_code
+        samples: dict[tuple, float] = {}
+        for family in text_string_to_metric_families(r.text):
+            for s in family.samples:
+                key = (s.name, s.labels.get("route"), s.labels.get("status"))
+                samples[key] = samples.get(key, 0.0) + s.value
+        return samples
+
+    before = scrape()
+    c.ask("completions", max_tokens=4, min_tokens=4, temperature=0)
+    after = scrape()
+    for name in ("glm_serve_requests_waiting", "glm_serve_requests_running", "glm_serve_generation_tokens_per_second",
+                 "glm_serve_time_to_first_token_seconds_count", "glm_serve_time_per_output_token_seconds_count"):
+        assert (name, None, None) in after, f"{name} missing from /metrics"
+    # with one replica both scrapes see the same counters (with several, each scrape sees one replica's)
+    tokens = ("glm_serve_generation_tokens_total", None, None)
+    assert after[tokens] >= before.get(tokens, 0) + 4, (before.get(tokens), after[tokens])
+    assert after.get(("glm_serve_http_requests_total", "/v1/completions", "200"), 0) >= 1
+
+
+def run_checks(c: Conformance, log=print) -> list[tuple[Check, str | None]]:
+    """Run every check; returns (check, error message or None)."""
+    results = []
+    for check in checks(c):
+        try:
+            check.run()
+            error = None
+        except Exception as e:  # noqa: BLE001 - a failed check, reported
+            error = f"{type(e).__name__}: {e}"
+            if not isinstance(e, AssertionError):
+                error += "\n" + traceback.format_exc(limit=3)
+        log(f"{'ok  ' if error is None else 'FAIL'} {check.name}" + (f"\n     {error}" if error else ""))
+        results.append((check, error))
+    return results
+
+
+def matrix(results: list[tuple[Check, str | None]]) -> str:
+    """Markdown: one row per parameter, one column per endpoint: supported, refused (400), FAIL
+    (any of its checks failed, range checks included), or -."""
+    rows: dict[str, dict[str, str]] = {}
+    for check, error in results:
+        if check.endpoint.startswith("/"):
+            continue
+        cell = rows.setdefault(check.parameter, {})
+        if error is not None:
+            cell[check.endpoint] = "FAIL"
+        elif check.kind != "range" and cell.get(check.endpoint) != "FAIL":
+            cell[check.endpoint] = "refused (400)" if check.kind == "refused" else "supported"
+    lines = ["| parameter | " + " | ".join(ENDPOINTS) + " |", "|---" * (len(ENDPOINTS) + 1) + "|"]
+    for parameter, cells in rows.items():
+        lines.append(f"| `{parameter}` | " + " | ".join(cells.get(e, "-") for e in ENDPOINTS) + " |")
+    routes = sorted({c.endpoint for c, _ in results if c.endpoint.startswith("/")})
+    for route in routes:
+        ok = all(err is None for c, err in results if c.endpoint == route)
+        cells = ["supported" if ok else "FAIL"] + ["-"] * (len(ENDPOINTS) - 1)
+        lines.append(f"| `{route}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str | None = None) -> dict:
+    failed = [c.name for c, error in results if error is not None]
+    return {"benchmark": "openai_conformance", "url": url, "checkpoint": checkpoint, "checked": len(results),
+            "passed": len(results) - len(failed), "failed": len(failed), "failed_checks": failed,
+            "json_schema_valid_rate": None, "tool_call_valid_rate": None, "note": NOT_IMPLEMENTED}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="inference checkpoint to deploy (default: the newest under ./runs)")
+    parser.add_argument("--url", help="an endpoint that is already running (nothing is deployed)")
+    parser.add_argument("--api-key", default="none", help="its Bearer key, if it needs one")
+    parser.add_argument("--model", help="model id (default: the one the server lists)")
+    args = parser.parse_args()
+    url, stop, checkpoint = args.url, None, None
+    if url is None:
+        from stages.cluster import ensure_ray
+        from stages.serve import ServeConfig, deploy, newest_checkpoint, shutdown
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        checkpoint = args.checkpoint or str(newest_checkpoint())
+        print(f"deploying {checkpoint} ...", flush=True)
+        ensure_ray(min_cpus=1)
+        t = time.perf_counter()
+        url = deploy(ServeConfig(checkpoint=checkpoint, port=port, max_batch_size=4))
+        print(f"deployed at {url} in {time.perf_counter() - t:.1f}s", flush=True)
+        stop = shutdown
+    try:
+        results = run_checks(Conformance(url, args.api_key, args.model))
+    finally:
+        if stop is not None:
+            stop()
+    print("\n" + matrix(results) + "\n", flush=True)
+    result = summary(results, url, checkpoint)
+    print(json.dumps(result), flush=True)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

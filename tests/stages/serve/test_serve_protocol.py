@@ -1,0 +1,111 @@
+"""Request validation without a server: the OpenAI sampling parameters, their ranges, the
+refusal of unsupported parameters (naming an alternative), and the settings they decode with."""
+
+import asyncio
+import json
+
+import pytest
+from pydantic import ValidationError
+
+pytest.importorskip("ray.serve")
+
+from stages.serve.protocol import (  # noqa: E402
+    UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+VOCAB, CONTEXT = 3000, 256
+
+
+def chat(**kw):
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": USER, **kw})
+
+
+def completion(**kw):
+    return CompletionRequest.model_validate({"model": "m", "prompt": "p", **kw})
+
+
+def answer(error: ValidationError) -> dict:
+    """What the replica answers for a validation error (its real FastAPI handler)."""
+    from fastapi.exceptions import RequestValidationError
+
+    from stages.serve.app import _validation_error
+
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors()]
+    response = asyncio.run(_validation_error(None, RequestValidationError(errors)))
+    assert response.status_code == 400
+    return json.loads(response.body)["error"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.01), ("repetition_penalty", 0), ("repetition_penalty", 11),
+    ("min_p", 1.5), ("min_p", -0.1), ("top_logprobs", 21), ("logit_bias", {"5": 100.5}), ("logit_bias", {"x": 1}),
+    ("stop_token_ids", "7"), ("stream_options", {"include_usage": True, "colour": 1}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}), ("stop_token_ids", list(range(257))),
+])
+def test_out_of_range_values_are_400_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as e:
+        chat(**{field: value})
+    error = answer(e.value)
+    assert error["param"].split(".")[0] == field and field in error["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (dict(logit_bias={"3000": 1}), "logit_bias"), (dict(logit_bias={"-1": 1}), "logit_bias"),
+    (dict(stop_token_ids=[5, 3000]), "stop_token_ids"),
+])
+def test_token_ids_must_be_in_the_vocabulary(body, param):
+    with pytest.raises(APIError) as e:
+        chat(**body).check_ranges(VOCAB, CONTEXT)
+    assert e.value.status == 400 and e.value.param == param and "0 to 2999" in e.value.message
+
+
+def test_logprobs_forms_and_their_conflicts():
+    assert chat(logprobs=True, top_logprobs=5).logprobs_count() == 5
+    assert chat(logprobs=True).logprobs_count() == 0 and chat().logprobs_count() is None
+    assert completion(logprobs=0).logprobs_count() == 0 and completion().logprobs_count() is None
+    for request, param in ((chat(top_logprobs=2), "top_logprobs"), (completion(logprobs=2, echo=True), "echo"),
+                           (completion(logprobs=1, num_beams=2), "logprobs"),
+                           (chat(logprobs=True, num_beams=2), "logprobs")):
+        with pytest.raises(APIError) as e:
+            request.logprobs_count()
+        assert e.value.param == param
+    with pytest.raises(ValidationError):
+        completion(logprobs=True)  # the chat form is not a count
+
+
+@pytest.mark.parametrize("param", sorted(UNSUPPORTED))
+def test_unsupported_parameters_are_refused_naming_an_alternative(param):
+    with pytest.raises(ValidationError) as e:
+        chat(**{param: {"type": "json_object"} if param == "response_format" else 1})
+    error = answer(e.value)
+    assert error["param"] == param and error["code"] == "unsupported_parameter"
+    assert error["message"] == f"{param!r} is not supported by this server: {UNSUPPORTED[param]}"
+
+
+def test_null_asks_for_nothing_but_a_typo_is_still_unknown():
+    assert chat(tools=None, tool_choice=None, response_format={"type": "text"}).model_dump()["model"] == "m"
+    with pytest.raises(ValidationError) as e:
+        chat(presence_penality=1)
+    assert answer(e.value)["message"] == "unknown parameter 'presence_penality'"
+
+
+def test_settings_reach_the_generation_config():
+    config = completion(presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_p=0.1,
+                        logit_bias={"7": -100, "9": 5.5}, stop_token_ids=[11], seed=3, temperature=0.8,
+                        ).generation_config(16, 0.95, 0.7, choice=1)
+    assert (config.presence_penalty, config.frequency_penalty, config.repetition_penalty, config.min_p) == \
+        (0.5, -0.5, 1.2, 0.1)
+    assert config.logit_bias == {7: -100.0, 9: 5.5} and config.stop_token_ids == [11] and config.seed == 4
+    default = completion().generation_config(16, 0.95, 0.7, choice=0)
+    assert (default.presence_penalty, default.frequency_penalty, default.repetition_penalty, default.min_p,
+            default.logit_bias) == (0.0, 0.0, 1.0, 0.0, {})
+
+
+def test_tokenize_takes_a_prompt_or_messages():
+    assert TokenizeRequest(prompt="x").text() == "x"
+    assert TokenizeRequest(messages=USER).text() == "hi"
+    for body in ({}, {"prompt": "x", "messages": USER}):
+        with pytest.raises(APIError) as e:
+            TokenizeRequest(**body).text()
+        assert e.value.param == "prompt"
