@@ -88,9 +88,9 @@ def decode_load(model, tokenizer, queries: list, n: int, concurrency: int, max_t
     class TimedEngine(DecodeEngine):
         """Stamps every token as the engine records it (the engine's own code path otherwise)."""
 
-        def _advance(self, row, token):
+        def _advance(self, row, token, *args):
             row.request.token_times.append(time.perf_counter())
-            return super()._advance(row, token)
+            return super()._advance(row, token, *args)
 
         def submit(self, request):
             request.token_times, request.submitted = [], time.perf_counter()

@@ -58,8 +58,8 @@ LOADERS = {
     "stages/rlhf/configs/dpo.yaml": RLHFConfig,
 }
 # not our dataclass configs: sample data, third-party templates (test_mip_templates.py), environments,
-# outputs, Ray Serve's own schema (test_serve_config_file.py), cluster manifests (test_infra_manifests.py)
-NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "stages/data/templates/", "stages/serve/configs/serve.yaml", "infra/")
+# outputs (runs/, MLflow artifacts in mlruns/), Ray Serve's own schema (test_serve_config_file.py), cluster manifests (test_infra_manifests.py)
+NOT_CONFIGS = ("data/sample/", ".venv/", "runs/", "mlruns/", ".ray-cluster/", "stages/data/templates/", "stages/serve/configs/serve.yaml", "infra/")
 
 
 def shipped_yamls() -> list[str]:

@@ -127,11 +127,12 @@ def test_a_pipeline_with_its_work_dir_on_s3(s3_pipeline, s3):
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     for expected in ("runs/s3/data/manifest.json", "runs/s3/data/tokenizer.model",
                      "runs/s3/pretrain/model/config.json", "runs/s3/pretrain/model/model.safetensors",
-                     "runs/s3/quantize/model/config.json", "runs/s3/eval/quantize.json",
+                     "runs/s3/quantize/model/config.json",
                      "runs/s3/pipeline/data.json", "runs/s3/pipeline/pretrain.json", "runs/s3/pipeline/quantize.json",
                      "runs/s3/pipeline/eval-quantize.json"):
         assert expected in files, (expected, files)
     assert any(f.startswith("runs/s3/data/train/") for f in files)
+    assert any(f.startswith("runs/s3/eval/quantize-") and f.endswith(".json") for f in files)  # a report per run
     assert any(f.startswith("runs/s3/ray/s3-pretrain-") and "/checkpoints/step" in f for f in files)  # the engine's
     assert not [f for f in files if ".partial/" in f or ".old/" in f]  # checkpoints published whole
     marker = json.loads(s3[1].open_input_stream(f"{BUCKET}/runs/s3/pipeline/quantize.json").read())
