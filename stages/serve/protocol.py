@@ -3,9 +3,9 @@
 Requests are pydantic models with OpenAI's ranges (unknown fields are refused by name, so a
 typo never silently changes decoding; OpenAI parameters this server does not implement are
 refused naming an alternative, `UNSUPPORTED`); `response_format` (`text`, `json_object`,
-`json_schema`) asks for structured output (`stages.serve.structured`); `top_k`, `num_beams`, `length_penalty`,
-`no_repeat_ngram_size`, `min_tokens`, `min_p`, `repetition_penalty` and `stop_token_ids` are
-extensions (the last three as vLLM). Every failure becomes an `APIError`, answered as
+`json_schema`) asks for structured output (`stages.serve.structured`); `top_k`, `num_beams`,
+`length_penalty`, `no_repeat_ngram_size`, `min_tokens`, `min_p`, `repetition_penalty` and
+`stop_token_ids` are extensions (the last three as vLLM). Every failure becomes an `APIError`, answered as
 `{"error": {"message", "type", "param", "code"}}` with its status code.
 
 Ranges are chosen so that no accepted value can overflow or break decoding: the seed fits 64

@@ -9,7 +9,7 @@ have no matcher and pay nothing.
 The tokenizer adapter (`vocabulary`) gives llguidance the bytes each GLMTokenizer token adds
 to decoded text: byte-fallback pieces `<0xXX>` their byte, SentencePiece's U+2581 a space,
 ChatGLM's whitespace pieces their whitespace; control tokens, `<unk>`, GLM's mask and span
-tokens (and any user-defined piece that encoding its text does not give back) are special:
+tokens (and any user-defined piece that encoding its text does not produce) are special:
 no grammar ever allows them, except the end tokens generation stops at ([eop] and </s>),
 which the grammar allows once the document is complete.
 
@@ -73,7 +73,7 @@ def vocabulary(tokenizer: GLMTokenizer) -> tuple[list[bytes], list[int]]:
         else:
             text = tokenizer.decode([i])  # ChatGLM's whitespace pieces ("<n>" -> "\n") as decoded
         is_special = (i in glm_special or sp.is_control(i) or sp.is_unknown(i)
-                      or (pieces[i].type == user_defined and tokenizer.encode(text) != [i]))
+                      or (pieces[i].type == user_defined and i not in tokenizer.encode(text)))
         if is_special:
             special.append(i)
             tokens.append(b"\xff" + piece.encode("utf-8"))
@@ -119,7 +119,8 @@ class Grammars:
             raise ValueError(f"not a JSON schema: {e}") from None
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if is_error:
-            raise ValueError(messages[0].splitlines()[0] if messages else "the schema cannot be compiled")
+            message = " ".join(line.strip() for line in (messages[0] if messages else "").splitlines())
+            raise ValueError(message[:500] or "the schema cannot be compiled")
         return grammar
 
     def matcher(self, grammar: str) -> "GrammarMatcher":
