@@ -2,6 +2,7 @@
 
     python benchmarks/openai_conformance.py [--checkpoint DIR]            # deploys it on a local Ray
     python benchmarks/openai_conformance.py --url http://127.0.0.1:8000 [--api-key KEY] [--model NAME]
+    python benchmarks/openai_conformance.py --only response_format      # one parameter's checks
 
 Each supported parameter is sent to /v1/chat/completions and /v1/completions, streamed and not,
 and its effect is checked on what comes back (a stop string cuts the text, a logit bias forces
@@ -44,7 +45,7 @@ PROMPT = "The quick brown fox"
 ENDPOINTS = ("chat", "chat stream", "completions", "completions stream")
 NOT_IMPLEMENTED = "tool calls are not implemented: tools are refused (400), so tool_call_valid_rate is not measured"
 STRUCTURED_MAX_TOKENS = 200
-"""Budget of a structured answer (every schema of SCHEMAS bounds its strings, arrays and integers)."""
+"""Budget of a structured answer (every schema of SCHEMAS bounds its strings, arrays and numbers)."""
 SCHEMAS = {
     "person": {
         "type": "object",
@@ -62,8 +63,9 @@ SCHEMAS = {
                                                  "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
                 "required": ["sku", "qty"], "additionalProperties": False}},
             "note": {"anyOf": [{"type": "string", "maxLength": 24}, {"type": "null"}]},
+            "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01},
         },
-        "required": ["status", "items", "note"], "additionalProperties": False,
+        "required": ["status", "items", "note", "total"], "additionalProperties": False,
     },
     "refs": {
         "type": "object",
@@ -75,7 +77,8 @@ SCHEMAS = {
         "required": ["start", "end", "label"], "additionalProperties": False,
     },
 }
-"""The json_schema checks' schemas: nested objects, enums, arrays, anyOf with null, $refs, a pattern."""
+"""The json_schema checks' schemas: nested objects, enums, arrays, anyOf with null, $refs, a
+pattern, integers and a number (bounded by multipleOf: the digits of a plain number never end)."""
 
 
 @dataclass
@@ -549,10 +552,13 @@ def _metrics(c: Conformance) -> None:
     assert after.get(("glm_serve_http_requests_total", "/v1/completions", "200"), 0) >= 1
 
 
-def run_checks(c: Conformance, log=print) -> list[tuple[Check, str | None]]:
-    """Run every check; returns (check, error message or None)."""
+def run_checks(c: Conformance, log=print, only: str | None = None) -> list[tuple[Check, str | None]]:
+    """Run every check (those of the parameter `only`, when given); returns (check, error
+    message or None)."""
     results = []
     for check in checks(c):
+        if only is not None and check.parameter != only:
+            continue
         try:
             check.run()
             error = None
@@ -605,6 +611,7 @@ def main() -> int:
     parser.add_argument("--url", help="an endpoint that is already running (nothing is deployed)")
     parser.add_argument("--api-key", default="none", help="its Bearer key, if it needs one")
     parser.add_argument("--model", help="model id (default: the one the server lists)")
+    parser.add_argument("--only", metavar="PARAMETER", help="run only this parameter's checks (e.g. response_format)")
     args = parser.parse_args()
     url, stop, checkpoint = args.url, None, None
     if url is None:
@@ -623,7 +630,7 @@ def main() -> int:
         stop = shutdown
     try:
         conformance = Conformance(url, args.api_key, args.model)
-        results = run_checks(conformance)
+        results = run_checks(conformance, only=args.only)
     finally:
         if stop is not None:
             stop()

@@ -13,10 +13,12 @@ tokens (and any user-defined piece that encoding its text does not produce) are 
 no grammar ever allows them, except the end tokens generation stops at ([eop] and </s>),
 which the grammar allows once the document is complete.
 
-Whitespace between JSON tokens is bounded (`JSON_WHITESPACE`): at most one newline and 32
-spaces or tabs per gap, so a model cannot run away in whitespace; it may still write a long
-string or number until `max_tokens`, in which case the answer ends with finish_reason
-"length" and is incomplete JSON.
+Whitespace is not left to the model (`JSON_OPTIONS`): documents are written the way Python's
+`json.dumps` writes them, `", "` between items and `": "` after keys and no other whitespace
+outside strings, so a model cannot run away in whitespace (a tiny random model, given the
+choice, spends most of its tokens on tabs and spaces). It may still write a long string or
+number until `max_tokens`, in which case the answer ends with finish_reason "length" and is
+incomplete JSON.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from glm.tokenizer import GLMTokenizer
 
 LLGUIDANCE = "llguidance==1.9.1"
 """The package (and the version tested) that compiles schemas to token masks."""
-JSON_WHITESPACE = r"\n?[ \t]{0,32}"
-"""What may stand between two JSON tokens (llguidance's `whitespace_pattern`)."""
-JSON_OPTIONS = {"whitespace_pattern": JSON_WHITESPACE}
-"""llguidance JSON compile options applied over any `x-guidance` options of the schema."""
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""llguidance JSON compile options, applied over any `x-guidance` options of the schema: no
+free whitespace, json.dumps's separators."""
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 """The schema of `{"type": "json_object"}`."""
 ALLOWED_FLOOR = -1e30
