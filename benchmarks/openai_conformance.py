@@ -437,7 +437,11 @@ def checks(c: Conformance | None) -> list[Check]:
     add("num_beams", ENDPOINTS, beams)
     add("no_repeat_ngram_size", ENDPOINTS, no_repeat)
     def json_object(e):
-        a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, **GREEDY)
+        """Any JSON object bounds nothing (a weak model may write one string until max_tokens), so
+        a +10 bias on '"' and '}' makes closing strings and objects likely; it is a JSON object."""
+        bias = {str(c.tokenize(ch, special=False)[0]): 10 for ch in ('"', "}")}
+        a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, logit_bias=bias,
+                  **GREEDY)
         assert a.finish[0] == "stop" and isinstance(json.loads(a.text), dict), (a.finish, a.text)
 
     def json_schema(name: str, **sampling):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -109,6 +110,7 @@ def main() -> int:
         "overhead_us_p99": round(percentile(overhead, 0.99), 1),
         "sampling_us_per_token": round(statistics.mean(sampling_us), 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + ", 1 torch thread",
+        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result), flush=True)
     return 0
