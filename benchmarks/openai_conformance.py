@@ -63,7 +63,7 @@ SCHEMAS = {
                                                  "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
                 "required": ["sku", "qty"], "additionalProperties": False}},
             "note": {"anyOf": [{"type": "string", "maxLength": 24}, {"type": "null"}]},
-            "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01},
+            "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.25},
         },
         "required": ["status", "items", "note", "total"], "additionalProperties": False,
     },
@@ -78,7 +78,9 @@ SCHEMAS = {
     },
 }
 """The json_schema checks' schemas: nested objects, enums, arrays, anyOf with null, $refs, a
-pattern, integers and a number (bounded by multipleOf: the digits of a plain number never end)."""
+pattern, integers and a number, bounded by multipleOf (the digits of a plain number never have
+to end) with a step exact in binary: jsonschema checks multipleOf in floats (1.11 / 0.01 is
+not a whole number there, so 0.01 would fail right answers)."""
 
 
 @dataclass

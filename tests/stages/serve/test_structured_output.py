@@ -25,7 +25,7 @@ SCHEMA = {
         "name": {"type": "string", "maxLength": 12},
         "kind": {"enum": ["cat", "dog", "fox"]},
         "age": {"type": "integer", "minimum": 0, "maximum": 99},
-        "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01},  # bounded digits
+        "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25},  # bounded digits
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
         "owner": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
                                                   "active": {"type": "boolean"}},
@@ -99,7 +99,7 @@ def test_the_mask_allows_what_the_grammar_allows(tokenizer, grammars):
     logits[0, 5] = torch.finfo(torch.float32).min  # a ban, not on an allowed token
     matcher.mask(logits)
     assert torch.isfinite(logits).sum() == 1 and logits[0, tokenizer.encode("{")[0]] == 0
-    for token in tokenizer.encode('{"name": "x", "kind": "fox", "age": 7, "score": 0.5, "tags": [], '
+    for token in tokenizer.encode('{"name": "x", "kind": "fox", "age": 7, "score": 0.75, "tags": [], '
                                   '"owner": {"id": 3, "active": false}}'):
         assert not matcher.complete
         matcher.consume(token)
