@@ -38,9 +38,9 @@ free whitespace, json.dumps's separators."""
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 """The schema of `{"type": "json_object"}`."""
 ALLOWED_FLOOR = -1e30
-"""A token the grammar allows is never excluded outright: a ban (no-repeat n-grams, the
-vocabulary's padding) only lowers it to this, so it is chosen only when every allowed token
-is banned (the grammar wins); it stays finite after dividing by any accepted temperature."""
+"""A token the grammar allows is never excluded outright: a ban (`no_repeat_ngram_size`) only
+lowers it to this, so it is chosen only when every allowed token is banned (the grammar wins);
+it stays finite after dividing by any accepted temperature."""
 
 
 def llguidance():

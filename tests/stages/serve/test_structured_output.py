@@ -4,6 +4,8 @@ schema produce valid JSON (greedy and sampled, several seeds) beside unconstrain
 compute exactly what they compute alone."""
 
 import json
+import re
+import sys
 import threading
 
 import pytest
@@ -17,7 +19,7 @@ from glm.generation import GenerationConfig, SpanQuery, generate_spans  # noqa: 
 from glm.model import GLMModel  # noqa: E402
 from glm.tokenizer import GLMTokenizer  # noqa: E402
 from stages.serve.engine import DecodeEngine, SpanRequest, wait_for  # noqa: E402
-from stages.serve.structured import ANY_JSON_OBJECT, Grammars, vocabulary  # noqa: E402
+from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, vocabulary  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -82,6 +84,12 @@ def test_chatglm_whitespace_pieces_are_their_whitespace():
     # a dummy-prefix vocabulary writes a space before the text, which decoding drops
     assert b"".join(tokens[i] for i in tokenizer.encode(text)).removeprefix(b" ") == text.encode()
     Grammars(tokenizer).compile(SCHEMA)
+
+
+def test_without_llguidance_the_error_says_what_to_install(tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails
+    with pytest.raises(RuntimeError, match=re.escape(f"pip install {LLGUIDANCE}")):
+        Grammars(tokenizer)
 
 
 def test_a_schema_the_library_cannot_compile_is_named(grammars):
