@@ -42,6 +42,9 @@ ALLOWED_FLOOR = -1e30
 lowers it to this, so it is chosen only when every allowed token is banned (the grammar wins);
 it stays finite after dividing by any accepted temperature."""
 
+_BITS = torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32)
+"""Bit b of an int32 word of llguidance's bitmask (token 32 x word + b)."""
+
 
 def llguidance():
     """The llguidance module, or a clear error naming what to install."""
@@ -138,14 +141,13 @@ class GrammarMatcher:
             raise ValueError(self.matcher.get_error())
         self.vocab_size = grammars.vocab_size
         self._bitmask = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)
-        self._bits = torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens that may come next."""
         if self.matcher.is_error():
             raise RuntimeError(f"grammar matcher: {self.matcher.get_error()}")
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
-        return ((self._bitmask[:, None] & self._bits) != 0).view(-1)[:self.vocab_size]
+        return ((self._bitmask[:, None] & _BITS) != 0).view(-1)[:self.vocab_size]
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Exclude the tokens the grammar does not allow from (1, V) logits, in place (padding
