@@ -2,6 +2,7 @@
 
     python benchmarks/openai_conformance.py [--checkpoint DIR]            # deploys it on a local Ray
     python benchmarks/openai_conformance.py --url http://127.0.0.1:8000 [--api-key KEY] [--model NAME]
+    python benchmarks/openai_conformance.py --only response_format      # one parameter's checks
 
 Each supported parameter is sent to /v1/chat/completions and /v1/completions, streamed and not,
 and its effect is checked on what comes back (a stop string cuts the text, a logit bias forces
@@ -13,11 +14,16 @@ null, as OpenAI's own stream sends it until the last chunk). Each parameter the 
 that names it (`code: unsupported_parameter`), and out-of-range values with a 400 naming the
 field. /v1/tokenize, /v1/detokenize and /metrics are checked too.
 
+Structured output: `response_format` json_object and json_schema (the schemas of `SCHEMAS`,
+greedy and seeded sampling, through `create` and the client's `parse` / `stream` helpers);
+every json_schema answer is validated against its schema with `jsonschema`.
+
 Prints one line per check, the parity matrix (markdown, what docs/serve.md shows) and, last,
-one JSON object: checked, passed, failed (and the failed checks' names). json_schema_valid_rate
-and tool_call_valid_rate are null: structured output and tool calls are not implemented yet
-(response_format and tools are refused). Without --checkpoint or --url it deploys the newest
-inference checkpoint under ./runs. Exit status 1 when a check failed.
+one JSON object: checked, passed, failed (and the failed checks' names) and
+json_schema_valid_rate (the share of json_schema answers that are complete and validate).
+tool_call_valid_rate is null: tool calls are not implemented yet (tools are refused). Without
+--checkpoint or --url it deploys the newest inference checkpoint under ./runs. Exit status 1
+when a check failed.
 """
 
 from __future__ import annotations
@@ -37,7 +43,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 PROMPT = "The quick brown fox"
 ENDPOINTS = ("chat", "chat stream", "completions", "completions stream")
-NOT_IMPLEMENTED = "not implemented: response_format and tools are refused (400), so nothing is measured"
+NOT_IMPLEMENTED = "tool calls are not implemented: tools are refused (400), so tool_call_valid_rate is not measured"
+STRUCTURED_MAX_TOKENS = 200
+"""Budget of a structured answer (every schema of SCHEMAS bounds its strings, arrays and numbers)."""
+SCHEMAS = {
+    "person": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 120},
+                       "member": {"type": "boolean"}},
+        "required": ["name", "age", "member"], "additionalProperties": False,
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["open", "paid", "shipped"]},
+            "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+                "type": "object", "properties": {"sku": {"enum": ["A1", "B2", "C3"]},
+                                                 "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "required": ["sku", "qty"], "additionalProperties": False}},
+            "note": {"anyOf": [{"type": "string", "maxLength": 24}, {"type": "null"}]},
+            "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.25},
+        },
+        "required": ["status", "items", "note", "total"], "additionalProperties": False,
+    },
+    "refs": {
+        "type": "object",
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
+                                                              "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+                            "required": ["x", "y"], "additionalProperties": False}},
+        "properties": {"start": {"$ref": "#/$defs/point"}, "end": {"$ref": "#/$defs/point"},
+                       "label": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+        "required": ["start", "end", "label"], "additionalProperties": False,
+    },
+}
+"""The json_schema checks' schemas: nested objects, enums, arrays, anyOf with null, $refs, a
+pattern, integers and a number, bounded by multipleOf (the digits of a plain number never have
+to end) with a step exact in binary: jsonschema checks multipleOf in floats (1.11 / 0.01 is
+not a whole number there, so 0.01 would fail right answers)."""
 
 
 @dataclass
@@ -86,6 +129,8 @@ class Conformance:
         self.forced = self.tokenize(" the", special=False)[0]
         """A token id the bias checks force (the first token of ' the')."""
         self.forced_text = self.detokenize([self.forced])
+        self.schema_answers: list[bool] = []
+        """One entry per json_schema answer: complete and valid under its schema."""
 
     # --- requests ------------------------------------------------------------------------
 
@@ -195,7 +240,6 @@ REFUSED = {  # OpenAI parameters this server does not implement, with a value a 
     "parallel_tool_calls": False,
     "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
     "function_call": "auto",
-    "response_format": {"type": "json_object"},
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
@@ -224,7 +268,24 @@ BAD_VALUES = [  # (matrix row, parameter the 400 must name, request parameters, 
     ("logprobs", "echo", {"logprobs": 2, "echo": True}, ("completions",)),
     ("stream_options", "stream_options", {"stream_options": {"include_usage": True}}, ("chat", "completions")),
     ("seed", "seed", {"seed": -1}, ENDPOINTS),
+    ("response_format", "response_format.json_schema.schema",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "strin"}}}},
+     ENDPOINTS),
+    ("response_format", "response_format", {"response_format": {"type": "json_schema"}}, ("chat", "completions")),
+    ("response_format", "response_format", {"response_format": {"type": "json_object"}, "num_beams": 2,
+                                            "temperature": 0}, ("chat", "completions")),
 ]
+
+
+def valid_json(text: str, schema: dict) -> bool:
+    """Whether `text` is one JSON document valid under `schema`."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def checks(c: Conformance | None) -> list[Check]:
@@ -355,6 +416,41 @@ def checks(c: Conformance | None) -> list[Check]:
         pairs = list(zip(a.tokens[0], a.tokens[0][1:]))
         assert len(pairs) == len(set(pairs)), a.tokens[0]
 
+    def json_object(e):
+        """Any JSON object bounds nothing (a weak model may write one string until max_tokens), so
+        a +10 bias on '"' and '}' makes closing strings and objects likely; it is a JSON object."""
+        bias = {str(c.tokenize(ch, special=False)[0]): 10 for ch in ('"', "}")}
+        a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, logit_bias=bias,
+                  **GREEDY)
+        assert a.finish[0] == "stop" and isinstance(json.loads(a.text), dict), (a.finish, a.text)
+
+    def json_schema(name: str, **sampling):
+        def check(e):
+            schema = SCHEMAS[name]
+            fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+            a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format=fmt, **sampling)
+            valid = a.finish[0] == "stop" and valid_json(a.text, schema)
+            c.schema_answers.append(valid)
+            assert valid, (a.finish, a.text)
+        return check
+
+    def parse(e):
+        """The client's own structured-output helpers: a pydantic model in, a parsed instance out."""
+        pet = _pet_model()
+        messages = [{"role": "user", "content": "Describe a pet."}]
+        body = dict(model=c.model, messages=messages, response_format=pet, max_tokens=STRUCTURED_MAX_TOKENS,
+                    temperature=0)
+        message = None
+        try:  # the helpers raise when the answer is cut by max_tokens or does not validate
+            if e == "chat":
+                message = c.client.chat.completions.parse(**body).choices[0].message
+            else:
+                with c.client.chat.completions.stream(**body) as stream:
+                    message = stream.get_final_completion().choices[0].message
+        finally:
+            c.schema_answers.append(message is not None and isinstance(message.parsed, pet))
+        assert isinstance(message.parsed, pet), message
+
     add("max_tokens", ENDPOINTS, max_tokens)
     add("max_completion_tokens", ("chat", "chat stream"), max_completion_tokens)
     add("temperature", ENDPOINTS, greedy)
@@ -377,7 +473,14 @@ def checks(c: Conformance | None) -> list[Check]:
     add("min_tokens", ENDPOINTS, min_tokens)
     add("num_beams", ENDPOINTS, beams)
     add("no_repeat_ngram_size", ENDPOINTS, no_repeat)
-    add("an unsupported parameter as null", ENDPOINTS, accepted(tools=None, response_format={"type": "text"}))
+    add("response_format", ENDPOINTS, accepted(response_format={"type": "text"}), name="text")
+    add("response_format", ENDPOINTS, json_object, name="json_object")
+    for schema_name in SCHEMAS:
+        add("response_format", ENDPOINTS, json_schema(schema_name, **GREEDY), name=f"json_schema {schema_name}")
+        add("response_format", ENDPOINTS, json_schema(schema_name, temperature=1.0, seed=11),
+            name=f"json_schema {schema_name} sampled")
+    add("response_format", ("chat", "chat stream"), parse, name="client parse")
+    add("an unsupported parameter as null", ENDPOINTS, accepted(tools=None))
     for param, value in REFUSED.items():
         add(param, ENDPOINTS, lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}),
             kind="refused")
@@ -390,6 +493,20 @@ def checks(c: Conformance | None) -> list[Check]:
     add("/v1/detokenize", ("/v1/detokenize",), lambda e: _detokenize(c))
     add("/metrics", ("/metrics",), lambda e: _metrics(c))
     return out
+
+
+def _pet_model():
+    """A pydantic model for the client's `parse` helper (its strict JSON schema is sent)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=16)
+        kind: Literal["cat", "dog", "fox"]
+        age: int = Field(ge=0, le=30)
+
+    return Pet
 
 
 def _tokenize(c: Conformance) -> None:
@@ -441,10 +558,13 @@ def _metrics(c: Conformance) -> None:
     assert after.get(("glm_serve_http_requests_total", "/v1/completions", "200"), 0) >= 1
 
 
-def run_checks(c: Conformance, log=print) -> list[tuple[Check, str | None]]:
-    """Run every check; returns (check, error message or None)."""
+def run_checks(c: Conformance, log=print, only: str | None = None) -> list[tuple[Check, str | None]]:
+    """Run every check (those of the parameter `only`, when given); returns (check, error
+    message or None)."""
     results = []
     for check in checks(c):
+        if only is not None and check.parameter != only:
+            continue
         try:
             check.run()
             error = None
@@ -480,11 +600,15 @@ def matrix(results: list[tuple[Check, str | None]]) -> str:
     return "\n".join(lines)
 
 
-def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str | None = None) -> dict:
+def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str | None = None,
+            schema_answers: list[bool] | None = None) -> dict:
+    """The last JSON line; `schema_answers`: one entry per json_schema answer (valid or not)."""
     failed = [c.name for c, error in results if error is not None]
+    rate = round(sum(schema_answers) / len(schema_answers), 4) if schema_answers else None
     return {"benchmark": "openai_conformance", "url": url, "checkpoint": checkpoint, "checked": len(results),
             "passed": len(results) - len(failed), "failed": len(failed), "failed_checks": failed,
-            "json_schema_valid_rate": None, "tool_call_valid_rate": None, "note": NOT_IMPLEMENTED}
+            "json_schema_valid_rate": rate, "json_schema_answers": len(schema_answers or []),
+            "tool_call_valid_rate": None, "note": NOT_IMPLEMENTED}
 
 
 def main() -> int:
@@ -493,6 +617,7 @@ def main() -> int:
     parser.add_argument("--url", help="an endpoint that is already running (nothing is deployed)")
     parser.add_argument("--api-key", default="none", help="its Bearer key, if it needs one")
     parser.add_argument("--model", help="model id (default: the one the server lists)")
+    parser.add_argument("--only", metavar="PARAMETER", help="run only this parameter's checks (e.g. response_format)")
     args = parser.parse_args()
     url, stop, checkpoint = args.url, None, None
     if url is None:
@@ -510,12 +635,13 @@ def main() -> int:
         print(f"deployed at {url} in {time.perf_counter() - t:.1f}s", flush=True)
         stop = shutdown
     try:
-        results = run_checks(Conformance(url, args.api_key, args.model))
+        conformance = Conformance(url, args.api_key, args.model)
+        results = run_checks(conformance, only=args.only)
     finally:
         if stop is not None:
             stop()
     print("\n" + matrix(results) + "\n", flush=True)
-    result = summary(results, url, checkpoint)
+    result = summary(results, url, checkpoint, conformance.schema_answers)
     print(json.dumps(result), flush=True)
     return 1 if result["failed"] else 0
 

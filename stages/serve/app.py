@@ -214,6 +214,7 @@ class GLMServer:
         self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
                                    self.config.max_beam_requests, observer=self.metrics)
         self.metrics.watch(self.engine)
+        self.grammars = None  # response_format's compiler, built on first use (`_grammars`)
         # in-flight bound a little under Serve's max_ongoing_requests: overload is answered by this
         # replica (JSON) before Serve would start queueing (and answering in plain text)
         _guard().update(api_key=self.config.api_key, max_request_bytes=self.config.max_request_bytes,
@@ -241,9 +242,10 @@ class GLMServer:
                            param="model", code="model_not_found")
 
     def _submit(self, jobs: list[tuple[SpanQuery, GenerationConfig]], stop: list[str],
-                logprobs: int | None = None) -> tuple[list, asyncio.Queue]:
-        """Queue every (query, config) (with `logprobs` top alternatives per token, or none);
-        events arrive on one asyncio queue as (job index, event).
+                logprobs: int | None = None, grammar: str | None = None) -> tuple[list, asyncio.Queue]:
+        """Queue every (query, config) (with `logprobs` top alternatives per token, or none;
+        each job with its own matcher of `grammar`, or unconstrained); events arrive on one
+        asyncio queue as (job index, event).
 
         All or nothing: when the engine refuses one, the ones already queued are cancelled and
         the client gets 429.
@@ -258,7 +260,8 @@ class GLMServer:
             for i, (query, config) in enumerate(jobs):
                 def on_event(event: SpanEvent, i=i) -> None:
                     loop.call_soon_threadsafe(events.put_nowait, (i, event))
-                requests.append(self.engine.submit(SpanRequest(query, config, on_event, stop, logprobs)))
+                matcher = None if grammar is None else self._grammars().matcher(grammar)
+                requests.append(self.engine.submit(SpanRequest(query, config, on_event, stop, logprobs, matcher)))
         except (EngineOverloaded, EngineStopped) as e:
             for r in requests:
                 self.engine.cancel(r)
@@ -289,10 +292,10 @@ class GLMServer:
             for r in requests:
                 self.engine.cancel(r)  # no-op for finished jobs; stops work a dropped client no longer wants
 
-    async def _finals(self, jobs, stop,
-                      logprobs: int | None = None) -> tuple[list[SpanEvent], list[list[TokenLogprob]]]:
+    async def _finals(self, jobs, stop, logprobs: int | None = None,
+                      grammar: str | None = None) -> tuple[list[SpanEvent], list[list[TokenLogprob]]]:
         """Each job's final event and all its token logprobs (empty lists when not asked for)."""
-        requests, events = self._submit(jobs, stop, logprobs)
+        requests, events = self._submit(jobs, stop, logprobs, grammar)
         finals: list[SpanEvent | None] = [None] * len(jobs)
         gathered: list[list[TokenLogprob]] = [[] for _ in jobs]
         # aclosing: when the client leaves mid-way, the generator's cleanup cancels the jobs now
@@ -315,6 +318,30 @@ class GLMServer:
         if user:
             logger.info("%s for user %r", rid, user[:256])
 
+    def _grammars(self):
+        """The replica's response-format compiler (built on first use: it reads the vocabulary)."""
+        if self.grammars is None:
+            from stages.serve.structured import Grammars
+
+            try:
+                self.grammars = Grammars(self.tokenizer)
+            except RuntimeError as e:  # llguidance is not installed
+                raise APIError(400, f"response_format: {e}", param="response_format",
+                               code="unsupported_parameter") from None
+        return self.grammars
+
+    def _grammar(self, body) -> str | None:
+        """The compiled grammar of the body's response_format (None: plain text); 400 naming
+        what is wrong when the schema cannot be compiled."""
+        schema = body.response_schema()
+        if schema is None:
+            return None
+        try:
+            return self._grammars().compile(schema)
+        except ValueError as e:
+            raise APIError(400, f"response_format: the JSON schema cannot be used: {e}",
+                           param="response_format.json_schema.schema") from None
+
     def _prepare(self, body, prompts: list[str], param: str,
                  rid: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
         """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
@@ -333,11 +360,11 @@ class GLMServer:
         return jobs, prompt_tokens
 
     def _stream(self, kind: str, rid: str, body, jobs, prompt_tokens: int,
-                echo: list[str] | None = None) -> StreamingResponse:
+                echo: list[str] | None = None, grammar: str | None = None) -> StreamingResponse:
         """SSE in OpenAI's chunk format; `kind` is 'chat' or 'text'. Each chunk carries the
         logprobs of the tokens whose text it brings (when asked for)."""
         logprobs = body.logprobs_count()
-        requests, events = self._submit(jobs, body.stop_strings(), logprobs)
+        requests, events = self._submit(jobs, body.stop_strings(), logprobs, grammar)
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         base = {"id": rid, "object": obj, "created": int(time.time()), "model": self.config.model_name}
         offsets = [TextOffsets() for _ in jobs]
@@ -394,10 +421,11 @@ class GLMServer:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         body.max_tokens = body.max_tokens or body.max_completion_tokens
         jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages", rid)
+        grammar = self._grammar(body)
         if body.stream:
-            return self._stream("chat", rid, body, jobs, prompt_tokens)
+            return self._stream("chat", rid, body, jobs, prompt_tokens, grammar=grammar)
         logprobs = body.logprobs_count()
-        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs)
+        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs, grammar)
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.config.model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": f.text},
@@ -414,11 +442,12 @@ class GLMServer:
             raise APIError(400, f"prompt: give 1 to 16 prompts, got {len(prompts)}", param="prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs, prompt_tokens = self._prepare(body, prompts, "prompt", rid)
+        grammar = self._grammar(body)
         echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
         if body.stream:
-            return self._stream("text", rid, body, jobs, prompt_tokens, echo)
+            return self._stream("text", rid, body, jobs, prompt_tokens, echo, grammar)
         logprobs = body.logprobs_count()
-        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs)
+        finals, scores = await self._finals(jobs, body.stop_strings(), logprobs, grammar)
         return {
             "id": rid, "object": "text_completion", "created": int(time.time()), "model": self.config.model_name,
             "choices": [{"index": i, "text": (echo[i] if echo else "") + f.text,
@@ -434,6 +463,9 @@ class GLMServer:
         self._check_model(body.model)
         if body.stream or body.n != 1:
             raise APIError(400, "/v1/glm/fill supports neither stream nor n > 1", param="stream" if body.stream else "n")
+        if body.response_format is not None:
+            raise APIError(400, "/v1/glm/fill does not support response_format (use /v1/chat/completions or "
+                                "/v1/completions)", param="response_format")
         rid = f"fill-{uuid.uuid4().hex}"
         self._check(body, rid)
         stop = body.stop_strings()

@@ -16,9 +16,15 @@ requests behind them). So a normal request's latency grows by one beam forward p
 token, never by whole beam searches.
 
 Per-row logprobs (`SpanRequest.logprobs`) are those of the distribution each token was drawn
-from after penalties and logit bias, before temperature and top-k / top-p / min-p truncation:
-`log_softmax` of what `process_logits` returns. An `EngineObserver` hears each token's timing
-(the serve metrics), and `tokens_per_s` gives the recent generation rate.
+from after penalties and logit bias (and the grammar mask), before temperature and top-k /
+top-p / min-p truncation: `log_softmax` of what `process_logits` returns. An `EngineObserver`
+hears each token's timing (the serve metrics), and `tokens_per_s` gives the recent generation
+rate.
+
+Structured output (`SpanRequest.grammar`, `stages.serve.structured`): a constrained row's
+logits are masked to the tokens its grammar allows after `process_logits` (penalties, bias,
+bans) and before sampling; the row ends with 'stop' as soon as its document is complete.
+Rows without a grammar do nothing more.
 
 Failures are per request: a row whose sampling, text decoding or admission fails (or a beam
 search that fails) ends with an error event and every other row keeps decoding. Only a failure
@@ -33,7 +39,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -42,6 +48,9 @@ from glm.model import GLMModel, KVCache
 from glm.schema import part_b_positions
 from glm.tokenizer import GLMTokenizer
 from stages.serve.textstream import TextStream
+
+if TYPE_CHECKING:
+    from stages.serve.structured import GrammarMatcher
 
 
 RATE_WINDOW_S = 10.0
@@ -99,6 +108,9 @@ class SpanRequest:
     logprobs: int | None = None
     """Report each token's logprob and this many top alternatives (None: no logprobs; not
     available with beam search)."""
+    grammar: "GrammarMatcher | None" = None
+    """Structured output: only tokens this matcher allows are generated, and the span ends
+    when its document is complete (None: unconstrained; not available with beam search)."""
     queued_at: float = field(default_factory=time.monotonic)
     """When the request was made (time to first token counts from here)."""
     cancelled: bool = False
@@ -136,6 +148,8 @@ class _Beam:
     def __init__(self, engine: "DecodeEngine", request: SpanRequest):
         if request.logprobs is not None:
             raise ValueError("logprobs are not available with beam search (it scores hypotheses, not tokens)")
+        if request.grammar is not None:
+            raise ValueError("structured output is not available with beam search")
         stop_ids = sorted({*engine._base_stop_ids, *request.config.stop_token_ids})
         self.row = _Row(request, engine.tokenizer, stop_ids, engine.device)
         self.steps = beam_search_steps(engine.model, request.query, engine.tokenizer.special, request.config,
@@ -336,6 +350,8 @@ class DecodeEngine:
             try:
                 logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
                                         row.config, self.vocab_limit)
+                if row.request.grammar is not None:
+                    row.request.grammar.mask(logits)
                 if row.request.logprobs is not None:
                     scores[i] = torch.log_softmax(logits[0], dim=-1)  # before temperature and truncation
                 picks.append(sample_next(logits, row.config, row.generator))
@@ -404,6 +420,8 @@ class DecodeEngine:
         if token in row.stop_ids:
             self._finish(row, "stop")
             return False
+        if request.grammar is not None:
+            request.grammar.consume(token)
         row.generated.append(token)
         row.history.append(token)
         if scores is not None:
@@ -415,7 +433,7 @@ class DecodeEngine:
             self.observer.next_token(now - row.last_token_at)
         row.last_token_at = now
         delta = row.text.add(token)
-        if row.text.stopped:
+        if row.text.stopped or (request.grammar is not None and request.grammar.complete):
             self._finish(row, "stop", delta)
             return False
         if len(row.generated) >= row.config.max_new_tokens:
@@ -527,7 +545,7 @@ class DecodeEngine:
 
 
 def wait_for(engine: DecodeEngine, query: SpanQuery, config: GenerationConfig, stop: list[str] | None = None,
-             timeout: float | None = None) -> SpanEvent:
+             timeout: float | None = None, grammar: "GrammarMatcher | None" = None) -> SpanEvent:
     """Run one request to completion from a plain thread; returns its final event."""
     done = threading.Event()
     final: list[SpanEvent] = []
@@ -537,7 +555,7 @@ def wait_for(engine: DecodeEngine, query: SpanQuery, config: GenerationConfig, s
             final.append(event)
             done.set()
 
-    request = engine.submit(SpanRequest(query, config, on_event, stop or []))
+    request = engine.submit(SpanRequest(query, config, on_event, stop or [], grammar=grammar))
     if not done.wait(timeout):
         engine.cancel(request)
         raise TimeoutError(f"generation did not finish within {timeout}s")

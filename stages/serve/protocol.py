@@ -2,9 +2,10 @@
 
 Requests are pydantic models with OpenAI's ranges (unknown fields are refused by name, so a
 typo never silently changes decoding; OpenAI parameters this server does not implement are
-refused naming an alternative, `UNSUPPORTED`); `top_k`, `num_beams`, `length_penalty`,
-`no_repeat_ngram_size`, `min_tokens`, `min_p`, `repetition_penalty` and `stop_token_ids` are
-extensions (the last three as vLLM). Every failure becomes an `APIError`, answered as
+refused naming an alternative, `UNSUPPORTED`); `response_format` (`text`, `json_object`,
+`json_schema`) asks for structured output (`stages.serve.structured`); `top_k`, `num_beams`,
+`length_penalty`, `no_repeat_ngram_size`, `min_tokens`, `min_p`, `repetition_penalty` and
+`stop_token_ids` are extensions (the last three as vLLM). Every failure becomes an `APIError`, answered as
 `{"error": {"message", "type", "param", "code"}}` with its status code.
 
 Ranges are chosen so that no accepted value can overflow or break decoding: the seed fits 64
@@ -15,12 +16,13 @@ surrogate cannot be encoded).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from glm.generation import GenerationConfig, SpanQuery, build_chat_prompt
 from glm.tokenizer import GLMTokenizer
+from stages.serve.structured import ANY_JSON_OBJECT
 
 
 class APIError(Exception):
@@ -46,8 +48,6 @@ _TOOLS = "tool calling is not implemented yet: describe the functions in the mes
 UNSUPPORTED = {
     "tools": _TOOLS, "tool_choice": _TOOLS, "parallel_tool_calls": _TOOLS,
     "functions": _TOOLS, "function_call": _TOOLS,
-    "response_format": "structured output is not implemented yet: ask for JSON in the messages and validate it "
-                       "client-side (only {\"type\": \"text\"} is accepted)",
     "best_of": "ask for n choices and pick client-side, or use beam search (num_beams, an extension)",
     "suffix": "insert text with POST /v1/glm/fill: put a [MASK] where the insertion goes",
     "audio": "this model reads and writes text only", "modalities": "this model reads and writes text only",
@@ -62,8 +62,7 @@ UNSUPPORTED = {
     "prompt_cache_retention": "prompt caching is not implemented: leave it out",
 }
 """OpenAI parameters this server does not implement -> what to do instead (a 400 names both).
-Sent as null (and `response_format` as {"type": "text"}, what the server does anyway) they
-ask for nothing and are accepted."""
+Sent as null they ask for nothing and are accepted."""
 
 
 class StreamOptions(BaseModel):
@@ -102,6 +101,30 @@ class _Body(BaseModel):
         return data
 
 
+class JSONSchemaFormat(_Body):
+    """`response_format.json_schema` (OpenAI's shape)."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    schema_: dict[str, Any] = Field(alias="schema")
+    """The JSON schema the answer must validate against (compiled by llguidance)."""
+    description: Optional[str] = None
+    strict: Optional[bool] = None
+    """The schema is enforced whether strict or not (grammar-constrained decoding)."""
+
+
+class ResponseFormat(_Body):
+    """`response_format`: plain text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 
 
@@ -130,15 +153,29 @@ class _Request(_Body):
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
     no_repeat_ngram_size: int = Field(0, ge=0)
     min_tokens: int = Field(0, ge=0)
+    response_format: Optional[ResponseFormat] = None
 
     @model_validator(mode="before")
     @classmethod
     def _null_asks_for_nothing(cls, data):
-        """An unsupported parameter sent as null (or response_format text) is accepted as absent."""
+        """An unsupported parameter sent as null is accepted as absent."""
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items()
-                    if not (k in UNSUPPORTED and (v is None or (k == "response_format" and v == {"type": "text"})))}
+            data = {k: v for k, v in data.items() if not (k in UNSUPPORTED and v is None)}
         return data
+
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must follow (`{"type": "object"}` for json_object), or
+        None for plain text; 400 for settings that cannot be combined with a grammar."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if self.num_beams > 1:
+            raise APIError(400, "response_format: structured output is not available with beam search; leave "
+                                "num_beams out", param="response_format")
+        if self.min_tokens:
+            raise APIError(400, "response_format: min_tokens cannot be combined with structured output (the "
+                                "schema decides where the answer ends); leave min_tokens out", param="min_tokens")
+        return fmt.json_schema.schema_ if fmt.type == "json_schema" else ANY_JSON_OBJECT
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

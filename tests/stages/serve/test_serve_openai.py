@@ -46,5 +46,7 @@ def test_the_matrix_shows_every_parameter_once():
     assert conformance.summary(results, "u") == {
         "benchmark": "openai_conformance", "url": "u", "checkpoint": None, "checked": len(results),
         "passed": len(results), "failed": 0,
-        "failed_checks": [], "json_schema_valid_rate": None, "tool_call_valid_rate": None,
+        "failed_checks": [], "json_schema_valid_rate": None, "json_schema_answers": 0, "tool_call_valid_rate": None,
         "note": conformance.NOT_IMPLEMENTED}
+    assert conformance.summary(results, "u", schema_answers=[True, True, False, True])["json_schema_valid_rate"] == 0.75
+    assert "| `response_format` | supported | supported | supported | supported |" in table

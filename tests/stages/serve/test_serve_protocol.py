@@ -77,7 +77,7 @@ def test_logprobs_forms_and_their_conflicts():
 @pytest.mark.parametrize("param", sorted(UNSUPPORTED))
 def test_unsupported_parameters_are_refused_naming_an_alternative(param):
     with pytest.raises(ValidationError) as e:
-        chat(**{param: {"type": "json_object"} if param == "response_format" else 1})
+        chat(**{param: 1})
     error = answer(e.value)
     assert error["param"] == param and error["code"] == "unsupported_parameter"
     assert error["message"] == f"{param!r} is not supported by this server: {UNSUPPORTED[param]}"
@@ -88,6 +88,36 @@ def test_null_asks_for_nothing_but_a_typo_is_still_unknown():
     with pytest.raises(ValidationError) as e:
         chat(presence_penality=1)
     assert answer(e.value)["message"] == "unknown parameter 'presence_penality'"
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+def test_response_format_shapes():
+    assert chat(response_format={"type": "text"}).response_schema() is None
+    assert chat(response_format={"type": "json_object"}).response_schema() == {"type": "object"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    assert chat(response_format=fmt).response_schema() == SCHEMA
+    assert completion(response_format=fmt).response_schema() == SCHEMA
+    for bad, where in (({"type": "json_schema"}, "response_format"),
+                       ({"type": "json_object", "json_schema": fmt["json_schema"]}, "response_format"),
+                       ({"type": "yaml"}, "response_format.type"),
+                       ({"type": "json_schema", "json_schema": {"name": "a b", "schema": SCHEMA}},
+                        "response_format.json_schema.name"),
+                       ({"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "x": 1}},
+                        "response_format.json_schema.x"),
+                       ({"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}},
+                        "response_format.json_schema.schema")):
+        with pytest.raises(ValidationError) as e:
+            chat(response_format=bad)
+        assert answer(e.value)["param"] == where, bad
+
+
+def test_response_format_conflicts_are_400():
+    for body, param in ((dict(num_beams=2), "response_format"), (dict(min_tokens=3), "min_tokens")):
+        with pytest.raises(APIError) as e:
+            chat(response_format={"type": "json_object"}, **body).response_schema()
+        assert e.value.status == 400 and e.value.param == param
 
 
 def test_settings_reach_the_generation_config():

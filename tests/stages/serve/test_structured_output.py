@@ -1,0 +1,208 @@
+"""Structured output without a server: the tokenizer adapter gives llguidance the bytes each
+token adds to the text, and rows of the continuous-batching engine constrained by a JSON
+schema produce valid JSON (greedy and sampled, several seeds) beside unconstrained rows that
+compute exactly what they compute alone."""
+
+import json
+import re
+import sys
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+from glm.config import padded_vocab_size, preset  # noqa: E402
+from glm.generation import GenerationConfig, SpanQuery, generate_spans  # noqa: E402
+from glm.model import GLMModel  # noqa: E402
+from glm.tokenizer import GLMTokenizer  # noqa: E402
+from stages.serve.engine import DecodeEngine, SpanRequest, wait_for  # noqa: E402
+from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, vocabulary  # noqa: E402
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "dog", "fox"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "score": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25},  # bounded digits
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "owner": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                  "active": {"type": "boolean"}},
+                  "required": ["id", "active"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "age", "score", "tags", "owner"],
+    "additionalProperties": False,
+}
+TEXTS = ['{"name": "Ünïcödé 话说", "n": [1, 2.5e-3, null, true]}', "  indented\n\tcode  ", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer):
+    return Grammars(tokenizer)
+
+
+def query(tokenizer, text: str) -> SpanQuery:
+    ids = tokenizer.encode(text) + [tokenizer.special.gmask]
+    return SpanQuery(ids, len(ids) - 1, True)
+
+
+def test_token_bytes_add_up_to_the_text_and_special_tokens_are_marked(tokenizer):
+    tokens, special = vocabulary(tokenizer)
+    assert len(tokens) == len(tokenizer)
+    for text in TEXTS:
+        assert b"".join(tokens[i] for i in tokenizer.encode(text)) == text.encode("utf-8")
+    s = tokenizer.special
+    assert {s.mask, s.smask, s.gmask, s.sop, s.eop, s.pad, s.eos} <= set(special)
+    assert all(tokens[i].startswith(b"\xff") for i in special)
+    text_tokens = [i for i in range(len(tokens)) if i not in special and not tokenizer.sp.is_byte(i)]
+    assert not any(tokens[i].startswith(b"\xff") for i in text_tokens)  # (0xFF is never in UTF-8 text)
+    assert tokens[tokenizer.sp.piece_to_id("<0xE4>")] == b"\xe4"  # a byte-fallback piece is its byte
+    assert tokens[tokenizer.sp.piece_to_id("\n")] == b"\n"  # a user-defined whitespace piece is text
+
+
+def test_chatglm_whitespace_pieces_are_their_whitespace():
+    from chatglm_reference import train_ice_text
+    from conftest import sample_texts
+
+    tokenizer = GLMTokenizer(train_ice_text(sample_texts()))
+    assert tokenizer.convention == "chatglm"
+    tokens, special = vocabulary(tokenizer)
+    piece = tokenizer.sp.piece_to_id
+    assert tokens[piece("<n>")] == b"\n" and tokens[piece("<|tab|>")] == b"\t"
+    assert tokens[piece("<|blank_4|>")] == b"    "
+    assert {piece("<sop>"), piece("<eop>"), piece("[MASK]"), piece("[gMASK]"), piece("</s>")} <= set(special)
+    text = "def f():\n    return  1"
+    # a dummy-prefix vocabulary writes a space before the text, which decoding drops
+    assert b"".join(tokens[i] for i in tokenizer.encode(text)).removeprefix(b" ") == text.encode()
+    Grammars(tokenizer).compile(SCHEMA)
+
+
+def test_without_llguidance_the_error_says_what_to_install(tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails
+    with pytest.raises(RuntimeError, match=re.escape(f"pip install {LLGUIDANCE}")):
+        Grammars(tokenizer)
+
+
+def test_a_schema_the_library_cannot_compile_is_named(grammars):
+    with pytest.raises(ValueError, match="strin"):
+        grammars.compile({"type": "object", "properties": {"a": {"type": "strin"}}})
+    with pytest.raises(ValueError, match="look-around"):
+        grammars.compile({"type": "string", "pattern": "(?<=x)a"})
+
+
+def test_the_mask_allows_what_the_grammar_allows(tokenizer, grammars):
+    matcher = grammars.matcher(grammars.compile(SCHEMA))
+    tokens, _ = vocabulary(tokenizer)
+    assert [tokens[i] for i in matcher.allowed().nonzero().flatten().tolist()] == [b"{"]
+    logits = torch.zeros(1, padded_vocab_size(len(tokenizer)))
+    logits[0, 5] = torch.finfo(torch.float32).min  # a ban, not on an allowed token
+    matcher.mask(logits)
+    assert torch.isfinite(logits).sum() == 1 and logits[0, tokenizer.encode("{")[0]] == 0
+    for token in tokenizer.encode('{"name": "x", "kind": "fox", "age": 7, "score": 0.75, "tags": [], '
+                                  '"owner": {"id": 3, "active": false}}'):
+        assert not matcher.complete
+        matcher.consume(token)
+    assert matcher.complete
+    assert sorted(matcher.allowed().nonzero().flatten().tolist()) == grammars.end_ids
+
+
+def run_rows(engine, items):
+    """Submit (query, config, matcher) rows at once; returns their final events in order."""
+    results = [None] * len(items)
+    barrier = threading.Barrier(len(items))
+
+    def worker(i, q, config, matcher):
+        barrier.wait()
+        results[i] = wait_for(engine, q, config, timeout=300, grammar=matcher)
+
+    threads = [threading.Thread(target=worker, args=(i, *item)) for i, item in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_constrained_rows_give_valid_json_beside_unconstrained_rows(model, tokenizer, grammars):
+    grammar = grammars.compile(SCHEMA)
+    plain = GenerationConfig(max_new_tokens=16)
+    configs = [GenerationConfig(max_new_tokens=256)] + [
+        GenerationConfig(max_new_tokens=256, do_sample=True, temperature=t, top_p=p, seed=seed)
+        for seed, (t, p) in enumerate([(1.0, 1.0), (0.7, 0.9), (1.3, 1.0), (1.0, 0.8)])]
+    prompts = ["Describe a pet as JSON:", "话说天下大势", "The quick brown fox", "{", "Hello"]
+    engine = DecodeEngine(model, tokenizer, max_batch_size=4)
+    try:
+        items = [(query(tokenizer, p), c, grammars.matcher(grammar)) for p, c in zip(prompts, configs)]
+        items.insert(1, (query(tokenizer, "Hello"), plain, None))  # an unconstrained row in the batch
+        events = run_rows(engine, items)
+    finally:
+        engine.close()
+    unconstrained = events.pop(1)
+    assert unconstrained.tokens == generate_spans(model, [query(tokenizer, "Hello")], tokenizer.special, plain,
+                                                  len(tokenizer))[0]
+    for event in events:
+        assert event.finish_reason == "stop", event
+        jsonschema.validate(json.loads(event.text), SCHEMA)
+    assert len({e.text for e in events}) > 1  # sampling with other seeds gives other documents
+
+
+def test_grammar_wins_over_bans_and_whitespace_cannot_run_away(model, tokenizer, grammars):
+    schema = {"type": "object", "properties": {"a": {"const": "x"}, "b": {"const": "x"}}, "required": ["a", "b"],
+              "additionalProperties": False}
+    engine = DecodeEngine(model, tokenizer)
+    try:
+        # no_repeat_ngram_size 1 bans every token already used: the grammar needs '"' again
+        event = wait_for(engine, query(tokenizer, "JSON:"), GenerationConfig(max_new_tokens=64, no_repeat_ngram_size=1),
+                         timeout=120, grammar=grammars.matcher(grammars.compile(schema)))
+        assert event.finish_reason == "stop" and json.loads(event.text) == {"a": "x", "b": "x"}
+        # a +100 bias on whitespace: outside strings only json.dumps's separators are allowed
+        bias = {tokenizer.encode(w)[0]: 100.0 for w in ("\n", "\t", "    ")}
+        event = wait_for(engine, query(tokenizer, "JSON:"), GenerationConfig(max_new_tokens=256, logit_bias=bias),
+                         timeout=120, grammar=grammars.matcher(grammars.compile(SCHEMA)))
+    finally:
+        engine.close()
+    assert event.finish_reason == "stop", event
+    jsonschema.validate(json.loads(event.text), SCHEMA)
+    assert "\n" not in event.text and "\t" not in event.text, event.text  # (raw in JSON strings neither)
+    # any JSON object: after '{' no token that is only whitespace is allowed
+    tokens, _ = vocabulary(tokenizer)
+    matcher = grammars.matcher(grammars.compile(ANY_JSON_OBJECT))
+    matcher.consume(tokenizer.encode("{")[0])
+    allowed = [tokens[i] for i in matcher.allowed().nonzero().flatten().tolist()]
+    assert allowed and not any(t.strip() == b"" for t in allowed), allowed
+
+
+def test_max_tokens_before_the_end_gives_length_and_a_prefix(model, tokenizer, grammars):
+    engine = DecodeEngine(model, tokenizer)
+    matcher = grammars.matcher(grammars.compile(SCHEMA))
+    events = []
+    done = threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event.done:
+            done.set()
+
+    try:
+        engine.submit(SpanRequest(query(tokenizer, "JSON:"), GenerationConfig(max_new_tokens=5), on_event,
+                                  grammar=matcher, logprobs=2))
+        assert done.wait(120)
+    finally:
+        engine.close()
+    final = events[-1]
+    assert final.finish_reason == "length" and len(final.tokens) == 5 and final.text.startswith('{"')
+    assert "".join(e.delta for e in events) == final.text  # streamed as generated
+    assert not matcher.complete
+    steps = [lp for e in events for lp in e.logprobs]
+    assert [lp.token for lp in steps] == final.tokens
+    assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] for lp in steps)
+    assert steps[0].top[1][1] == -9999.0  # '{' is the only token the grammar allows first
