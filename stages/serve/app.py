@@ -359,17 +359,15 @@ class GLMServer:
         base = {"id": rid, "object": obj, "created": int(time.time()), "model": self.config.model_name}
         offsets = [TextOffsets() for _ in jobs]
         parsers = [self.chat_format.parser(plan.names if plan else ()) for _ in jobs]
-        call_ids: list[list[str]] = [[] for _ in jobs]
 
-        def chat_delta(i: int, deltas: list[ReplyDelta]) -> dict:
+        def chat_delta(deltas: list[ReplyDelta]) -> dict:
             delta, calls = {}, {}
             content = "".join(d.content for d in deltas)
             if content:
                 delta["content"] = content
             for d in deltas:
                 if d.name:
-                    call_ids[i].append(_call_id())
-                    calls[d.index] = {"index": d.index, "id": call_ids[i][d.index], "type": "function",
+                    calls[d.index] = {"index": d.index, "id": _call_id(), "type": "function",
                                       "function": {"name": d.name, "arguments": ""}}
                 if d.arguments:
                     call = calls.setdefault(d.index, {"index": d.index, "function": {"arguments": ""}})
@@ -388,7 +386,7 @@ class GLMServer:
                 if first:
                     delta = {"role": "assistant", "content": ""}
                 else:
-                    delta = chat_delta(i, parsers[i].feed(text or "") + (parsers[i].finish() if finish else []))
+                    delta = chat_delta(parsers[i].feed(text or "") + (parsers[i].finish() if finish else []))
                     if not (delta or finish or scores):
                         return None  # text held back by the parser (a header or a separator may follow)
                 if finish == "stop" and parsers[i].calls:

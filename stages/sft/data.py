@@ -72,8 +72,8 @@ def read_jsonl_rows(fs, paths: list[str], parse, stats: dict, limit: int = 0):
             yield line, item
 
 
-def _conversation_samples(row, fmt: str, **kwargs) -> list:
-    return conversation_samples(parse_row(row, fmt), **kwargs)
+def _conversation_samples(row, shape: str, **kwargs) -> list:
+    return conversation_samples(parse_row(row, shape), **kwargs)
 
 
 def split_of(conv_key: str, fraction: float) -> str:
@@ -97,7 +97,7 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
     for source in cfg.sources:
         fs, paths = files[source.name]
         stats = {"rows_read": 0, "conversations": 0, "samples": 0, "rejected": Counter(), "examples": []}
-        to_samples = functools.partial(_conversation_samples, fmt=source.format, tokenizer=tokenizer,
+        to_samples = functools.partial(_conversation_samples, shape=source.format, tokenizer=tokenizer,
                                        seq_len=cfg.seq_len, use_2d=use_2d, last_turn_only=cfg.train_on == "last_turn",
                                        fmt=fmt)
         for line, made in read_jsonl_rows(fs, paths, to_samples, stats, limit=cfg.max_samples):
