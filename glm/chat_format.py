@@ -39,7 +39,8 @@ CHATGLM_6B, ROLES = "chatglm_6b", "roles"
 FORMATS = (CHATGLM_6B, ROLES)
 METADATA_KEY = "chat_format"
 """The config.json metadata field that records a checkpoint's chat format."""
-SYSTEM, USER, ASSISTANT, OBSERVATION = ROLE_TOKENS
+ASSISTANT = ROLE_TOKENS[2]
+"""`<|assistant|>`: in a reply's text, the start of another assistant segment (a further call)."""
 TOOLS_METADATA = "tools"
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a function name may be (OpenAI's rule); it is a metadata line, so never a newline."""

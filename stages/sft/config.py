@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from glm.chat_format import FORMATS as CHAT_FORMATS
 from glm.config import ConfigError
 from stages.engine.config import EngineConfig
 from stages.tracking import TrackingConfig
@@ -61,8 +62,9 @@ class SFTDataConfig:
     format, else `chatglm_6b`. Recorded in the fine-tuned checkpoint."""
 
     def __post_init__(self) -> None:
-        if self.chat_format not in ("", "chatglm_6b", "roles"):
-            raise ConfigError(f"SFTDataConfig.chat_format must be 'chatglm_6b' or 'roles', got {self.chat_format!r}")
+        if self.chat_format and self.chat_format not in CHAT_FORMATS:
+            raise ConfigError(f"SFTDataConfig.chat_format must be one of {CHAT_FORMATS} (or empty: the base's), "
+                              f"got {self.chat_format!r}")
         if self.seq_len < 16:
             raise ConfigError(f"SFTDataConfig.seq_len must be >= 16, got {self.seq_len}")
         if not 0.0 <= self.validation_fraction < 1.0:
