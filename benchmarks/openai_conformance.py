@@ -12,18 +12,22 @@ streamed chunk must validate as the client's typed model (ChatCompletion, Comple
 ChatCompletionChunk; a streamed completion chunk as Completion with `finish_reason` allowed to be
 null, as OpenAI's own stream sends it until the last chunk). Each parameter the server does not implement must be refused with a 400
 that names it (`code: unsupported_parameter`), and out-of-range values with a 400 naming the
-field. /v1/tokenize, /v1/detokenize and /metrics are checked too.
+field. /v1/tokenize, /v1/detokenize and /metrics are checked too. Tool calling is checked
+(`tools`, every `tool_choice`, `parallel_tool_calls`, tool results sent back, calls streamed as
+deltas) on a model whose chat format has tools (`roles`; /v1/models says so), and must be
+refused with a 400 naming `tools` on one without (ChatGLM-6B's format).
 
 Structured output: `response_format` json_object and json_schema (the schemas of `SCHEMAS`,
 greedy and seeded sampling, through `create` and the client's `parse` / `stream` helpers);
 every json_schema answer is validated against its schema with `jsonschema`.
 
 Prints one line per check, the parity matrix (markdown, what docs/serve.md shows) and, last,
-one JSON object: checked, passed, failed (and the failed checks' names) and
-json_schema_valid_rate (the share of json_schema answers that are complete and validate).
-tool_call_valid_rate is null: tool calls are not implemented yet (tools are refused). Without
---checkpoint or --url it deploys the newest inference checkpoint under ./runs. Exit status 1
-when a check failed.
+one JSON object: checked, passed, failed (and the failed checks' names),
+json_schema_valid_rate (the share of json_schema answers that are complete and validate) and
+tool_call_valid_rate (the share of `tool_choice: required` calls whose arguments validate
+against the tool's JSON schema; null on a model without tools; tool arguments are not
+grammar-constrained yet). Without --checkpoint or --url it deploys the newest inference
+checkpoint under ./runs. Exit status 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 PROMPT = "The quick brown fox"
 ENDPOINTS = ("chat", "chat stream", "completions", "completions stream")
-NOT_IMPLEMENTED = "tool calls are not implemented: tools are refused (400), so tool_call_valid_rate is not measured"
+NOT_IMPLEMENTED = ("tool_call_valid_rate: null on a model without tools (the ChatGLM-6B format); "
+                   "tool arguments are not grammar-constrained")
 STRUCTURED_MAX_TOKENS = 200
 """Budget of a structured answer (every schema of SCHEMAS bounds its strings, arrays and numbers)."""
 SCHEMAS = {
@@ -81,6 +86,12 @@ SCHEMAS = {
 pattern, integers and a number, bounded by multipleOf (the digits of a plain number never have
 to end) with a step exact in binary: jsonschema checks multipleOf in floats (1.11 / 0.01 is
 not a whole number there, so 0.01 would fail right answers)."""
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, CLOCK]
+TOOL_PARAMETERS = ("tools", "tool_choice", "parallel_tool_calls", "role: tool messages")
 
 
 @dataclass
@@ -95,6 +106,8 @@ class Answer:
     """Per generated token: token string -> logprob of the top alternatives and the chosen token."""
     token_bytes: dict[int, list[int]] = field(default_factory=dict)
     offsets: dict[int, list[int]] = field(default_factory=dict)
+    calls: dict[int, list[dict]] = field(default_factory=dict)
+    """Tool calls per choice: {id, name, arguments} (streamed ones assembled from their deltas)."""
     usage: object = None
 
     @property
@@ -125,7 +138,12 @@ class Conformance:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=300)
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {api_key}"
-        self.model = model or self.client.models.list().data[0].id
+        info = self.client.models.list().data[0]
+        self.model = model or info.id
+        self.tools = bool(info.to_dict().get("tools", False))
+        """Whether the model's chat format has tools (an extension field of /v1/models)."""
+        self.required_calls: list[tuple[dict, dict]] = []
+        """(call, tool's parameters schema) of every `tool_choice: required` answer."""
         self.forced = self.tokenize(" the", special=False)[0]
         """A token id the bias checks force (the first token of ' the')."""
         self.forced_text = self.detokenize([self.forced])
@@ -160,7 +178,7 @@ class Conformance:
         extra = {k: params.pop(k) for k in list(params) if k not in known}
         body = dict(model=self.model, extra_body=extra or None, **params)
         if chat:
-            body["messages"] = [{"role": "user", "content": PROMPT}]
+            body["messages"] = params.pop("messages", None) or [{"role": "user", "content": PROMPT}]
         else:
             body.setdefault("prompt", PROMPT)
         answer = Answer()
@@ -171,6 +189,9 @@ class Conformance:
             for choice in parsed.choices:
                 self._add(answer, choice.index, choice.message.content if chat else choice.text, choice.finish_reason,
                           choice.logprobs, chat)
+                for call in (choice.message.tool_calls or []) if chat else []:
+                    answer.calls.setdefault(choice.index, []).append(
+                        {"id": call.id, "name": call.function.name, "arguments": call.function.arguments})
             answer.usage = parsed.usage
             return answer
         for chunk in create.create(stream=True, **body):
@@ -180,6 +201,12 @@ class Conformance:
             for choice in chunk.choices:
                 self._add(answer, choice.index, choice.delta.content if chat else choice.text, choice.finish_reason,
                           choice.logprobs, chat)
+                for call in (choice.delta.tool_calls or []) if chat else []:
+                    calls = answer.calls.setdefault(choice.index, [])
+                    if call.id:  # a call starts: id, type and name come once
+                        assert call.index == len(calls) and call.function.name, call
+                        calls.append({"id": call.id, "name": call.function.name, "arguments": ""})
+                    calls[call.index]["arguments"] += call.function.arguments or ""
         return answer
 
     @staticmethod
@@ -235,9 +262,6 @@ _CompletionChunk = _completion_chunk_type()
 
 GREEDY = {"temperature": 0}
 REFUSED = {  # OpenAI parameters this server does not implement, with a value a client would send
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
-    "tool_choice": "auto",
-    "parallel_tool_calls": False,
     "functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
     "function_call": "auto",
     "audio": {"voice": "alloy", "format": "wav"},
@@ -252,7 +276,8 @@ REFUSED = {  # OpenAI parameters this server does not implement, with a value a 
     "prompt_cache_key": "k",
     "prompt_cache_retention": "24h",
 }
-REFUSED_COMPLETIONS = {"best_of": 2, "suffix": " and then"}
+REFUSED_COMPLETIONS = {"best_of": 2, "suffix": " and then", "tools": TOOLS, "tool_choice": "auto",
+                       "parallel_tool_calls": False}
 BAD_VALUES = [  # (matrix row, parameter the 400 must name, request parameters, endpoints)
     ("presence_penalty", "presence_penalty", {"presence_penalty": 2.5}, ENDPOINTS),
     ("frequency_penalty", "frequency_penalty", {"frequency_penalty": -3}, ENDPOINTS),
@@ -288,10 +313,12 @@ def valid_json(text: str, schema: dict) -> bool:
     return True
 
 
-def checks(c: Conformance | None) -> list[Check]:
+def checks(c: Conformance | None, tools: bool | None = None) -> list[Check]:
     """Every check against the endpoint behind `c`. Nothing is sent (and `c` is not used) until
-    a check runs, so `checks(None)` lists them."""
+    a check runs, so `checks(None)` lists them. Tool calling is checked as supported when the
+    model has tools (`tools`, default: what the server says; without a server: no)."""
     out: list[Check] = []
+    tools = (c is not None and c.tools) if tools is None else tools
 
     def add(parameter: str, endpoints, fn: Callable[[str], None], kind: str = "supported", name: str = "") -> None:
         for endpoint in endpoints:
@@ -480,7 +507,14 @@ def checks(c: Conformance | None) -> list[Check]:
         add("response_format", ENDPOINTS, json_schema(schema_name, temperature=1.0, seed=11),
             name=f"json_schema {schema_name} sampled")
     add("response_format", ("chat", "chat stream"), parse, name="client parse")
-    add("an unsupported parameter as null", ENDPOINTS, accepted(tools=None))
+    add("an unsupported parameter as null", ENDPOINTS, accepted(functions=None))
+    if tools:
+        _tool_checks(c, add)
+    else:  # ChatGLM-6B's format has no tool role: a 400 naming tools, whatever else comes with them
+        for param, extra in (("tools", {}), ("tool_choice", {"tool_choice": "required"}),
+                             ("parallel_tool_calls", {"parallel_tool_calls": False})):
+            add(param, ("chat", "chat stream"), lambda e, x=extra: c.refused(e, "tools", "unsupported_parameter",
+                                                                             tools=TOOLS, **x), kind="refused")
     for param, value in REFUSED.items():
         add(param, ENDPOINTS, lambda e, p=param, v=value: c.refused(e, p, "unsupported_parameter", **{p: v}),
             kind="refused")
@@ -507,6 +541,67 @@ def _pet_model():
         age: int = Field(ge=0, le=30)
 
     return Pet
+
+
+def _tool_checks(c: Conformance, add) -> None:
+    """Tool calling on a model whose chat format has tools (chat endpoints, streamed and not)."""
+    chat = ("chat", "chat stream")
+    names = {t["function"]["name"]: t["function"].get("parameters", {}) for t in TOOLS}
+
+    def auto(e, **params):
+        a = c.ask(e, max_tokens=8, tools=TOOLS, **params, **GREEDY)
+        assert a.finish[0] in ("stop", "length", "tool_calls"), a.finish
+        assert all(call["name"] in names for call in a.calls.get(0, [])), a.calls
+
+    def choice(kind):
+        def check(e):
+            value = {"type": "function", "function": {"name": "get_time"}} if kind == "named" else kind
+            a = c.ask(e, max_tokens=24, tools=TOOLS, tool_choice=value, **GREEDY)
+            calls = a.calls.get(0, [])
+            if kind == "none":
+                assert not calls and a.finish[0] in ("stop", "length"), (calls, a.finish)
+                return
+            assert calls and calls[0]["id"] and a.finish[0] in ("tool_calls", "length"), (calls, a.finish)
+            assert calls[0]["name"] == "get_time" if kind == "named" else calls[0]["name"] in names, calls
+            if kind == "required":
+                c.required_calls.append((calls[0], names[calls[0]["name"]]))
+        return check
+
+    def one_call(e):
+        a = c.ask(e, max_tokens=48, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, **GREEDY)
+        assert len(a.calls[0]) == 1, a.calls
+
+    def results_back(e):
+        messages = [{"role": "user", "content": "Weather in Paris?"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}]
+        a = c.ask(e, max_tokens=4, tools=TOOLS, messages=messages, **GREEDY)
+        assert a.finish[0] in ("stop", "length", "tool_calls"), a.finish
+
+    add("tools", chat, auto)
+    add("tool_choice", chat, lambda e: auto(e, tool_choice="auto"), name="auto")
+    for kind in ("none", "required", "named"):
+        add("tool_choice", chat, choice(kind), name=kind)
+    add("parallel_tool_calls", chat, one_call)
+    add("role: tool messages", chat, results_back)
+
+
+def tool_call_valid_rate(c: Conformance | None) -> float | None:
+    """Share of `tool_choice: required` calls whose arguments are JSON valid under the tool's schema."""
+    if c is None or not c.required_calls:
+        return None
+    import jsonschema
+
+    def valid(call: dict, schema: dict) -> bool:
+        try:
+            jsonschema.validate(json.loads(call["arguments"]), schema)
+            return True
+        except (ValueError, jsonschema.ValidationError):
+            return False
+
+    return sum(valid(call, schema) for call, schema in c.required_calls) / len(c.required_calls)
 
 
 def _tokenize(c: Conformance) -> None:
@@ -601,14 +696,14 @@ def matrix(results: list[tuple[Check, str | None]]) -> str:
 
 
 def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str | None = None,
-            schema_answers: list[bool] | None = None) -> dict:
+            schema_answers: list[bool] | None = None, c: Conformance | None = None) -> dict:
     """The last JSON line; `schema_answers`: one entry per json_schema answer (valid or not)."""
-    failed = [c.name for c, error in results if error is not None]
+    failed = [check.name for check, error in results if error is not None]
     rate = round(sum(schema_answers) / len(schema_answers), 4) if schema_answers else None
     return {"benchmark": "openai_conformance", "url": url, "checkpoint": checkpoint, "checked": len(results),
             "passed": len(results) - len(failed), "failed": len(failed), "failed_checks": failed,
             "json_schema_valid_rate": rate, "json_schema_answers": len(schema_answers or []),
-            "tool_call_valid_rate": None, "note": NOT_IMPLEMENTED}
+            "tool_call_valid_rate": tool_call_valid_rate(c), "note": NOT_IMPLEMENTED}
 
 
 def main() -> int:
@@ -641,7 +736,7 @@ def main() -> int:
         if stop is not None:
             stop()
     print("\n" + matrix(results) + "\n", flush=True)
-    result = summary(results, url, checkpoint, conformance.schema_answers)
+    result = summary(results, url, checkpoint, conformance.schema_answers, conformance)
     print(json.dumps(result), flush=True)
     return 1 if result["failed"] else 0
 

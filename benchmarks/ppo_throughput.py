@@ -78,6 +78,7 @@ def setup(preset_name: str, prompts: int, iterations: int, new_tokens: int, max_
     from stages.engine.config import EngineConfig, OptimConfig
     from stages.engine.local import LocalEngine
     from stages.rlhf.config import PPOConfig
+    from glm.chat_format import CHATGLM_6B, chat_format
     from stages.rlhf.data import parse_pair, prompt_ids, prompt_row
     from stages.rlhf.models import PPOModel
 
@@ -103,7 +104,8 @@ def setup(preset_name: str, prompts: int, iterations: int, new_tokens: int, max_
     cfg = PPOConfig(max_new_tokens=new_tokens, ppo_epochs=1, minibatches=2)
     engine = LocalEngine(model, EngineConfig(train_steps=iterations, optim=OptimConfig(lr=1e-5, warmup_steps=1)),
                          steps_per_step=2)
-    rows = [prompt_row(prompt_ids(p, tokenizer), tokenizer, max_prompt_len) for p in pairs[:prompts * iterations]]
+    fmt = chat_format(CHATGLM_6B, tokenizer)
+    rows = [prompt_row(prompt_ids(p, fmt), tokenizer, max_prompt_len) for p in pairs[:prompts * iterations]]
     return {"tokenizer": tokenizer, "model": model, "engine": engine, "cfg": cfg, "rows": rows, "device": device,
             "prompts": prompts, "new_tokens": new_tokens,
             "parameters_per_model": sum(p.numel() for p in model.actor.parameters())}

@@ -8,11 +8,14 @@ invisible to real tokens) and decoded with the KV cache.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from glm.chat_format import ChatFormat, Message, chat_format as get_chat_format
+from glm.chat_format import build_chat_prompt  # noqa: F401 - re-exported (the ChatGLM-6B prompt)
 from glm.model import GLMModel, KVCache
 from glm.schema import SpecialTokens, part_b_positions
 from glm.tokenizer import GLMTokenizer
@@ -56,6 +59,10 @@ class GenerationConfig:
     min_p: float = 0.0
     """Sampling keeps only tokens whose probability is at least min_p x the most likely one's
     (after temperature, top-k and top-p; 0 = off)."""
+    prefix_choices: list[list[int]] = field(default_factory=list)
+    """The span starts with one of these token sequences: while the span so far is a proper
+    prefix of some of them, only their next tokens can follow (the model picks where they
+    differ). A forced tool-call header (`glm.chat_format`); empty = off."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -126,7 +133,25 @@ def process_logits(
             banned = banned_ngram_tokens(history, config.no_repeat_ngram_size)
             if banned:
                 logits[row, list(banned)] = neg
+    if config.prefix_choices:
+        force_prefix(logits, histories, generated, config.prefix_choices)
     return logits
+
+
+def force_prefix(logits: torch.Tensor, histories: list[list[int]], generated: int, choices: list[list[int]]) -> None:
+    """Keep only the tokens that continue one of `choices` (see GenerationConfig.prefix_choices),
+    in place; a forced token some ban removed still stays possible."""
+    neg = torch.finfo(logits.dtype).min
+    for row, history in enumerate(histories):
+        span = history[len(history) - generated:] if generated else []
+        if any(c == span for c in choices):
+            continue
+        allowed = sorted({c[generated] for c in choices if len(c) > generated and c[:generated] == span})
+        if not allowed:
+            continue
+        keep = logits[row, allowed]
+        logits[row] = neg
+        logits[row, allowed] = torch.where(keep > neg, keep, torch.zeros_like(keep))
 
 
 def apply_penalties(logits: torch.Tensor, histories: list[list[int]], generated: int,
@@ -404,22 +429,18 @@ def fill_blanks(
     return states
 
 
-def build_chat_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
-    """ChatGLM's multi-round prompt; the first turn without history is the bare query."""
-    if not history:
-        return query
-    prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
-
-
 def chat(
     model: GLMModel,
     tokenizer: GLMTokenizer,
     query: str,
     history: list[tuple[str, str]] | None = None,
     config: GenerationConfig | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
     """One chat turn: returns (response, history with this turn appended).
+
+    The prompt is `chat_format`'s (`glm.chat_format`; default ChatGLM-6B's, the format a
+    checkpoint without a recorded one was trained in); the format's other role tokens stop the reply.
 
     The prompt is followed by [gMASK] [sop]; only that final mask is generated, so mask
     strings a user types stay plain text in Part A. A prompt too long for the context window
@@ -428,11 +449,15 @@ def chat(
     """
     config = config or chat_generation_config(256)
     special = tokenizer.special
-    ids = tokenizer.encode(build_chat_prompt(query, history))
+    fmt = chat_format or get_chat_format("chatglm_6b", tokenizer)
+    messages = [Message(role, text) for q, r in history or [] for role, text in (("user", q), ("assistant", r))]
+    ids = fmt.prompt(messages + [Message("user", query)])
+    if fmt.stop_ids():
+        config = dataclasses.replace(config, stop_token_ids=[*config.stop_token_ids, *fmt.stop_ids()])
     room = model.config.max_seq_len - config.max_new_tokens - 2
     if room <= 0:
         raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room in max_seq_len {model.config.max_seq_len}")
     ids = ids[-room:] + [special.gmask]
     [span] = generate_spans(model, [SpanQuery(ids, len(ids) - 1, True)], special, config, vocab_limit=len(tokenizer))
-    response = tokenizer.decode(span).strip()
+    response = fmt.parse_reply(tokenizer.decode(span)).content.strip()
     return response, list(history or []) + [(query, response)]

@@ -86,10 +86,13 @@ class GLMChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from glm.checkpoint import load_inference_checkpoint
+        from glm.chat_format import from_metadata
+        from glm.checkpoint import load_inference_checkpoint, read_checkpoint_config
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_inference_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device=device)
+        checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
+        self.model, self.tokenizer = load_inference_checkpoint(checkpoint, device=device)
+        self.chat_format = from_metadata(read_checkpoint_config(checkpoint)[1], self.tokenizer)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, str]]:
         from glm.generation import chat, chat_generation_config
@@ -99,7 +102,7 @@ class GLMChatModel(mlflow.pyfunc.PythonModel):
             query, history = conversation(request.get("messages"), f"request {i}")
             overrides = {k: float(request[k]) for k in ("temperature", "top_p") if k in request}
             config = chat_generation_config(int(request.get("max_tokens", 128)), **overrides)
-            response, _ = chat(self.model, self.tokenizer, query, history, config)
+            response, _ = chat(self.model, self.tokenizer, query, history, config, self.chat_format)
             answers.append({"role": "assistant", "content": response})
         return answers
 

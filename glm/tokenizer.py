@@ -24,9 +24,13 @@ from glm.schema import SpecialTokens
 PAD, UNK, EOS = "<pad>", "<unk>", "</s>"
 MASK, SMASK, GMASK, SOP, EOP = "[MASK]", "[sMASK]", "[gMASK]", "[sop]", "[eop]"
 GLM_SPECIAL = (MASK, SMASK, GMASK, SOP, EOP)
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+"""The role tokens of the role chat format (`glm.chat_format`), reserved in every tokenizer
+`train_tokenizer` makes; a tokenizer without them (ChatGLM-6B's, or one trained before they
+were reserved) can only use the ChatGLM-6B chat format."""
 MASK_STRINGS = (MASK, SMASK, GMASK)
 """The mask syntax `encode_with_masks` honours (GLM blank filling: /v1/glm/fill, fill_blanks)."""
-CONTROL_STRINGS = GLM_SPECIAL + (PAD, UNK, EOS)
+CONTROL_STRINGS = GLM_SPECIAL + (PAD, UNK, EOS) + ROLE_TOKENS
 """Strings that name a special token; in user text they are only ever text."""
 _CONTROL_RE = re.compile("|".join(re.escape(s) for s in sorted(CONTROL_STRINGS, key=len, reverse=True)))
 _MASK_RE = re.compile("|".join(re.escape(s) for s in sorted(MASK_STRINGS, key=len, reverse=True)))
@@ -110,7 +114,7 @@ def _train(spm, texts, buffer, vocab_size, character_coverage, input_sentence_si
         add_dummy_prefix=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        user_defined_symbols=list(GLM_SPECIAL + WHITESPACE_PIECES),
+        user_defined_symbols=list(GLM_SPECIAL + ROLE_TOKENS + WHITESPACE_PIECES),
         pad_id=0, unk_id=1, eos_id=2, bos_id=-1,
         pad_piece=PAD, unk_piece=UNK, eos_piece=EOS,
         max_sentence_length=max_line_bytes,
@@ -150,6 +154,8 @@ class GLMTokenizer:
             mask=ids[MASK], smask=ids[SMASK], gmask=ids[GMASK], sop=ids[sop], eop=ids[eop],
             pad=ids[PAD], eos=ids[EOS],
         )
+        self.role_ids = {piece: self.sp.piece_to_id(piece) for piece in ROLE_TOKENS if self._has_piece(piece)}
+        """Ids of the role tokens this vocabulary has (all four, or none before they were reserved)."""
         if chatglm:
             self._init_chatglm()
 

@@ -9,6 +9,7 @@ CHECKS = [
     # (module imported, modules that must not be loaded by it)
     ("stages.data.steps", ["torch", "ray", "mlflow", "deepspeed"]),
     ("glm.tokenizer", ["torch", "ray"]),
+    ("glm.chat_format", ["torch", "ray"]),
     ("glm.model", ["ray", "mlflow", "deepspeed"]),
     ("glm.generation", ["ray", "mlflow", "deepspeed"]),
     ("kernels.attention", ["ray", "triton"]),

@@ -3,8 +3,8 @@
 ShardSource reads them unchanged.
 
 - Pair rows (reward, dpo): segment 1 is prompt + [gMASK] [sop] chosen, segment 2 the same
-  prompt with the rejected reply; both in the ChatGLM format (`build_chat_prompt`, the
-  prompt a bidirectional prefix, targets response + [eop]). One row = one pair, so the
+  prompt with the rejected reply; both in the model's chat format (`glm.chat_format`, the
+  prompt a bidirectional prefix, targets the reply + [eop]). One row = one pair, so the
   engine's per-row data position never separates the two sides.
 - Prompt rows (ppo): Part A only (prompt + [gMASK]), one per distinct prompt.
 
@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from glm.generation import build_chat_prompt
+from glm.chat_format import CHATGLM_6B, ChatFormat, Message, chat_format
 from glm.schema import COLUMNS, Sample, layout_prompted, pack_samples
 from glm.tokenizer import GLMTokenizer
 from stages import storage
@@ -34,6 +34,14 @@ class PreferencePair:
     chosen: str
     rejected: str
     history: list[tuple[str, str]] = field(default_factory=list)
+    system: str = ""
+
+    def messages(self) -> list[Message]:
+        """The conversation the replies answer."""
+        messages = [Message("system", self.system)] if self.system else []
+        for q, r in self.history:
+            messages += [Message("user", q), Message("assistant", r)]
+        return messages + [Message("user", self.query)]
 
 
 def _reply(value, side: str) -> str:
@@ -109,9 +117,9 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
             if not isinstance(text, str):
                 raise BadRow("wrong_type", "a turn's content is not a string")
             parsed.append(("user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role, text))
+        system = ""
         if len(parsed) > 1 and parsed[0][0] == "system" and parsed[1][0] == "user":
-            # ChatGLM has no system role: the system message opens the first query (as in SFT)
-            parsed[:2] = [("user", f"{parsed[0][1]}\n{parsed[1][1]}")]
+            system = parsed.pop(0)[1]  # the chat format renders it (ChatGLM-6B's: opening the first query)
         query, history = _rounds_from_turns(parsed)
     else:
         instruction, extra = row.get("instruction"), row.get("input") or ""
@@ -124,7 +132,7 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
             raise BadRow("bad_history", "history is not a list of [query, response] pairs")
         history = [(q, r) for q, r in raw]
     pair = PreferencePair(query.strip(), _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected"),
-                          history)
+                          history, system if fmt == "conversation" else "")
     if not pair.query:
         raise BadRow("empty_query", "the prompt is empty")
     if not pair.chosen:
@@ -136,8 +144,8 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
     return pair
 
 
-def prompt_ids(pair: PreferencePair, tokenizer: GLMTokenizer) -> list[int]:
-    return tokenizer.encode(build_chat_prompt(pair.query, pair.history))
+def prompt_ids(pair: PreferencePair, fmt: ChatFormat) -> list[int]:
+    return fmt.prompt(pair.messages())
 
 
 def side_sample(prompt: list[int], response: list[int], tokenizer: GLMTokenizer, max_len: int,
@@ -149,11 +157,14 @@ def side_sample(prompt: list[int], response: list[int], tokenizer: GLMTokenizer,
                            mask_token=tokenizer.special.gmask, max_len=max_len), cut
 
 
-def pair_row(pair: PreferencePair, tokenizer: GLMTokenizer, max_len: int, use_2d: bool) -> tuple[dict, bool]:
-    """The pair as one row of 2 x max_len: segment 1 chosen, segment 2 rejected."""
-    prompt = prompt_ids(pair, tokenizer)
-    chosen, cut_c = side_sample(prompt, tokenizer.encode(pair.chosen), tokenizer, max_len, use_2d)
-    rejected, cut_r = side_sample(prompt, tokenizer.encode(pair.rejected), tokenizer, max_len, use_2d)
+def pair_row(pair: PreferencePair, tokenizer: GLMTokenizer, max_len: int, use_2d: bool,
+             fmt: ChatFormat | None = None) -> tuple[dict, bool]:
+    """The pair as one row of 2 x max_len: segment 1 chosen, segment 2 rejected (in the chat
+    format `fmt`, default ChatGLM-6B's)."""
+    fmt = fmt or chat_format(CHATGLM_6B, tokenizer)
+    prompt = prompt_ids(pair, fmt)
+    chosen, cut_c = side_sample(prompt, fmt.reply(Message("assistant", pair.chosen)), tokenizer, max_len, use_2d)
+    rejected, cut_r = side_sample(prompt, fmt.reply(Message("assistant", pair.rejected)), tokenizer, max_len, use_2d)
     return pack_samples([chosen, rejected], 2 * max_len, tokenizer.special.pad), cut_c or cut_r
 
 
@@ -167,9 +178,11 @@ def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) 
 
 
 def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, use_2d: bool, fingerprint: str,
-            log=print) -> dict:
-    """Write pair rows (layout "pairs") or prompt rows ("prompts") to cfg.output, reusing a
-    complete output of the same fingerprint; returns the manifest."""
+            log=print, fmt: ChatFormat | None = None) -> dict:
+    """Write pair rows (layout "pairs") or prompt rows ("prompts") in the chat format `fmt`
+    (default ChatGLM-6B's) to cfg.output, reusing a complete output of the same fingerprint;
+    returns the manifest."""
+    fmt = fmt or chat_format(CHATGLM_6B, tokenizer)
     if (manifest := completed(cfg.output, fingerprint)) is not None:
         log(f"[rlhf] prepared {layout} for {fingerprint} exist at {cfg.output}: reusing them")
         return manifest
@@ -188,10 +201,10 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
             stats["pairs"] += 1
             split = split_of(line, cfg.validation_fraction)
             if layout == "pairs":
-                row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d)
+                row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d, fmt)
                 stats["truncated"] += int(cut)
             else:
-                row = prompt_row(prompt_ids(pair, tokenizer), tokenizer, cfg.max_prompt_len)
+                row = prompt_row(prompt_ids(pair, fmt), tokenizer, cfg.max_prompt_len)
                 key = tuple(row["input_ids"])
                 if key in seen_prompts:
                     continue

@@ -35,6 +35,7 @@ def export_reward_model(model, base: str, output: str, metadata: dict) -> dict:
 def export_policy(model, base: str, output: str, metadata: dict, prompts: list[str], max_new_tokens: int) -> dict:
     """Write the trained policy (PPO actor or DPO policy) as an inference checkpoint; returns
     sample chat answers for MLflow."""
+    from glm.chat_format import from_metadata
     from glm.checkpoint import save_inference_checkpoint
     from glm.generation import GenerationConfig, chat
 
@@ -43,13 +44,25 @@ def export_policy(model, base: str, output: str, metadata: dict, prompts: list[s
     save_inference_checkpoint(policy, tokenizer, output, metadata=metadata)
     print(f"[rlhf] policy written to {output}", flush=True)
     config = GenerationConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)
-    samples = [{"prompt": p, "response": chat(policy, tokenizer, p, config=config)[0]} for p in prompts]
+    fmt = from_metadata(metadata, tokenizer)
+    samples = [{"prompt": p, "response": chat(policy, tokenizer, p, config=config, chat_format=fmt)[0]}
+               for p in prompts]
     for s in samples:
         print(f"[rlhf] sample  {s['prompt']!r} -> {s['response']!r}", flush=True)
     return {"rlhf/sample_generations.json": samples}
 
 
+def base_chat_format(base: str) -> str:
+    """The chat format the base checkpoint records (absent: ChatGLM-6B's)."""
+    from glm.chat_format import CHATGLM_6B, METADATA_KEY
+    from glm.checkpoint import read_checkpoint_config
+
+    return read_checkpoint_config(base)[1].get(METADATA_KEY) or CHATGLM_6B
+
+
 def prepare_data(cfg: RLHFConfig) -> dict:
+    """Pair or prompt rows in the base checkpoint's chat format."""
+    from glm.chat_format import chat_format
     from glm.checkpoint import read_checkpoint_config
     from stages.rlhf.data import prepare
 
@@ -59,10 +72,11 @@ def prepare_data(cfg: RLHFConfig) -> dict:
         raise ValueError(f"rlhf config: sequences of {longest} tokens exceed the base model's max_seq_len "
                          f"{config.max_seq_len} (data.max_len, or data.max_prompt_len + ppo.max_new_tokens)")
     tokenizer = base_tokenizer(cfg.base)
+    fmt = chat_format(base_chat_format(cfg.base), tokenizer)
     identity = json.dumps({"tokenizer": hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
-                           "positions": config.position_encoding})
+                           "positions": config.position_encoding, "chat_format": fmt.name})
     return prepare(cfg.data, tokenizer, layout="prompts" if cfg.mode == "ppo" else "pairs",
-                   use_2d=config.uses_2d_positions, fingerprint=cfg.data_fingerprint(identity))
+                   use_2d=config.uses_2d_positions, fingerprint=cfg.data_fingerprint(identity), fmt=fmt)
 
 
 def _data_metrics(manifest: dict) -> dict[str, float]:
@@ -79,7 +93,8 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
     from stages.rlhf import models, ppo, steps
 
     tokenizer = base_tokenizer(cfg.base)
-    metadata = {"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "run": cfg.engine.run_name}
+    metadata = {"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "run": cfg.engine.run_name,
+                "chat_format": base_chat_format(cfg.base)}
     policy_export = functools.partial(export_policy, base=cfg.base, output=cfg.output, metadata=metadata,
                                       prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens)
     extra = {}

@@ -15,6 +15,7 @@ rendered ASCII-only so no input (a lone surrogate, say) can break the error itse
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -29,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glm.chat_format import ReplyDelta, to_openai
 from glm.config import from_dict
 from glm.generation import GenerationConfig, SpanQuery, mask_positions, splice_span
 from stages.serve.config import ServeConfig
@@ -36,7 +38,7 @@ from stages.serve.engine import EngineOverloaded, EngineStopped, SpanEvent, Span
 from stages.serve.logprobs import TextOffsets, chat_logprobs, completion_logprobs
 from stages.serve.protocol import (
     UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FillRequest, TokenizeRequest,
-    chat_prompt, check_prompt_chars, generation_query, max_new_tokens,
+    ToolPlan, chat_messages, chat_prompt, check_prompt_chars, generation_query, max_new_tokens, tool_plan,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -186,6 +188,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -198,7 +204,8 @@ class GLMServer:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from glm.checkpoint import load_inference_checkpoint
+        from glm.chat_format import from_metadata
+        from glm.checkpoint import load_inference_checkpoint, read_checkpoint_config
         from stages.serve.engine import DecodeEngine
         from stages.serve.metrics import ServeMetrics
 
@@ -210,6 +217,7 @@ class GLMServer:
         t0 = time.time()
         self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
         self.context = self.model.config.max_seq_len
+        self.chat_format = from_metadata(read_checkpoint_config(self.config.checkpoint)[1], self.tokenizer)
         self.metrics = ServeMetrics(self.config.model_name, serve.get_replica_context().replica_id.unique_id)
         self.engine = DecodeEngine(self.model, self.tokenizer, self.config.max_batch_size, self.config.max_waiting,
                                    self.config.max_beam_requests, observer=self.metrics)
@@ -221,8 +229,9 @@ class GLMServer:
                         max_inflight=max(1, self.config.max_ongoing_requests - 8),
                         body_timeout_s=self.config.body_timeout_s, metrics=self.metrics)
         self.created = int(time.time())
-        logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d)",
-                    self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size)
+        logger.info("GLM replica ready: %s on %s in %.1fs (context %d, max_batch_size %d, chat format %s)",
+                    self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size,
+                    self.chat_format.name)
 
     def check_health(self) -> None:
         """Serve's periodic replica health check: a replica whose decode loop died is replaced."""
@@ -342,12 +351,14 @@ class GLMServer:
             raise APIError(400, f"response_format: the JSON schema cannot be used: {e}",
                            param="response_format.json_schema.schema") from None
 
-    def _prepare(self, body, prompts: list[str], param: str,
-                 rid: str) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
-        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count."""
+    def _prepare(self, body, prompts: list[str] | list[list[int]], param: str, rid: str,
+                 plan: ToolPlan | None = None) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
+        """Jobs (prompt x n choices) with their decoding settings, and the prompt token count.
+        Prompts are texts (checked for length before encoding) or a chat prompt's tokens."""
         self._check(body, rid)
         for prompt in prompts:
-            check_prompt_chars(prompt, self.context, self.tokenizer.max_piece_chars, param)
+            if isinstance(prompt, str):
+                check_prompt_chars(prompt, self.context, self.tokenizer.max_piece_chars, param)
         jobs, prompt_tokens = [], 0
         for prompt in prompts:
             query = generation_query(self.tokenizer, prompt)
@@ -355,28 +366,59 @@ class GLMServer:
                                    param)
             prompt_tokens += len(query.part_a) + 1  # text, [gMASK], [sop]
             for choice in range(body.n):
-                jobs.append((query, body.generation_config(limit, self.config.default_temperature,
-                                                           self.config.default_top_p, choice)))
+                config = body.generation_config(limit, self.config.default_temperature, self.config.default_top_p,
+                                                choice)
+                if plan is not None:
+                    config = dataclasses.replace(config, stop_token_ids=config.stop_token_ids + plan.stop_ids,
+                                                 prefix_choices=plan.prefix_choices)
+                jobs.append((query, config))
         return jobs, prompt_tokens
 
     def _stream(self, kind: str, rid: str, body, jobs, prompt_tokens: int,
-                echo: list[str] | None = None, grammar: str | None = None) -> StreamingResponse:
+                echo: list[str] | None = None, grammar: str | None = None,
+                plan: ToolPlan | None = None) -> StreamingResponse:
         """SSE in OpenAI's chunk format; `kind` is 'chat' or 'text'. Each chunk carries the
-        logprobs of the tokens whose text it brings (when asked for)."""
+        logprobs of the tokens whose text it brings (when asked for). Chat replies go through
+        the chat format's reply parser: content deltas, and tool calls as OpenAI's tool_calls
+        deltas (id, type and name when a call starts, then argument chunks)."""
         logprobs = body.logprobs_count()
         requests, events = self._submit(jobs, body.stop_strings(), logprobs, grammar)
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         base = {"id": rid, "object": obj, "created": int(time.time()), "model": self.config.model_name}
         offsets = [TextOffsets() for _ in jobs]
+        parsers = [self.chat_format.parser(plan.names if plan else ()) for _ in jobs]
+
+        def chat_delta(deltas: list[ReplyDelta]) -> dict:
+            delta, calls = {}, {}
+            content = "".join(d.content for d in deltas)
+            if content:
+                delta["content"] = content
+            for d in deltas:
+                if d.name:
+                    calls[d.index] = {"index": d.index, "id": _call_id(), "type": "function",
+                                      "function": {"name": d.name, "arguments": ""}}
+                if d.arguments:
+                    call = calls.setdefault(d.index, {"index": d.index, "function": {"arguments": ""}})
+                    call["function"]["arguments"] += d.arguments
+            if calls:
+                delta["tool_calls"] = list(calls.values())
+            return delta
 
         def choice(i: int, text: str | None, finish: str | None, first: bool = False,
-                   tokens: list[TokenLogprob] | None = None) -> dict:
+                   tokens: list[TokenLogprob] | None = None) -> dict | None:
             scores = None
             if tokens:
                 scores = (chat_logprobs(self.tokenizer, tokens) if kind == "chat"
                           else completion_logprobs(self.tokenizer, tokens, offsets[i]))
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if first:
+                    delta = {"role": "assistant", "content": ""}
+                else:
+                    delta = chat_delta(parsers[i].feed(text or "") + (parsers[i].finish() if finish else []))
+                    if not (delta or finish or scores):
+                        return None  # text held back by the parser (a header or a separator may follow)
+                if finish == "stop" and parsers[i].calls:
+                    finish = "tool_calls"
                 return {**base, "choices": [{"index": i, "delta": delta, "logprobs": scores, "finish_reason": finish}]}
             return {**base, "choices": [{"index": i, "text": text or "", "logprobs": scores, "finish_reason": finish}]}
 
@@ -392,8 +434,10 @@ class GLMServer:
                 async with contextlib.aclosing(self._events(requests, events)) as stream:
                     async for i, event in stream:
                         if event.delta or event.done:
-                            yield _sse(choice(i, event.delta, event.finish_reason if event.done else None,
-                                              tokens=event.logprobs))
+                            chunk = choice(i, event.delta, event.finish_reason if event.done else None,
+                                           tokens=event.logprobs)
+                            if chunk is not None:
+                                yield _sse(chunk)
                         completion_tokens += len(event.tokens)
             except APIError as e:  # headers are sent: report in-band, as OpenAI's servers do
                 yield _sse(e.body())
@@ -420,18 +464,32 @@ class GLMServer:
         self._check_model(body.model)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         body.max_tokens = body.max_tokens or body.max_completion_tokens
-        jobs, prompt_tokens = self._prepare(body, [chat_prompt(body.messages)], "messages", rid)
+        messages = chat_messages(body.messages)
+        text = "".join(m.content + "".join(c.name + c.arguments for c in m.tool_calls) for m in messages)
+        check_prompt_chars(text, self.context, self.tokenizer.max_piece_chars, "messages")
+        plan = tool_plan(body, self.chat_format)
+        prompt = chat_prompt(self.chat_format, messages, plan.tools)
         grammar = self._grammar(body)
+        if grammar is not None and plan.tools:
+            raise APIError(400, "response_format cannot be combined with tools: leave one out (a tool's arguments "
+                                "follow its own parameters schema)", param="response_format")
+        jobs, prompt_tokens = self._prepare(body, [prompt], "messages", rid, plan)
         if body.stream:
-            return self._stream("chat", rid, body, jobs, prompt_tokens, grammar=grammar)
+            return self._stream("chat", rid, body, jobs, prompt_tokens, grammar=grammar, plan=plan)
         logprobs = body.logprobs_count()
         finals, scores = await self._finals(jobs, body.stop_strings(), logprobs, grammar)
+        choices = []
+        for i, f in enumerate(finals):
+            reply = self.chat_format.parse_reply(f.text, plan.names)
+            for call in reply.tool_calls:
+                call.id = _call_id()
+            finish = "tool_calls" if reply.tool_calls and f.finish_reason == "stop" else f.finish_reason
+            choices.append({"index": i, "message": to_openai(reply),
+                            "logprobs": None if logprobs is None else chat_logprobs(self.tokenizer, scores[i]),
+                            "finish_reason": finish})
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.config.model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": f.text},
-                         "logprobs": None if logprobs is None else chat_logprobs(self.tokenizer, scores[i]),
-                         "finish_reason": f.finish_reason} for i, f in enumerate(finals)],
-            "usage": self._usage(prompt_tokens, finals),
+            "choices": choices, "usage": self._usage(prompt_tokens, finals),
         }
 
     @api.post("/v1/completions")
@@ -513,7 +571,7 @@ class GLMServer:
     async def tokenize(self, body: TokenizeRequest):
         """vLLM's shape: {count, max_model_len, tokens, token_strs}."""
         self._check_model(body.model)
-        ids = self.tokenizer.encode(body.text())
+        ids = body.ids(self.tokenizer, self.chat_format)
         if body.add_special_tokens:
             ids += [self.tokenizer.special.gmask, self.tokenizer.special.sop]
         strs = [self.tokenizer.id_to_piece(i) for i in ids] if body.return_token_strs else None
@@ -534,7 +592,9 @@ class GLMServer:
     @api.get("/v1/models")
     async def models(self, request: Request):
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "glm-pipeline", "context_window": self.context}]}
+                                            "owned_by": "glm-pipeline", "context_window": self.context,
+                                            "chat_format": self.chat_format.name,
+                                            "tools": self.chat_format.supports_tools}]}
 
     @api.get("/health")
     async def health(self):

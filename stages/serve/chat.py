@@ -1,8 +1,10 @@
 """python -m stages.serve.chat [--url http://127.0.0.1:8000] [--api-key KEY] [--temperature T] ...
 
 A terminal chat with a running GLM endpoint: answers stream as they are generated and the
-conversation is kept (sent as history each turn, rendered server-side in ChatGLM's multi-round
-format). Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits.
+conversation is kept (sent as history each turn, rendered server-side in the model's chat
+format: a system prompt is a system role in the `roles` format, and opens the first question
+in ChatGLM-6B's). Commands: /system TEXT sets the system prompt (empty: none) and starts a new
+conversation, /reset starts a new conversation, /exit (or Ctrl-D) quits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, help="0 = greedy (default: the server's, 0.95)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling (default: the server's, 0.7)")
     parser.add_argument("--max-tokens", type=int, default=256, help="longest answer (default %(default)s)")
-    parser.add_argument("--system", help="a system message, prepended to the first question")
+    parser.add_argument("--system", help="a system prompt (sent first in every turn; /system changes it)")
     args = parser.parse_args(argv)
 
     import openai
@@ -33,9 +35,10 @@ def main(argv=None) -> int:
     except openai.APIError as e:
         print(f"error: cannot reach a GLM server at {args.url}: {e}", file=sys.stderr)
         return 2
-    print(f"chatting with '{model}' at {args.url}  (/reset: new conversation, /exit: quit)")
-    start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
+    print(f"chatting with '{model}' at {args.url}  (/system TEXT: system prompt, /reset: new conversation, "
+          f"/exit: quit)")
+    system = args.system or ""
+    messages: list[dict] = []
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
     while True:
         try:
@@ -45,9 +48,11 @@ def main(argv=None) -> int:
             return 0
         if query in ("/exit", "/quit"):
             return 0
-        if query == "/reset":
-            messages = list(start)
-            print("(new conversation)")
+        if query == "/reset" or query == "/system" or query.startswith("/system "):
+            if query != "/reset":
+                system = query[len("/system"):].strip()
+            messages = []
+            print(f"(new conversation{', system prompt: ' + repr(system) if system else ''})")
             continue
         if not query:
             continue
@@ -55,8 +60,9 @@ def main(argv=None) -> int:
         print("glm> ", end="", flush=True)
         answer = []
         try:
-            stream = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens,
-                                                    stream=True, **sampling)
+            start = [{"role": "system", "content": system}] if system else []
+            stream = client.chat.completions.create(model=model, messages=start + messages,
+                                                    max_tokens=args.max_tokens, stream=True, **sampling)
             for chunk in stream:
                 for choice in chunk.choices:
                     if choice.delta.content:

@@ -16,11 +16,13 @@ surrogate cannot be encoded).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from glm.generation import GenerationConfig, SpanQuery, build_chat_prompt
+from glm.chat_format import ChatFormat, ChatFormatError, Message, from_openai
+from glm.generation import GenerationConfig, SpanQuery
 from glm.tokenizer import GLMTokenizer
 from stages.serve.structured import ANY_JSON_OBJECT
 
@@ -44,10 +46,11 @@ SEED_MAX = 2**64 - 1
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS = 1024, 256
 """Entries per request: each is applied at every decode step of the request's row."""
-_TOOLS = "tool calling is not implemented yet: describe the functions in the messages and parse the answer"
+_TOOLS = "tool calling is a chat feature: send tools to /v1/chat/completions (models in the 'roles' chat format)"
+_FUNCTIONS = "deprecated by OpenAI and not implemented: send tools and tool_choice instead"
 UNSUPPORTED = {
     "tools": _TOOLS, "tool_choice": _TOOLS, "parallel_tool_calls": _TOOLS,
-    "functions": _TOOLS, "function_call": _TOOLS,
+    "functions": _FUNCTIONS, "function_call": _FUNCTIONS,
     "best_of": "ask for n choices and pick client-side, or use beam search (num_beams, an extension)",
     "suffix": "insert text with POST /v1/glm/fill: put a [MASK] where the insertion goes",
     "audio": "this model reads and writes text only", "modalities": "this model reads and writes text only",
@@ -247,14 +250,72 @@ class _Request(_Body):
         )
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCallParam(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """`developer` is OpenAI's newer name for `system` (rendered as system)."""
+    content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallParam]] = None
+    tool_call_id: Optional[str] = None
+
+
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[Message]:
+    """The request's messages for `glm.chat_format` (400 naming what does not fit)."""
+    if not messages:
+        raise APIError(400, "messages: must contain at least one message", param="messages")
+    raw = [m.model_dump(exclude_none=True) for m in messages]
+    for m in raw:
+        if m["role"] == "developer":
+            m["role"] = "system"
+    try:
+        return from_openai(raw)
+    except ChatFormatError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    """False: at most one tool call per reply (generation stops before a second)."""
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     """OpenAI's newer name for max_tokens (either may be given)."""
     logprobs: Optional[bool] = None
@@ -290,10 +351,13 @@ class TokenizeRequest(_Body):
     usage.prompt_tokens."""
     return_token_strs: bool = False
 
-    def text(self) -> str:
+    def ids(self, tokenizer: GLMTokenizer, fmt: ChatFormat) -> list[int]:
+        """The prompt's tokens, or the messages' chat prompt in the model's chat format."""
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "give either prompt or messages (exactly one)", param="prompt")
-        return self.prompt if self.prompt is not None else chat_prompt(self.messages)
+        if self.prompt is not None:
+            return tokenizer.encode(self.prompt)
+        return chat_prompt(fmt, chat_messages(self.messages))
 
 
 class DetokenizeRequest(_Body):
@@ -316,36 +380,74 @@ class FillRequest(_Request):
     text: str
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The ChatGLM multi-round prompt of an OpenAI message list.
+def chat_prompt(fmt: ChatFormat, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+    """Part A (before [gMASK]) of the assistant's reply to `messages` in the model's chat format
+    (`glm.chat_format`); a conversation the format cannot carry is a 400."""
+    try:
+        return fmt.prompt(messages, tools)
+    except ChatFormatError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
 
-    System messages are prepended to the first user turn (ChatGLM has no system role);
-    the rest must alternate user / assistant and end with a user message.
+
+@dataclass
+class ToolPlan:
+    """How a chat request's tools shape its prompt, decoding and reply parsing."""
+
+    tools: list[dict] = field(default_factory=list)
+    """Function definitions rendered into the prompt."""
+    names: list[str] = field(default_factory=list)
+    """Function names the reply parser reads as calls."""
+    prefix_choices: list[list[int]] = field(default_factory=list)
+    """Headers the reply must start with (`GenerationConfig.prefix_choices`)."""
+    stop_ids: list[int] = field(default_factory=list)
+    """Tokens that end the reply besides [eop] (the format's other roles; a second call when
+    parallel_tool_calls is false)."""
+
+
+def tool_plan(body: ChatCompletionRequest, fmt: ChatFormat) -> ToolPlan:
+    """`tools`, `tool_choice` and `parallel_tool_calls` for a model in chat format `fmt`.
+
+    `none`: the tools are left out of the prompt (as vLLM does) and the reply is forced to start
+    as an answer; `auto`: the model chooses; `required` / a named function: the reply is forced
+    to start with a call header (any tool's / that one's), whose arguments the model writes
+    (JSON validity is not enforced here: that needs grammar-constrained decoding).
     """
-    if not messages:
-        raise APIError(400, "messages: must contain at least one message", param="messages")
-    system = "\n".join(m.content for m in messages if m.role == "system")
-    turns = [m for m in messages if m.role != "system"]
-    if not turns or turns[-1].role != "user":
-        raise APIError(400, "messages: the last non-system message must have role 'user'", param="messages")
-    expected = "user"
-    for i, m in enumerate(turns):
-        if m.role != expected:
-            raise APIError(400, f"messages: user and assistant turns must alternate; message {i} "
-                                f"(after system messages) has role {m.role!r}, expected {expected!r}",
-                           param="messages")
-        expected = "assistant" if expected == "user" else "user"
-    texts = [m.content for m in turns]
-    if system:
-        texts[0] = f"{system}\n{texts[0]}"
-    history = list(zip(texts[:-1:2], texts[1::2]))
-    return build_chat_prompt(texts[-1], history)
+    plan = ToolPlan(stop_ids=fmt.stop_ids())
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice: needs tools (none were given)", param="tool_choice")
+        return plan
+    if not fmt.supports_tools:
+        raise APIError(400, f"tools: this model's chat format {fmt.name!r} has no tool role (ChatGLM-6B's "
+                            f"[Round N] prompt); tool calling needs a model fine-tuned in the 'roles' chat format",
+                       param="tools", code="unsupported_parameter")
+    names = [t.function.name for t in body.tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: function names must be unique", param="tools")
+    if choice == "none":
+        plan.prefix_choices = [fmt.header("")]
+        return plan
+    plan.tools = [t.function.model_dump(exclude_none=True) for t in body.tools]
+    plan.names = names
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice: {choice.function.name!r} is not one of the tools ({', '.join(names)})",
+                           param="tool_choice")
+        plan.names = [choice.function.name]
+        plan.prefix_choices = [fmt.header(choice.function.name)]
+    elif choice == "required":
+        plan.prefix_choices = [fmt.header(name) for name in names]
+    if body.parallel_tool_calls is False:
+        plan.stop_ids.append(fmt.ids["assistant"])
+    return plan
 
 
-def generation_query(tokenizer: GLMTokenizer, prompt: str) -> SpanQuery:
-    """Part A = the prompt + [gMASK]: generation continues the text (control strings a user
-    types in a chat or completion prompt, "[MASK]", "[eop]", ..., are encoded as plain text)."""
-    ids = tokenizer.encode(prompt) + [tokenizer.special.gmask]
+def generation_query(tokenizer: GLMTokenizer, prompt: str | list[int]) -> SpanQuery:
+    """Part A = the prompt (a text, or a chat prompt's tokens) + [gMASK]: generation continues
+    it (control strings a user types in a chat or completion prompt, "[MASK]", "[eop]", ..., are
+    encoded as plain text)."""
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) + [tokenizer.special.gmask]
     return SpanQuery(ids, len(ids) - 1, True)
 
 

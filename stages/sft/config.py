@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from glm.chat_format import FORMATS as CHAT_FORMATS
 from glm.config import ConfigError
 from stages.engine.config import EngineConfig
 from stages.tracking import TrackingConfig
@@ -23,7 +24,8 @@ class SFTSource:
     format: Literal["auto", "alpaca", "conversations", "messages"] = "auto"
     """Row shape: `alpaca` (instruction, input, output, optional history [[q, a], ...]),
     `conversations` (ShareGPT: [{from: human|gpt, value}]), `messages` (OpenAI:
-    [{role: system|user|assistant, content}]), or `auto` (recognised per row)."""
+    [{role: system|user|assistant|tool, content, tool_calls, tool_call_id}], with an optional
+    row-level `tools` list), or `auto` (recognised per row)."""
     name: str = ""
     """Name in the manifest and MLflow (default: the file stem of the uri)."""
 
@@ -53,8 +55,16 @@ class SFTDataConfig:
     output: str = ""
     """Where the prepared rows go (default: `<stage output>_data`)."""
     seed: int = 0
+    chat_format: str = ""
+    """How conversations are rendered (`glm.chat_format`): `chatglm_6b` (ChatGLM-6B's
+    `[Round N]` prompt; no system role, no tools) or `roles` (role tokens, system prompts, tool
+    calls; needs a tokenizer with the role tokens). Empty: the base checkpoint's recorded
+    format, else `chatglm_6b`. Recorded in the fine-tuned checkpoint."""
 
     def __post_init__(self) -> None:
+        if self.chat_format and self.chat_format not in CHAT_FORMATS:
+            raise ConfigError(f"SFTDataConfig.chat_format must be one of {CHAT_FORMATS} (or empty: the base's), "
+                              f"got {self.chat_format!r}")
         if self.seq_len < 16:
             raise ConfigError(f"SFTDataConfig.seq_len must be >= 16, got {self.seq_len}")
         if not 0.0 <= self.validation_fraction < 1.0:

@@ -1,4 +1,4 @@
-"""Prepare SFT rows: read JSONL sources, format to ChatGLM samples, pack, write Parquet shards.
+"""Prepare SFT rows: read JSONL sources, format to chat samples (`glm.chat_format`), pack, write Parquet shards.
 
 The output has the data stage's layout (manifest.json with splits and shards, train/ and
 validation/ Parquet of the sample schema, tokenizer.model), so the training engine reads it
@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from glm.chat_format import CHATGLM_6B, chat_format
 from glm.schema import COLUMNS
 from glm.tokenizer import GLMTokenizer
 from stages import storage
@@ -71,8 +72,8 @@ def read_jsonl_rows(fs, paths: list[str], parse, stats: dict, limit: int = 0):
             yield line, item
 
 
-def _conversation_samples(row, fmt: str, **kwargs) -> list:
-    return conversation_samples(parse_row(row, fmt), **kwargs)
+def _conversation_samples(row, shape: str, **kwargs) -> list:
+    return conversation_samples(parse_row(row, shape), **kwargs)
 
 
 def split_of(conv_key: str, fraction: float) -> str:
@@ -81,21 +82,24 @@ def split_of(conv_key: str, fraction: float) -> str:
 
 
 def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, fingerprint: str, log=print) -> dict:
-    """Write the prepared rows to cfg.output (reusing a complete one); returns the manifest."""
+    """Write the prepared rows to cfg.output (reusing a complete one) in the chat format
+    cfg.chat_format (empty: ChatGLM-6B's); returns the manifest."""
     if (manifest := completed(cfg.output, fingerprint)) is not None:
         log(f"[sft] prepared data for {fingerprint} exists at {cfg.output}: reusing it")
         return manifest
     if not cfg.sources:
         raise ValueError("sft config: data.sources is empty: name at least one JSONL file of conversations")
     t0 = time.time()
+    fmt = chat_format(cfg.chat_format or CHATGLM_6B, tokenizer)  # a tokenizer that cannot carry it fails here
     files = {s.name: storage.expand(s.uri) for s in cfg.sources}  # fails early on a missing input
     samples = {"train": [], "validation": []}
     sources = {}
     for source in cfg.sources:
         fs, paths = files[source.name]
         stats = {"rows_read": 0, "conversations": 0, "samples": 0, "rejected": Counter(), "examples": []}
-        to_samples = functools.partial(_conversation_samples, fmt=source.format, tokenizer=tokenizer,
-                                       seq_len=cfg.seq_len, use_2d=use_2d, last_turn_only=cfg.train_on == "last_turn")
+        to_samples = functools.partial(_conversation_samples, shape=source.format, tokenizer=tokenizer,
+                                       seq_len=cfg.seq_len, use_2d=use_2d, last_turn_only=cfg.train_on == "last_turn",
+                                       fmt=fmt)
         for line, made in read_jsonl_rows(fs, paths, to_samples, stats, limit=cfg.max_samples):
             stats["conversations"] += 1
             stats["samples"] += len(made)
@@ -118,7 +122,7 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
         random.Random(f"{cfg.seed}-{split}").shuffle(items)
         splits[split] = (pack_rows(items, cfg.seq_len, tokenizer.special.pad, pack=cfg.pack), len(items))
     manifest = write_prepared(cfg.output, splits, tokenizer, {
-        "config_hash": fingerprint, "kind": "sft",
+        "config_hash": fingerprint, "kind": "sft", "chat_format": fmt.name,
         "schema": {"columns": list(COLUMNS), "seq_len": cfg.seq_len,
                    "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
         "sources": sources})

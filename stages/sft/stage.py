@@ -59,6 +59,7 @@ def inference_model(model, method: MethodConfig):
 def export_checkpoint(model, base: str, method: MethodConfig, output: str, metadata: dict,
                       prompts: list[str], max_new_tokens: int) -> dict:
     """Write the inference checkpoint; returns sample chat answers for MLflow."""
+    from glm.chat_format import from_metadata
     from glm.checkpoint import save_inference_checkpoint
     from glm.generation import GenerationConfig, chat
 
@@ -67,7 +68,9 @@ def export_checkpoint(model, base: str, method: MethodConfig, output: str, metad
     save_inference_checkpoint(model, tokenizer, output, metadata=metadata)
     print(f"[sft] inference checkpoint written to {output}", flush=True)
     config = GenerationConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=3)  # greedy, readable
-    samples = [{"prompt": p, "response": chat(model, tokenizer, p, config=config)[0]} for p in prompts]
+    fmt = from_metadata(metadata, tokenizer)
+    samples = [{"prompt": p, "response": chat(model, tokenizer, p, config=config, chat_format=fmt)[0]}
+               for p in prompts]
     for s in samples:
         print(f"[sft] sample  {s['prompt']!r} -> {s['response']!r}", flush=True)
     return {"sft/sample_generations.json": samples}
@@ -85,11 +88,14 @@ def base_tokenizer(base: str):
 
 
 def prepare_data(cfg: SFTConfig) -> dict:
-    """Format and pack the configured sources with the base checkpoint's tokenizer."""
+    """Format and pack the configured sources with the base checkpoint's tokenizer, in the
+    configured chat format (empty: the base checkpoint's, else ChatGLM-6B's; set in cfg)."""
+    from glm.chat_format import CHATGLM_6B, METADATA_KEY
     from glm.checkpoint import read_checkpoint_config
     from stages.sft.data import prepare
 
-    config, _ = read_checkpoint_config(cfg.base)
+    config, metadata = read_checkpoint_config(cfg.base)
+    cfg.data.chat_format = cfg.data.chat_format or metadata.get(METADATA_KEY) or CHATGLM_6B
     if cfg.data.seq_len > config.max_seq_len:
         raise ValueError(f"sft config: data.seq_len {cfg.data.seq_len} exceeds the base model's "
                          f"max_seq_len {config.max_seq_len}")
@@ -129,7 +135,8 @@ def run(cfg: SFTConfig):
             export_with_effects, output=cfg.output, stage="sft", validation=["val_loss"],
             samples_artifact="sft/sample_generations.json", export=functools.partial(
                 export_checkpoint, base=cfg.base, method=cfg.method, output=cfg.output,
-                metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name},
+                metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name,
+                          "chat_format": cfg.data.chat_format},
                 prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens)),
         tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,

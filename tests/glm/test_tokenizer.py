@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from glm.tokenizer import CONTROL_STRINGS, GLMTokenizer, GLM_SPECIAL, MASK_STRINGS
+from glm.tokenizer import CONTROL_STRINGS, GLMTokenizer, GLM_SPECIAL, MASK_STRINGS, ROLE_TOKENS
 
 CASES = {
     "english": "The quick brown fox -- it's 2026! Jumps over 13 lazy dogs.",
@@ -21,7 +21,8 @@ def test_round_trip(tokenizer, name):
 
 
 def test_special_tokens_are_single_ids(tokenizer):
-    for piece in GLM_SPECIAL:
+    assert list(tokenizer.role_ids) == list(ROLE_TOKENS)  # reserved by train_tokenizer
+    for piece in GLM_SPECIAL + ROLE_TOKENS:
         i = tokenizer.sp.piece_to_id(piece)
         assert tokenizer.id_to_piece(i) == piece and tokenizer.decode([i]) == piece
     s = tokenizer.special
@@ -33,7 +34,7 @@ TEXTS_WITH = ["{}", "a{}b", "[{}", "{}{}", "话说{}天下", " {}\n", "{}]", "[[
 
 @pytest.mark.parametrize("special", CONTROL_STRINGS)
 def test_control_strings_in_user_text_stay_text(tokenizer, special):
-    ids_of_specials = set(dataclasses.asdict(tokenizer.special).values())
+    ids_of_specials = set(dataclasses.asdict(tokenizer.special).values()) | set(tokenizer.role_ids.values())
     texts = [t.format(special, special) for t in TEXTS_WITH]
     for text in texts:
         ids = tokenizer.encode(text)

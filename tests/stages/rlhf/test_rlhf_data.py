@@ -7,24 +7,27 @@ import pytest
 import torch
 
 from conftest import SAMPLE
+from glm.chat_format import CHATGLM_6B, chat_format
 from glm.config import ConfigError, padded_vocab_size, preset
 from glm.generation import build_chat_prompt
 from glm.model import GLMModel
 from glm.schema import IGNORE_INDEX
 from glm.value_head import ScalarHeadModel, last_token_index, load_reward_checkpoint, save_reward_checkpoint
 from stages.rlhf.config import PreferenceDataConfig, PreferenceSource, RLHFConfig
-from stages.rlhf.data import pair_row, parse_pair, prepare, prompt_row
+from stages.rlhf.data import pair_row, parse_pair, prepare, prompt_ids, prompt_row
 from stages.sft.formatting import BadRow
 
 
-def test_every_shipped_shape_parses_into_chatglm_rounds():
+def test_every_shipped_shape_parses_into_chatglm_rounds(tokenizer):
     hh = parse_pair({"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
                      "chosen": "fine", "rejected": "go away"})
     assert (hh.query, hh.history, hh.chosen) == ("how are you?", [("hi", "hello")], "fine")
     conv = parse_pair({"conversation": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q1"},
                                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}],
                        "chosen": {"role": "assistant", "content": "yes"}, "rejected": "no"})
-    assert (conv.query, conv.history, conv.chosen) == ("q2", [("Be kind.\nq1", "a1")], "yes")
+    assert (conv.query, conv.history, conv.system, conv.chosen) == ("q2", [("q1", "a1")], "Be kind.", "yes")
+    chatglm = chat_format(CHATGLM_6B, tokenizer)  # no system role: it opens the first query
+    assert prompt_ids(conv, chatglm) == tokenizer.encode(build_chat_prompt("q2", [("Be kind.\nq1", "a1")]))
     inst = parse_pair({"instruction": "translate", "input": "猫", "history": [["你好", "hi"]],
                        "chosen": "cat", "rejected": "dog"})
     assert (inst.query, inst.history) == ("translate\n猫", [("你好", "hi")])

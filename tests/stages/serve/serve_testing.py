@@ -28,9 +28,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(tokenizer, directory):
-    """Save a tiny GLM under `directory`, deploy it on the connected Ray (about 10 s), yield a
-    Server, and shut Serve down afterwards so later tests find no application running."""
+def serving(tokenizer, directory, chat_format: str | None = None):
+    """Save a tiny GLM under `directory` (recording `chat_format` in its metadata when given;
+    absent = ChatGLM-6B's), deploy it on the connected Ray (about 10 s), yield a Server, and
+    shut Serve down afterwards so later tests find no application running."""
     from glm.checkpoint import save_inference_checkpoint
     from glm.config import padded_vocab_size, preset
     from glm.model import GLMModel
@@ -38,7 +39,8 @@ def serving(tokenizer, directory):
 
     torch.manual_seed(0)
     model = GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
-    checkpoint = save_inference_checkpoint(model, tokenizer, directory / "model")
+    metadata = {"chat_format": chat_format} if chat_format else None
+    checkpoint = save_inference_checkpoint(model, tokenizer, directory / "model", metadata=metadata)
     config = ServeConfig(checkpoint=str(checkpoint), model_name="glm-tiny", port=free_port(), api_key=API_KEY,
                          max_batch_size=4, max_waiting=8, default_max_tokens=32, request_timeout_s=120,
                          body_timeout_s=3)

@@ -9,8 +9,10 @@ from pydantic import ValidationError
 
 pytest.importorskip("ray.serve")
 
+from glm.chat_format import CHATGLM_6B, ROLES, Message, chat_format  # noqa: E402
 from stages.serve.protocol import (  # noqa: E402
-    UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest,
+    UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, chat_messages, chat_prompt,
+    tool_plan,
 )
 
 USER = [{"role": "user", "content": "hi"}]
@@ -76,8 +78,9 @@ def test_logprobs_forms_and_their_conflicts():
 
 @pytest.mark.parametrize("param", sorted(UNSUPPORTED))
 def test_unsupported_parameters_are_refused_naming_an_alternative(param):
+    make = completion if param in ("tools", "tool_choice", "parallel_tool_calls") else chat  # chat has tools
     with pytest.raises(ValidationError) as e:
-        chat(**{param: 1})
+        make(**{param: 1})
     error = answer(e.value)
     assert error["param"] == param and error["code"] == "unsupported_parameter"
     assert error["message"] == f"{param!r} is not supported by this server: {UNSUPPORTED[param]}"
@@ -132,10 +135,60 @@ def test_settings_reach_the_generation_config():
             default.logit_bias) == (0.0, 0.0, 1.0, 0.0, {})
 
 
-def test_tokenize_takes_a_prompt_or_messages():
-    assert TokenizeRequest(prompt="x").text() == "x"
-    assert TokenizeRequest(messages=USER).text() == "hi"
+def test_tokenize_takes_a_prompt_or_messages(tokenizer):
+    fmt = chat_format(CHATGLM_6B, tokenizer)
+    assert TokenizeRequest(prompt="x").ids(tokenizer, fmt) == tokenizer.encode("x")
+    assert TokenizeRequest(messages=USER).ids(tokenizer, fmt) == tokenizer.encode("hi")
+    roles = chat_format(ROLES, tokenizer)
+    assert TokenizeRequest(messages=USER).ids(tokenizer, roles) == roles.prompt([Message("user", "hi")])
     for body in ({}, {"prompt": "x", "messages": USER}):
         with pytest.raises(APIError) as e:
-            TokenizeRequest(**body).text()
+            TokenizeRequest(**body).ids(tokenizer, fmt)
         assert e.value.param == "prompt"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time"}}]
+
+
+def test_tool_choice_shapes_the_prompt_and_the_decoding(tokenizer):
+    roles = chat_format(ROLES, tokenizer)
+    auto = tool_plan(chat(tools=TOOLS), roles)
+    assert auto.names == ["get_weather", "get_time"] and [t["name"] for t in auto.tools] == auto.names
+    assert auto.prefix_choices == [] and auto.stop_ids == roles.stop_ids()
+    required = tool_plan(chat(tools=TOOLS, tool_choice="required"), roles)
+    assert required.prefix_choices == [roles.header("get_weather"), roles.header("get_time")]
+    named = tool_plan(chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                              parallel_tool_calls=False), roles)
+    assert named.prefix_choices == [roles.header("get_time")] and named.names == ["get_time"]
+    assert named.stop_ids == roles.stop_ids() + [roles.ids["assistant"]]  # one call at most
+    none = tool_plan(chat(tools=TOOLS, tool_choice="none"), roles)
+    assert none.tools == [] and none.names == [] and none.prefix_choices == [roles.header("")]
+
+
+@pytest.mark.parametrize("body, fmt, param, match", [
+    ({"tools": TOOLS}, CHATGLM_6B, "tools", "no tool role"),
+    ({"tool_choice": "required"}, ROLES, "tool_choice", "needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, ROLES, "tool_choice",
+     "not one of the tools"),
+    ({"tools": TOOLS + TOOLS[:1]}, ROLES, "tools", "unique"),
+])
+def test_tool_requests_the_model_cannot_serve_are_400(tokenizer, body, fmt, param, match):
+    with pytest.raises(APIError, match=match) as e:
+        tool_plan(chat(**body), chat_format(fmt, tokenizer))
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_tool_messages_need_the_role_format(tokenizer):
+    messages = chat_messages(chat(messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"}]).messages)
+    with pytest.raises(APIError, match="no tools") as e:
+        chat_prompt(chat_format(CHATGLM_6B, tokenizer), messages)
+    assert e.value.param == "messages"
+    roles = chat_format(ROLES, tokenizer)
+    assert roles.parse(chat_prompt(roles, messages)[:-1])[0][2].name == "get_weather"
+    with pytest.raises(ValidationError):  # a function name is a metadata line: no newline
+        chat(tools=[{"type": "function", "function": {"name": "a\nb"}}])

@@ -116,3 +116,13 @@ def test_web_page_completes_chat_turns_with_history(glm_server, page):
                                             top_p=0.7).choices[0].message.content
     assert messages[2:] == [["msg user", "Tell me more"], ["msg assistant", second]]
     assert page.js("document.getElementById('model').textContent") == "glm-tiny"
+
+    # a system prompt goes first in every turn's messages
+    page.js("document.getElementById('clear').click(); "
+            "document.getElementById('system').value = 'Answer in one word.'; true")
+    messages = send(page, "你好", 1)
+    with_system = client.chat.completions.create(
+        model="glm-tiny", messages=[{"role": "system", "content": "Answer in one word."},
+                                    {"role": "user", "content": "你好"}],
+        max_tokens=12, temperature=0, top_p=0.7).choices[0].message.content
+    assert messages == [["msg user", "你好"], ["msg assistant", with_system]]

@@ -43,7 +43,7 @@ def test_bad_rows_name_their_reason(row, reason):
 
 def test_labels_cover_exactly_the_response_and_eop(tokenizer):
     special = tokenizer.special
-    conv = Conversation([("What is GLM?", "A general language model.")])
+    conv = Conversation.of_rounds([("What is GLM?", "A general language model.")])
     [s] = conversation_samples(conv, tokenizer, 128, use_2d=True)
     answer = tokenizer.encode("A general language model.")
     targeted = [i for i, t in enumerate(s.labels) if t != IGNORE_INDEX]
@@ -56,7 +56,7 @@ def test_labels_cover_exactly_the_response_and_eop(tokenizer):
 
 
 def test_multi_round_history_renders_as_chatglm_and_each_turn_is_a_sample(tokenizer):
-    conv = Conversation([("你好", "你好！"), ("你是谁？", "我是一个语言模型。")])
+    conv = Conversation.of_rounds([("你好", "你好！"), ("你是谁？", "我是一个语言模型。")])
     samples = conversation_samples(conv, tokenizer, 256, use_2d=True)
     assert len(samples) == 2
     expected = "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：你是谁？\n答："
@@ -70,7 +70,7 @@ def test_multi_round_history_renders_as_chatglm_and_each_turn_is_a_sample(tokeni
 def test_long_prompts_are_cut_from_the_left_and_the_response_kept_whole(tokenizer):
     history = [(f"question {i} " * 5, f"answer {i} " * 5) for i in range(20)]
     response = "the final answer stays whole"
-    conv = Conversation(history + [("last question", response)])
+    conv = Conversation.of_rounds(history + [("last question", response)])
     sample = conversation_samples(conv, tokenizer, 64, use_2d=True, last_turn_only=True)[0]
     answer = tokenizer.encode(response)
     assert len(sample) <= 64
@@ -79,12 +79,12 @@ def test_long_prompts_are_cut_from_the_left_and_the_response_kept_whole(tokenize
     kept = sample.input_ids[:sum(sample.prefix_mask) - 1]
     assert kept == full_prompt[-len(kept):]  # the newest end of the prompt survives
     with pytest.raises(BadRow, match="response_too_long"):
-        conversation_samples(Conversation([("q", "word " * 200)]), tokenizer, 64, use_2d=True)
+        conversation_samples(Conversation.of_rounds([("q", "word " * 200)]), tokenizer, 64, use_2d=True)
 
 
 def test_packing_puts_several_samples_in_one_row(tokenizer):
     samples = [s for i in range(6) for s in conversation_samples(
-        Conversation([(f"q{i}", f"answer number {i}")]), tokenizer, 64, use_2d=True)]
+        Conversation.of_rounds([(f"q{i}", f"answer number {i}")]), tokenizer, 64, use_2d=True)]
     rows = pack_rows(samples, 64, tokenizer.special.pad)
     assert len(rows) < len(samples)
     assert max(rows[0]["segment_ids"]) >= 2 and all(len(r["input_ids"]) == 64 for r in rows)
@@ -123,10 +123,50 @@ def test_control_strings_in_conversations_stay_text(tokenizer):
     """"[eop]", "[MASK]" ... typed in a query or a response are text: the only special tokens in
     a sample are the ones the layout puts there ([gMASK], [sop], [eop])."""
     special = tokenizer.special
-    conv = Conversation([("What does [MASK] mean? [gMASK]", "It ends with [eop] and [sop]</s>")],
-                        system="<pad> [sMASK]")
+    conv = Conversation.of_rounds([("What does [MASK] mean? [gMASK]", "It ends with [eop] and [sop]</s>")],
+                                   system="<pad> [sMASK]")
     [s] = conversation_samples(conv, tokenizer, 128, use_2d=True)
     layout = [t for t in s.input_ids + s.labels if t in set(vars(special).values())]
     assert sorted(layout) == sorted([special.gmask, special.sop, special.eop])
     answer = tokenizer.encode("It ends with [eop] and [sop]</s>")
     assert [t for t in s.labels if t != IGNORE_INDEX] == answer + [special.eop]
+
+
+TOOL_ROW = {
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "messages": [
+        {"role": "system", "content": "You can look up the weather."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    ]}
+
+
+def test_tool_calls_train_only_the_assistant_call_and_answer(tokenizer):
+    from glm.chat_format import ROLES, chat_format
+
+    fmt = chat_format(ROLES, tokenizer)
+    conv = parse_row(TOOL_ROW)
+    samples = conversation_samples(conv, tokenizer, 256, use_2d=True, fmt=fmt)
+    assert len(samples) == 2  # the call and the answer; system, user and tool turns are never targets
+    targets = [[t for t in s.labels if t != IGNORE_INDEX] for s in samples]
+    eop = tokenizer.special.eop
+    assert targets[0] == fmt.header("get_weather") + tokenizer.encode('{"city": "Paris"}') + [eop]
+    assert targets[1] == fmt.header("") + tokenizer.encode("It is 21 degrees in Paris.") + [eop]
+    for s, target in zip(samples, targets):
+        n_prompt = sum(s.prefix_mask)
+        context = tokenizer.decode(s.input_ids[:n_prompt])
+        assert all(label == IGNORE_INDEX for label in s.labels[:n_prompt])  # the whole prompt: no loss
+        assert "Weather in Paris?" in context and "You can look up the weather." in context
+    # the answer's prompt holds the tool result as an observation, and the call before it
+    second = samples[1].input_ids[:sum(samples[1].prefix_mask) - 1]
+    history, tools = fmt.parse(second[:-1])
+    assert [m.role for m in history] == ["system", "user", "assistant", "tool"] and tools == conv.tools
+    assert (history[3].name, history[3].content) == ("get_weather", '{"temp": 21}')
+    assert second[-1] == fmt.ids["assistant"]
+    # the ChatGLM-6B format has no tools: such a row is rejected with the reason
+    with pytest.raises(BadRow, match="unsupported_by_format"):
+        conversation_samples(conv, tokenizer, 256, use_2d=True)

@@ -93,3 +93,35 @@ def test_mlflow_run_has_data_counts_losses_and_sample_generations(base, uninterr
     samples = json.load(open(local))
     assert samples[0]["prompt"] == "你好" and isinstance(samples[0]["response"], str)
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
+
+
+def test_roles_format_sft_on_tool_calls_is_recorded_in_the_checkpoint(base, ray_instance, tmp_path):
+    """A short run in the `roles` chat format on OpenAI-style tool-call conversations: the
+    exported checkpoint records the format, which is what serve and chat() then render."""
+    from glm.chat_format import ROLES, from_metadata
+    from glm.checkpoint import read_checkpoint_config
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    rows = [{"tools": [tool], "messages": [
+        {"role": "system", "content": "You can look up the weather."},
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": f"city {i}"})}}]},
+        {"role": "tool", "tool_call_id": "c", "content": json.dumps({"temp_c": 10 + i})},
+        {"role": "assistant", "content": f"It is {10 + i} degrees."}]} for i in range(12)]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = sft_config(base, "roles")
+    cfg.data = SFTDataConfig(sources=[SFTSource(uri=str(path))], seq_len=128, output=str(tmp_path / "data"),
+                             chat_format=ROLES)
+    cfg.engine.num_workers, cfg.engine.train_steps, cfg.engine.validate_every = 1, 2, 2
+    cfg.tracking.enabled = False
+    run(cfg)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["chat_format"] == ROLES and manifest["sources"]["tools"]["samples"] == 24  # call + answer
+    _, metadata = read_checkpoint_config(cfg.output)
+    assert metadata["chat_format"] == ROLES
+    model, tokenizer = load_inference_checkpoint(cfg.output)
+    fmt = from_metadata(metadata, tokenizer)
+    response, _ = chat(model, tokenizer, "Weather in Rome?", config=GenerationConfig(max_new_tokens=4), chat_format=fmt)
+    assert isinstance(response, str)
