@@ -68,7 +68,7 @@ class ServeConfig:
     """Tensor-parallel degree: > 1 splits the model over this many worker processes (Ray actors
     in the replica's STRICT_PACK placement group: one node), each holding 1/N of every layer
     (`glm.parallel`); the replica keeps the batching and sampling. Must divide the model's
-    heads, FFN width and vocabulary (checked when the model is loaded)."""
+    heads, FFN width and vocabulary (checked by `deploy` and by the replica)."""
     max_ongoing_requests: int = 128
     """Requests Serve sends to one replica at once; at least max_batch_size + max_waiting + 16.
     The replica answers 429 itself (an OpenAI error) from max_ongoing_requests - 8 requests in

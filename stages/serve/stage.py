@@ -67,8 +67,8 @@ def deploy(config: ServeConfig, app_name: str = APP_NAME, timeout_s: float = 300
 
     Raises ValueError for a config that exposes the endpoint without an API key (see
     `ServeConfig.check_exposure`), FileNotFoundError / ValueError for a local checkpoint that is
-    missing or incomplete (or that `tensor_parallel` workers cannot share), and ReplicaStartError (with the replica's own error) when the replica
-    fails to start."""
+    missing or incomplete (or that `tensor_parallel` workers cannot share), and
+    ReplicaStartError (with the replica's own error) when the replica fails to start."""
     from ray import serve
 
     from glm.checkpoint import check_checkpoint_files
