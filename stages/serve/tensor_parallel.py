@@ -33,6 +33,8 @@ from glm.model import GLMOutput
 
 STEP_TIMEOUT_S = 600.0
 """Longest wait for one forward pass of the workers before the group counts as broken."""
+POLL_S = 1.0
+"""How often a wait for the workers checks whether one of them failed."""
 ERROR_GRACE_S = 10.0
 """After one worker failed, how long the others may take to fail alike before the group counts
 as broken (a rank that failed alone leaves the others waiting in a collective)."""
@@ -192,21 +194,21 @@ class TensorParallelModel:
         t = time.perf_counter()
         refs = [worker.step.remote(ops, forward) for worker in self.workers]
         outcomes, pending, deadline = {}, refs, time.monotonic() + self.step_timeout_s
-        while pending:
-            wait = deadline - time.monotonic()
-            if outcomes and any(isinstance(o, RayTaskError) for o in outcomes.values()):
-                wait = min(wait, ERROR_GRACE_S)  # the others are probably stuck in a collective
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, wait))
-            if not ready:
-                break
-            try:
-                outcomes[ready[0]] = ray.get(ready[0])
-            except RayTaskError as e:
-                outcomes[ready[0]] = e
-            except Exception as e:  # noqa: BLE001 - a worker died
-                self.broken = f"a worker failed: {type(e).__name__}: {e}"
-                raise RuntimeError(f"the tensor-parallel workers are out of step: {self.broken}") from e
-        errors = [o for o in outcomes.values() if isinstance(o, RayTaskError)]
+        errors: list[RayTaskError] = []
+        while pending and time.monotonic() < deadline:
+            # usually one wait returns them all; the poll notices a rank that failed alone
+            wait = min(deadline - time.monotonic(), ERROR_GRACE_S if errors else POLL_S)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, wait))
+            if errors and pending:
+                break  # the others are stuck in a collective the failed rank never joined
+            for ref in ready:
+                try:
+                    outcomes[ref] = ray.get(ref)
+                except RayTaskError as e:
+                    errors.append(e)
+                except Exception as e:  # noqa: BLE001 - a worker died
+                    self.broken = f"a worker failed: {type(e).__name__}: {e}"
+                    raise RuntimeError(f"the tensor-parallel workers are out of step: {self.broken}") from e
         if pending or (errors and len(errors) < len(refs)):
             self.broken = (f"{len(errors)} of {len(refs)} workers failed ({errors[0]}) and {len(pending)} did not "
                            f"finish" if errors else

@@ -15,7 +15,7 @@ from glm.int_quant import QuantSpec
 from glm.model import GLMModel
 from glm.quantization import quantize_checkpoint
 from stages.serve.engine import DecodeEngine, wait_for
-from stages.serve.tensor_parallel import start_tensor_parallel
+from stages.serve.tensor_parallel import RemoteKVCache, start_tensor_parallel
 
 from serve_testing import API_KEY, free_port
 
@@ -86,6 +86,28 @@ def test_tp2_workers_give_the_tp1_outputs_through_the_engine(ray_instance, check
         assert max(ray.get([w.held_bytes.remote() for w in model.workers])) <= 0.6 * whole  # no rank holds it all
         model.flush()  # every cache the engine dropped is freed on the workers too
         assert ray.get([w.cache_ids.remote() for w in model.workers]) == [[], []]
+    finally:
+        model.close()
+
+
+def test_an_error_on_every_rank_fails_one_call_and_a_lost_worker_breaks_the_group(ray_instance, checkpoints,
+                                                                                 tokenizer):
+    import ray
+
+    with verified_checkpoint(checkpoints["fp32"]) as (local, config, _, spec):
+        model = start_tensor_parallel(local, config, 2)
+    try:
+        ids = torch.tensor([tokenizer.encode("Hello")])
+        pos = torch.arange(ids.shape[1])[None]
+        with pytest.raises(KeyError):  # a cache no rank holds: every rank fails alike, before any collective
+            model(ids, pos, past_key_values=RemoteKVCache(model, 10**6), use_cache=True)
+        model.check()  # still in step
+        assert model(ids, pos).logits.shape == (1, 1, config.vocab_size)
+        ray.kill(model.workers[1])
+        with pytest.raises(RuntimeError, match="out of step"):
+            model(ids, pos)
+        with pytest.raises(RuntimeError, match="out of step"):
+            model.check()  # what the replica's health check calls: Serve replaces the replica
     finally:
         model.close()
 
