@@ -17,7 +17,8 @@ seed 0; the tokenizer trained on the sample corpus):
   replica's generated tokens/s (GPU workers, one GPU each, fp16, where there are `tp` GPUs;
   on CPU the figure shows the cost of the worker round trips on a tiny model, not a speed-up);
 - the same requests through the engine in this process with TP workers: the round trip to the
-  workers per forward call beyond what the workers spend (`serve_overhead_ms_per_call`).
+  workers per forward call beyond what the workers spend (`serve_overhead_ms_per_call`), and
+  that of a call carrying no work (`serve_empty_call_ms`: Ray's own latency on the machine).
 Prints progress, then one JSON line with `tp`, `logits_max_abs_diff`, `grad_max_abs_diff`,
 `train_loss_max_rel_diff`, `param_bytes_per_rank_ratio`, `serve_same_greedy` and the goals.
 Training through the engine with TP is not covered yet (issue 18).
@@ -221,13 +222,18 @@ def serve_comparison(args) -> dict:
                 thread.join()
             busy = ray.get(tp_model.workers[0].busy_seconds.remote())
             calls, seconds = tp_model.stats["calls"], tp_model.stats["seconds"]
+            t = time.perf_counter()
+            for _ in range(50):  # the same round trip carrying no work: Ray's own call latency here
+                tp_model.flush()
+            result["serve_empty_call_ms"] = round(1000 * (time.perf_counter() - t) / 50, 2)
         finally:
             engine.close()
             tp_model.close()
         result["serve_overhead_ms_per_call"] = round(1000 * (seconds - busy) / calls, 2)
         result["serve_worker_ms_per_call"] = round(1000 * busy / calls, 2)
         print(f"  driver: {calls} forward calls, {result['serve_worker_ms_per_call']} ms in the workers and "
-              f"{result['serve_overhead_ms_per_call']} ms more per call", flush=True)
+              f"{result['serve_overhead_ms_per_call']} ms more per call; a call carrying no work "
+              f"{result['serve_empty_call_ms']} ms", flush=True)
     return result
 
 
@@ -255,6 +261,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp), "--master_port",
            str(_free_port()), __file__, "--worker"] + [a for a in sys.argv[1:] if a != "--worker"]
     t = time.perf_counter()
+    load_start = os.getloadavg()[0]  # other work on the machine skews the timings: recorded
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")), None)
     if proc.returncode or line is None:
@@ -284,6 +291,8 @@ def main() -> None:
         print(f"serving: TP=1 and TP={args.tp} Serve replicas, {args.serve_requests} greedy requests each", flush=True)
         result.update(serve_comparison(args))
     result["seconds"] = round(time.perf_counter() - t, 1)
+    result["load_avg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    result["cpus"] = os.cpu_count()
     print(json.dumps(result))
 
 
