@@ -26,6 +26,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from glm.config import GLMConfig
@@ -97,8 +98,10 @@ class TPWorker:
 
     @torch.no_grad()
     def step(self, ops: list[tuple], forward: dict[str, Any] | None) -> torch.Tensor | None:
-        """Apply the queued cache edits, then run one forward pass (when given); rank 0
-        returns the last position's logits (B, 1, vocab) on the CPU, the others None."""
+        """Apply the queued cache edits, then run one forward pass (when given; its tensors as
+        numpy arrays); rank 0 returns the last position's logits (B, 1, vocab) as an fp32 numpy
+        array, the others None. Numpy, not torch: Ray pickles a torch tensor through torch.save,
+        which cost several milliseconds per call here (docs/serve.md)."""
         import time
 
         from glm.model import concat_caches, select_cache
@@ -119,12 +122,13 @@ class TPWorker:
             self.busy_s += time.perf_counter() - started
             return None
         past, target = forward.pop("past"), forward.pop("target")
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in forward.items()}
+        inputs = {k: None if v is None else torch.from_numpy(numpy.array(v)).to(self.device)
+                  for k, v in forward.items()}
         out = self.model(**inputs, past_key_values=self.caches[past] if past is not None else None,
                          use_cache=target is not None)
         if target is not None:
             self.caches[target] = out.past_key_values
-        logits = out.logits[:, -1:].cpu() if self.rank == 0 else None
+        logits = out.logits[:, -1:].float().cpu().numpy() if self.rank == 0 else None
         self.busy_s += time.perf_counter() - started
         return logits
 
@@ -167,10 +171,11 @@ class TensorParallelModel:
         if labels is not None:
             raise NotImplementedError("a tensor-parallel serving model computes no loss")
         target = next(self._ids) if use_cache else None
-        forward = {"input_ids": input_ids, "position_ids": position_ids, "block_position_ids": block_position_ids,
-                   "segment_ids": segment_ids, "prefix_mask": prefix_mask,
-                   "past": past_key_values.id if past_key_values is not None else None, "target": target}
-        logits = self._run(forward)
+        tensors = {"input_ids": input_ids, "position_ids": position_ids, "block_position_ids": block_position_ids,
+                   "segment_ids": segment_ids, "prefix_mask": prefix_mask}
+        forward = {name: None if t is None else t.cpu().numpy() for name, t in tensors.items()}
+        forward.update(past=past_key_values.id if past_key_values is not None else None, target=target)
+        logits = torch.from_numpy(numpy.array(self._run(forward)))
         return GLMOutput(logits=logits, past_key_values=RemoteKVCache(self, target) if use_cache else None)
 
     def _queue(self, kind: str, sources: tuple[int, ...], *args) -> RemoteKVCache:
