@@ -14,9 +14,12 @@ edits it makes between forward passes (rows dropped, batches merged, beams reord
 so a decode step costs one round trip to the workers, not one per edit.
 
 A worker that fails alone (the others do not fail alike within ERROR_GRACE_S), dies, or does
-not answer within `step_timeout_s` leaves the group out of step: the model is marked broken, every later call fails, and the replica's health check
-fails, so Serve replaces the replica (its workers die with it). An error every rank raises
-alike (a bad input) fails that call only.
+not answer within `step_timeout_s` leaves the group out of step: the model is marked broken,
+every later call fails, and the replica's health check fails, so Serve replaces the replica
+(its workers die with it). An error every rank raises alike (a bad input) fails that call only.
+
+Inputs and logits travel as numpy arrays: Ray pickles torch tensors through torch.save, which
+cost several milliseconds per call (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -100,8 +103,7 @@ class TPWorker:
     def step(self, ops: list[tuple], forward: dict[str, Any] | None) -> torch.Tensor | None:
         """Apply the queued cache edits, then run one forward pass (when given; its tensors as
         numpy arrays); rank 0 returns the last position's logits (B, 1, vocab) as an fp32 numpy
-        array, the others None. Numpy, not torch: Ray pickles a torch tensor through torch.save,
-        which cost several milliseconds per call here (docs/serve.md)."""
+        array, the others None."""
         import time
 
         from glm.model import concat_caches, select_cache
