@@ -10,9 +10,18 @@ the same weights in fp32, compares:
 - `steps` AdamW training steps of TP against dense on the same data and seed;
 - the round trip dense -> shards -> dense of a state dict;
 - one rank's parameter bytes against the whole model's.
+Then serving (unless --no-serve), on a local Ray with a tiny checkpoint (random weights,
+seed 0; the tokenizer trained on the sample corpus):
+- the same greedy completion requests, all sent at once, through a TP=1 and a TP=`tp` Serve
+  replica: `serve_same_greedy` is the share of requests whose text is the same, and each
+  replica's generated tokens/s (GPU workers, one GPU each, fp16, where there are `tp` GPUs;
+  on CPU the figure shows the cost of the worker round trips on a tiny model, not a speed-up);
+- the same requests through the engine in this process with TP workers: the round trip to the
+  workers per forward call beyond what the workers spend (`serve_overhead_ms_per_call`), and
+  that of a call carrying no work (`serve_empty_call_ms`: Ray's own latency on the machine).
 Prints progress, then one JSON line with `tp`, `logits_max_abs_diff`, `grad_max_abs_diff`,
-`train_loss_max_rel_diff`, `param_bytes_per_rank_ratio` and the goals. Training through the
-engine and serving with TP are not covered yet (issue 18).
+`train_loss_max_rel_diff`, `param_bytes_per_rank_ratio`, `serve_same_greedy` and the goals.
+Training through the engine with TP is not covered yet (issue 18).
 """
 
 from __future__ import annotations
@@ -117,6 +126,117 @@ def worker(args) -> dict:
     return result
 
 
+SERVE_PROMPTS = [
+    "First Citizen:\n", "话说天下大势，", "The history of the Roman Empire", "def fibonacci(n):\n",
+    "In the beginning", "天下之事，", "Once upon a time, in a land far away,", "The weather today is",
+    "Hello", "1, 2, 3, 4,", "The quick brown fox", "床前明月光，", "To be, or not to be,", "import torch\n",
+    "Dear Sir or Madam,", "北京是",
+]
+
+
+def _complete_all(url: str, prompts: list[str], max_tokens: int) -> tuple[list[str], int, float]:
+    """Greedy completions of every prompt, all sent at once: (texts, generated tokens, seconds)."""
+    import concurrent.futures as cf
+
+    import requests
+
+    def one(prompt: str) -> tuple[str, int]:
+        r = requests.post(f"{url}/v1/completions", json={"model": "glm", "prompt": prompt, "max_tokens": max_tokens,
+                                                          "temperature": 0}, timeout=600)
+        r.raise_for_status()
+        body = r.json()
+        return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(one, prompts))
+    return [a[0] for a in answers], sum(a[1] for a in answers), time.perf_counter() - t
+
+
+def serve_comparison(args) -> dict:
+    """TP=1 against TP=`args.tp` Serve replicas of one tiny checkpoint (see the module doc)."""
+    import itertools
+    import tempfile
+    import threading
+
+    import ray
+    import torch
+
+    from glm.checkpoint import save_inference_checkpoint, verified_checkpoint
+    from glm.config import padded_vocab_size, preset
+    from glm.generation import GenerationConfig, SpanQuery
+    from glm.model import GLMModel
+    from glm.tokenizer import train_tokenizer
+    from stages.cluster import ensure_ray
+    from stages.serve import ServeConfig, deploy, shutdown
+    from stages.serve.engine import DecodeEngine, wait_for
+    from stages.serve.tensor_parallel import start_tensor_parallel
+
+    on_gpu = torch.cuda.device_count() >= args.tp
+    texts = []
+    for path in sorted((REPO / "data/sample/pretrain").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            texts += [json.loads(line)["text"] for line in itertools.islice(f, 6)]
+    tokenizer = train_tokenizer(texts, vocab_size=3000, character_coverage=0.995)
+    prompts = (SERVE_PROMPTS * (1 + args.serve_requests // len(SERVE_PROMPTS)))[:args.serve_requests]
+    result = {"serve_device": f"{args.tp} GPUs" if on_gpu else "cpu", "serve_preset": args.serve_preset,
+              "serve_requests": len(prompts), "serve_max_tokens": args.serve_max_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = GLMModel(preset(args.serve_preset, vocab_size=padded_vocab_size(len(tokenizer)))).eval()
+        checkpoint = save_inference_checkpoint(model, tokenizer, Path(tmp) / "model")
+        del model
+        ensure_ray(min_cpus=args.tp + 2)
+        answers, speed = {}, {}
+        for tp in (1, args.tp):
+            config = ServeConfig(checkpoint=checkpoint, port=_free_port(), tensor_parallel=tp,
+                                 num_gpus=1 if on_gpu else 0, dtype="float16" if on_gpu else "auto",
+                                 max_batch_size=8, max_waiting=max(64, len(prompts)))
+            t = time.perf_counter()
+            url = deploy(config, timeout_s=300)
+            print(f"  TP={tp} replica up in {time.perf_counter() - t:.1f}s", flush=True)
+            try:
+                _complete_all(url, prompts[:2], 4)  # warm-up
+                answers[tp], tokens, seconds = _complete_all(url, prompts, args.serve_max_tokens)
+            finally:
+                shutdown()
+            speed[f"tp{tp}"] = round(tokens / seconds, 1)
+            print(f"  TP={tp}: {tokens} tokens in {seconds:.1f}s", flush=True)
+        same = [a == b for a, b in zip(answers[1], answers[args.tp])]
+        result["serve_same_greedy"] = sum(same) / len(same)
+        result["serve_tokens_per_s"] = speed
+
+        # the driver's round trip per forward call, beyond the workers' own time
+        with verified_checkpoint(checkpoint) as (local, model_config, _, _):
+            tp_model = start_tensor_parallel(local, model_config, args.tp)
+        engine = DecodeEngine(tp_model, tokenizer, max_batch_size=8)
+        try:
+            def one(prompt: str) -> None:
+                ids = tokenizer.encode(prompt) + [tokenizer.special.gmask]
+                wait_for(engine, SpanQuery(ids, len(ids) - 1, True), GenerationConfig(args.serve_max_tokens))
+
+            threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            busy = ray.get(tp_model.workers[0].busy_seconds.remote())
+            calls, seconds = tp_model.stats["calls"], tp_model.stats["seconds"]
+            t = time.perf_counter()
+            for _ in range(50):  # the same round trip carrying no work: Ray's own call latency here
+                tp_model.flush()
+            result["serve_empty_call_ms"] = round(1000 * (time.perf_counter() - t) / 50, 2)
+        finally:
+            engine.close()
+            tp_model.close()
+        result["serve_overhead_ms_per_call"] = round(1000 * (seconds - busy) / calls, 2)
+        result["serve_worker_ms_per_call"] = round(1000 * busy / calls, 2)
+        print(f"  driver: {calls} forward calls, {result['serve_worker_ms_per_call']} ms in the workers and "
+              f"{result['serve_overhead_ms_per_call']} ms more per call; a call carrying no work "
+              f"{result['serve_empty_call_ms']} ms", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
@@ -125,6 +245,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--no-serve", action="store_true", help="skip the serving comparison")
+    parser.add_argument("--serve-preset", default="tiny", help="model preset of the serving comparison")
+    parser.add_argument("--serve-requests", type=int, default=16)
+    parser.add_argument("--serve-max-tokens", type=int, default=32)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -137,6 +261,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp), "--master_port",
            str(_free_port()), __file__, "--worker"] + [a for a in sys.argv[1:] if a != "--worker"]
     t = time.perf_counter()
+    load_start = os.getloadavg()[0]  # other work on the machine skews the timings: recorded
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")), None)
     if proc.returncode or line is None:
@@ -157,9 +282,17 @@ def main() -> None:
         "state_dict_round_trip": all(s["state_dict_round_trip"] for s in styles.values()),
         "styles": styles, "seconds": round(time.perf_counter() - t, 1),
         "baseline": "the dense (TP=1) model with the same weights, in the same run",
-        "serve_same_greedy": "not measured: TP serving is not built yet",
-        "goal": {"logits_max_abs_diff": 1e-4, "train_loss_max_rel_diff": 1e-4, "param_bytes_per_rank_ratio": 0.6},
+        "goal": {"logits_max_abs_diff": 1e-4, "train_loss_max_rel_diff": 1e-4, "param_bytes_per_rank_ratio": 0.6,
+                 "serve_same_greedy": 1.0},
     }
+    if args.no_serve:
+        result["serve_same_greedy"] = "not measured (--no-serve)"
+    else:
+        print(f"serving: TP=1 and TP={args.tp} Serve replicas, {args.serve_requests} greedy requests each", flush=True)
+        result.update(serve_comparison(args))
+    result["seconds"] = round(time.perf_counter() - t, 1)
+    result["load_avg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    result["cpus"] = os.cpu_count()
     print(json.dumps(result))
 
 

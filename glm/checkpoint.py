@@ -260,6 +260,25 @@ def load_inference_checkpoint(
     return model.eval(), tokenizer
 
 
+def load_checkpoint_shard(directory: str | Path, tp, device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None, gather_logits: bool = True):
+    """One tensor-parallel rank's model (`glm.parallel.TPGLMModel`, eval mode) from a local
+    checkpoint directory whose weights were verified already (`verified_checkpoint`, once for
+    all ranks): only this rank's slices of the weights are read. Quantized checkpoints are
+    sharded alike; non-finite weights are refused (ValueError naming the tensor)."""
+    from glm.parallel import TPGLMModel, read_shard
+
+    directory = Path(directory)
+    config, _, spec = _parse_config(directory / CONFIG_FILE)
+    model = TPGLMModel(config, tp, gather_logits=gather_logits, quantization=spec)
+    model.load_state_dict(read_shard(directory / WEIGHTS_FILE, config, tp.rank, tp.size), strict=True)
+    _check_finite(model, f"{directory} (tensor-parallel rank {tp.rank} of {tp.size})")
+    model = model.to(device)
+    if dtype is not None:
+        model = cast_model(model, dtype)
+    return model.eval()
+
+
 class _fetched:
     """Context manager yielding a local directory with the checkpoint's files."""
 

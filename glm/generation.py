@@ -16,7 +16,7 @@ import torch
 
 from glm.chat_format import ChatFormat, Message, chat_format as get_chat_format
 from glm.chat_format import build_chat_prompt  # noqa: F401 - re-exported (the ChatGLM-6B prompt)
-from glm.model import GLMModel, KVCache
+from glm.model import GLMModel, KVCache, model_device, select_cache
 from glm.schema import SpecialTokens, part_b_positions
 from glm.tokenizer import GLMTokenizer
 
@@ -316,7 +316,7 @@ def beam_search_steps(
     its length) scores log-prob / ((5 + len) / 6) ** lp. Search stops when no live beam, at
     the current length, beats the worst of `num_beams` finished hypotheses.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     k = config.num_beams
     batch = PartBBatch([query], special, model.config.uses_2d_positions, device)
     stop_ids = _stop_ids(special, config)
@@ -357,7 +357,7 @@ def beam_search_steps(
             break
         beams = next_beams
         index = torch.tensor(parents, device=device)
-        cache = [(kk.index_select(0, index), vv.index_select(0, index)) for kk, vv in cache]
+        cache = select_cache(cache, index)
         n = len(beams)
         pos, block = batch.step_inputs(step + 1, [0] * n)
         segment_ids = torch.cat((segment_ids[:1].expand(n, -1), torch.ones(n, 1, dtype=torch.long, device=device)), 1)

@@ -275,6 +275,42 @@ class GLMModel(nn.Module):
         return logits, loss
 
 
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: `model.device` when the model says (a tensor-parallel driver
+    whose weights live in other processes), else its first parameter's device."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` padded with zeros at the start of `dim` to `length`."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat((t.new_zeros(shape), t), dim=dim)
+
+
+def select_cache(cache, index: torch.Tensor, first: int = 0):
+    """Rows `index` of a KV cache, from key column `first` on (the beams kept, the rows still
+    decoding). A cache that is not a list of tensors (one held by tensor-parallel workers)
+    does this itself."""
+    if not isinstance(cache, list):
+        return cache.select(index, first)
+    return [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:]) for k, v in cache]
+
+
+def concat_caches(a, b, length: int):
+    """The rows of KV cache `a`, then those of `b`, each left-padded to `length` key columns
+    (zeros: the caller's segment ids must make them invisible). A cache that is not a list
+    of tensors does this itself."""
+    if not isinstance(a, list):
+        return a.concat(b, length)
+    return [(torch.cat((left_pad(k0, length, 2), left_pad(k1, length, 2))),
+             torch.cat((left_pad(v0, length, 2), left_pad(v1, length, 2)))) for (k0, v0), (k1, v1) in zip(a, b)]
+
+
 @dataclass
 class ParameterCount:
     total: int

@@ -14,9 +14,15 @@ Each rank of a tensor-parallel group of size N holds 1/N of every block's matric
 LayerNorms, biases of row-parallel layers, RoPE (1D and 2D) and DeepNorm are replicated and
 unchanged in meaning. Collectives go through torch.distributed (gloo on CPU, NCCL on GPU).
 
+Weight-only INT8 / INT4 models (glm/int_quant.py) are sharded the same way: integer rows and
+their scales split with the rows; a row-parallel layer's integer (or packed INT4) columns split
+with the columns, its per-row scales replicated (per-group scales split with their groups), so
+every rank's layers dequantize to exactly the dense quantized model's slices.
+
 `shard_state_dict` / `merge_state_dicts` convert between a dense (TP=1) state dict and the
-per-rank shards, so checkpoints move between TP degrees; `tensor_parallel_model` builds one
-rank's model from a dense state dict. P-Tuning v2 prefixes and LoRA are not sharded yet.
+per-rank shards, so checkpoints move between TP degrees; `read_shard` reads one rank's share
+from a safetensors file without reading the rest; `tensor_parallel_model` builds one rank's
+model from a dense state dict. P-Tuning v2 prefixes and LoRA are not sharded yet.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glm.config import GLMConfig
+from glm.int_quant import QuantizedLinear, QuantSpec
 from glm.model import FeedForward, GLMModel, SelfAttention, WordEmbedding
 from glm.schema import IGNORE_INDEX
+from kernels.quant_matmul import quantized_matmul
 
 
 class TPGroup:
@@ -125,6 +133,22 @@ class RowParallelLinear(nn.Linear):
         return y + self.bias if self.bias is not None else y
 
 
+class RowParallelQuantizedLinear(QuantizedLinear):
+    """A row-parallel layer with integer weights: this rank's input columns, one all-reduce,
+    then the (replicated) bias. Inference only, as QuantizedLinear."""
+
+    def __init__(self, in_local: int, out_features: int, spec: QuantSpec, tp: TPGroup, bias: bool = True,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__(in_local, out_features, spec, bias, device, dtype)
+        self.tp = tp
+
+    def forward(self, x):
+        y = quantized_matmul(x, self.weight, self.weight_scale, bits=self.spec.bits, group_size=self.spec.group_size,
+                             in_features=self.in_features)
+        y = reduce_from_tp(y, self.tp)
+        return y + self.bias if self.bias is not None else y
+
+
 class TPSelfAttention(SelfAttention):
     """Attention over this rank's heads (the parent's forward with local head counts)."""
 
@@ -206,8 +230,9 @@ class TPGLMModel(GLMModel):
     """One rank's GLM model. Its logits are this rank's vocabulary slice unless gather_logits;
     the loss is the vocab-parallel cross-entropy, equal to the dense model's."""
 
-    def __init__(self, config: GLMConfig, tp: TPGroup, gather_logits: bool = False):
-        check_divisible(config, tp.size)
+    def __init__(self, config: GLMConfig, tp: TPGroup, gather_logits: bool = False,
+                 quantization: QuantSpec | None = None):
+        check_divisible(config, tp.size, quantization)
         if config.pre_seq_len:
             raise NotImplementedError("P-Tuning v2 prefixes are not sharded for tensor parallelism yet")
         with torch.device("meta"):  # the dense modules are replaced below: never allocate them
@@ -219,6 +244,15 @@ class TPGLMModel(GLMModel):
         for i, block in enumerate(self.layers):
             block.attention = TPSelfAttention(config, i, tp)
             block.mlp = TPFeedForward(config, tp)
+            if quantization is not None:  # glm.int_quant.prepare_quantized's layout, split as above
+                for module, name in ((block.attention, "query_key_value"), (block.mlp, "dense_h_to_4h")):
+                    linear = getattr(module, name)
+                    setattr(module, name, QuantizedLinear(linear.in_features, linear.out_features, quantization,
+                                                          device="meta"))
+                for module, name in ((block.attention, "dense"), (block.mlp, "dense_4h_to_h")):
+                    linear = getattr(module, name)
+                    setattr(module, name, RowParallelQuantizedLinear(linear.in_features, linear.out_features,
+                                                                     quantization, tp, device="meta"))
         self.to_empty(device="cpu")  # the replicated LayerNorms built on meta; values come from a state dict
         for block in self.layers:
             block.attention._inv_freq = SelfAttention(config, 0)._inv_freq
@@ -233,43 +267,93 @@ class TPGLMModel(GLMModel):
         return logits, loss
 
 
-def check_divisible(config: GLMConfig, tp: int) -> None:
+def check_divisible(config: GLMConfig, tp: int, quantization: QuantSpec | None = None) -> None:
+    """ValueError naming the size that `tp` ranks cannot share evenly (with quantized weights
+    also: each rank's input columns of a row-parallel layer must be whole INT4 bytes and whole
+    scale groups)."""
+    if tp < 1:
+        raise ValueError(f"tensor parallelism must be >= 1, got {tp}")
     for name, value in (("num_heads", config.num_heads), ("ffn_hidden_size", config.ffn_hidden_size),
                         ("vocab_size", config.vocab_size)):
         if value % tp:
             raise ValueError(f"tensor parallelism {tp}: {name} {value} is not divisible by it")
+    if quantization is None or tp == 1:
+        return
+    unit = max(quantization.group_size, 2 if quantization.bits == 4 else 1)
+    for name, value in (("hidden_size", config.hidden_size), ("ffn_hidden_size", config.ffn_hidden_size)):
+        if (value // tp) % unit:
+            raise ValueError(f"tensor parallelism {tp} with {quantization.name} weights: {name} {value} / {tp} = "
+                             f"{value // tp} columns per rank is not a multiple of {unit} "
+                             f"({'the scale group size' if quantization.group_size else 'two INT4 values per byte'})")
 
 
 # -- checkpoints between TP degrees -------------------------------------------------------------
 
 
-def _split(name: str, config: GLMConfig) -> tuple[int, int] | None:
-    """(dimension, number of interleaved parts) along which a dense tensor is split, or None
-    for a replicated one. Parts: the fused [q; k; v] rows and GeGLU's [a; gate] rows are split
-    each on their own, so every rank's slice keeps the same layout."""
-    if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+def _split(name: str, config: GLMConfig, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dimension, number of interleaved parts) along which a dense tensor of this name and
+    shape is split, or None for a replicated one. Parts: the fused [q; k; v] rows and GeGLU's
+    [a; gate] rows are split each on their own, so every rank's slice keeps the same layout.
+    Quantized layers: `weight` (integers) and `weight_scale` (fp16, one column per group)
+    split like the float weight, except that a row-parallel layer's single per-row scale
+    column is replicated."""
+    layer, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias", "weight_scale"):
+        return None
+    if layer.endswith("query_key_value"):
         return 0, 3
-    if name.endswith("dense_h_to_4h.weight") or name.endswith("dense_h_to_4h.bias"):
+    if layer.endswith("dense_h_to_4h"):
         return 0, 2 if config.ffn_type == "geglu" else 1
-    if name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight"):
+    if layer.endswith("attention.dense") or layer.endswith("dense_4h_to_h"):
+        if kind == "bias" or (kind == "weight_scale" and shape[1] == 1):
+            return None
         return 1, 1
     if name in ("word_embeddings.weight", "lm_head.weight"):
         return 0, 1
     return None
 
 
+def _ranges(length: int, parts: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of each part's slice that `rank` of `size` holds, along a dimension of `length`."""
+    part = length // parts
+    local = part // size
+    return [(p * part + rank * local, p * part + (rank + 1) * local) for p in range(parts)]
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, config: GLMConfig, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s share of one dense tensor (the tensor itself when replicated)."""
+    how = _split(name, config, tuple(tensor.shape))
+    if how is None:
+        return tensor
+    dim, parts = how
+    ranges = _ranges(tensor.shape[dim], parts, rank, size)
+    return torch.cat([tensor.narrow(dim, a, b - a) for a, b in ranges], dim=dim).clone()
+
+
 def shard_state_dict(state: dict[str, torch.Tensor], config: GLMConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
     """Rank `rank`'s share of a dense state dict."""
     check_divisible(config, size)
+    return {name: shard_tensor(name, tensor, config, rank, size) for name, tensor in state.items()}
+
+
+def read_shard(weights_file, config: GLMConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s share of a dense safetensors file, reading only the slices it keeps (so
+    no process holds the whole model)."""
+    from safetensors import safe_open
+
+    check_divisible(config, size)
     out = {}
-    for name, tensor in state.items():
-        how = _split(name, config)
-        if how is None:
-            out[name] = tensor
-            continue
-        dim, parts = how
-        chunks = tensor.chunk(parts, dim=dim)
-        out[name] = torch.cat([c.chunk(size, dim=dim)[rank] for c in chunks], dim=dim).clone()
+    with safe_open(str(weights_file), framework="pt") as f:
+        for name in f.keys():
+            part = f.get_slice(name)
+            how = _split(name, config, tuple(part.get_shape()))
+            if how is None:
+                out[name] = f.get_tensor(name)
+                continue
+            dim, parts = how
+            ranges = _ranges(part.get_shape()[dim], parts, rank, size)
+            pieces = [part[a:b] if dim == 0 else part[:, a:b] for a, b in ranges]
+            out[name] = torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
     return out
 
 
@@ -277,7 +361,7 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: GLMConfig) 
     """The dense state dict from every rank's shard (in rank order)."""
     out = {}
     for name, first in shards[0].items():
-        how = _split(name, config)
+        how = _split(name, config, tuple(first.shape))
         if how is None:
             out[name] = first
             continue
@@ -288,8 +372,9 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: GLMConfig) 
 
 
 def tensor_parallel_model(config: GLMConfig, dense_state: dict[str, torch.Tensor], tp: TPGroup,
-                          gather_logits: bool = False) -> TPGLMModel:
-    """This rank's model loaded with its shard of a dense (TP=1) state dict."""
-    model = TPGLMModel(config, tp, gather_logits=gather_logits)
+                          gather_logits: bool = False, quantization: QuantSpec | None = None) -> TPGLMModel:
+    """This rank's model loaded with its shard of a dense (TP=1) state dict (a quantized
+    model's with `quantization` its spec)."""
+    model = TPGLMModel(config, tp, gather_logits=gather_logits, quantization=quantization)
     model.load_state_dict(shard_state_dict(dense_state, config, tp.rank, tp.size))
     return model

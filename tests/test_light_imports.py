@@ -16,6 +16,7 @@ CHECKS = [
     ("kernels.quant_matmul", ["ray", "triton"]),
     ("glm.quantization", ["ray", "mlflow", "deepspeed", "triton"]),
     ("glm.checkpoint", ["ray", "mlflow", "deepspeed", "triton"]),
+    ("glm.parallel", ["ray", "mlflow", "deepspeed", "triton"]),
     ("glm.chatglm_hf", ["ray", "mlflow", "deepspeed", "triton"]),
     ("glm.value_head", ["ray", "mlflow", "deepspeed"]),
     ("stages.rlhf.config", ["torch", "ray", "mlflow", "deepspeed"]),

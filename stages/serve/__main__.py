@@ -36,7 +36,8 @@ FLAGS = {  # flag -> (ServeConfig field, type, help)
     "--max-waiting": ("max_waiting", int, "requests waiting per replica before 429 (default 64)"),
     "--num-replicas": ("num_replicas", int, "model replicas (default 1)"),
     "--num-cpus": ("num_cpus", float, "CPUs per replica; sets torch threads (default 1)"),
-    "--num-gpus": ("num_gpus", float, "GPUs per replica (default 0)"),
+    "--num-gpus": ("num_gpus", float, "GPUs per replica, per worker with --tensor-parallel > 1 (default 0)"),
+    "--tensor-parallel": ("tensor_parallel", int, "split the model over this many worker processes (default 1)"),
     "--device": ("device", str, "auto | cpu | cuda (default auto)"),
     "--dtype": ("dtype", str, "auto | float32 | bfloat16 | float16 (default auto: as stored)"),
 }

@@ -215,7 +215,11 @@ class GLMServer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
         t0 = time.time()
-        self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
+        if self.config.tensor_parallel > 1:
+            self.model, self.tokenizer = self._start_tensor_parallel()
+            device = f"{self.config.tensor_parallel} tensor-parallel workers"
+        else:
+            self.model, self.tokenizer = load_inference_checkpoint(self.config.checkpoint, device=device, dtype=dtype)
         self.context = self.model.config.max_seq_len
         self.chat_format = from_metadata(read_checkpoint_config(self.config.checkpoint)[1], self.tokenizer)
         self.metrics = ServeMetrics(self.config.model_name, serve.get_replica_context().replica_id.unique_id)
@@ -233,15 +237,35 @@ class GLMServer:
                     self.config.checkpoint, device, time.time() - t0, self.context, self.config.max_batch_size,
                     self.chat_format.name)
 
+    def _start_tensor_parallel(self):
+        """(TensorParallelModel, tokenizer): the checkpoint verified and fetched here once, then
+        each worker reads its shard from that local copy (STRICT_PACK: the same node)."""
+        from glm.checkpoint import verified_checkpoint
+        from glm.tokenizer import GLMTokenizer
+        from stages.serve.tensor_parallel import check_shardable, start_tensor_parallel
+
+        size = self.config.tensor_parallel
+        with verified_checkpoint(self.config.checkpoint) as (local, model_config, _, spec):
+            check_shardable(model_config, spec, size, self.config.checkpoint)
+            tokenizer = GLMTokenizer.load(local / GLMTokenizer.MODEL_FILE)
+            dtype = None if self.config.dtype == "auto" else self.config.dtype
+            model = start_tensor_parallel(local, model_config, size, self.config.device, dtype, self.config.num_gpus)
+        return model, tokenizer
+
     def check_health(self) -> None:
-        """Serve's periodic replica health check: a replica whose decode loop died is replaced."""
+        """Serve's periodic replica health check: a replica whose decode loop died, or whose
+        tensor-parallel workers fell out of step, is replaced."""
         if not self.engine.alive:
             raise RuntimeError("the decode loop is not running")
+        if hasattr(self.model, "check"):
+            self.model.check()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        if hasattr(getattr(self, "model", None), "close"):
+            self.model.close()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -616,9 +640,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     from ray.serve.config import BackpressureConfig
 
     config.check_exposure()
+    placement = {}
+    if config.tensor_parallel > 1:  # the workers hold the devices; the replica only its CPU
+        placement = {"placement_group_bundles": config.placement_bundles(), "placement_group_strategy": "STRICT_PACK"}
     return GLMServer.options(
         num_replicas=config.num_replicas,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        ray_actor_options={"num_cpus": config.num_cpus,
+                           "num_gpus": config.num_gpus if config.tensor_parallel == 1 else 0},
+        **placement,
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         max_constructor_retry_count=2,  # a replica that cannot load its checkpoint will not on a 20th try

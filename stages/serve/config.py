@@ -62,7 +62,13 @@ class ServeConfig:
     num_cpus: float = 1.0
     """CPUs reserved per replica; Ray sets torch's thread count from it."""
     num_gpus: float = 0.0
-    """GPUs per replica."""
+    """GPUs per replica; with tensor_parallel > 1, per tensor-parallel worker: 0 (CPU, gloo)
+    or 1 (one GPU each, NCCL)."""
+    tensor_parallel: int = 1
+    """Tensor-parallel degree: > 1 splits the model over this many worker processes (Ray actors
+    in the replica's STRICT_PACK placement group: one node), each holding 1/N of every layer
+    (`glm.parallel`); the replica keeps the batching and sampling. Must divide the model's
+    heads, FFN width and vocabulary (checked by `deploy` and by the replica)."""
     max_ongoing_requests: int = 128
     """Requests Serve sends to one replica at once; at least max_batch_size + max_waiting + 16.
     The replica answers 429 itself (an OpenAI error) from max_ongoing_requests - 8 requests in
@@ -89,12 +95,24 @@ class ServeConfig:
             "device": self.device in ("auto", "cpu", "cuda"),
             "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "route_prefix": self.route_prefix.startswith("/"),
+            "tensor_parallel": self.tensor_parallel >= 1,
+            "num_gpus": self.num_gpus >= 0 and (self.tensor_parallel == 1 or self.num_gpus in (0, 1)),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"ServeConfig: invalid value for {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}"
                              + (" (max_ongoing_requests must be at least max_batch_size + max_waiting + 16)"
-                                if "max_ongoing_requests" in bad else ""))
+                                if "max_ongoing_requests" in bad else "")
+                             + (" (with tensor_parallel > 1, num_gpus is per worker: 0 for CPU workers or 1 GPU "
+                                "each)" if "num_gpus" in bad and self.tensor_parallel > 1 else ""))
+
+    def placement_bundles(self) -> list[dict[str, float]] | None:
+        """The replica's placement group (None without tensor parallelism): its own bundle,
+        then one per tensor-parallel worker (1 CPU and num_gpus each)."""
+        if self.tensor_parallel == 1:
+            return None
+        worker = {"CPU": 1.0, **({"GPU": self.num_gpus} if self.num_gpus else {})}
+        return [{"CPU": self.num_cpus}] + [dict(worker) for _ in range(self.tensor_parallel)]
 
     def resolved_api_key(self) -> str:
         """The API key: `api_key`, else $GLM_SERVE_API_KEY, else '' (open)."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from glm.generation import GenerationConfig, SpanQuery, PartBBatch, beam_search_steps, process_logits, sample_next
-from glm.model import GLMModel, KVCache
+from glm.model import GLMModel, KVCache, concat_caches, left_pad, model_device, select_cache
 from glm.schema import part_b_positions
 from glm.tokenizer import GLMTokenizer
 from stages.serve.textstream import TextStream
@@ -177,15 +177,6 @@ def _token_logprob(scores: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, chosen, list(zip(ids, rest)))
 
 
-def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat((t.new_zeros(shape), t), dim=dim)
-
-
 class DecodeEngine:
     """Continuous-batching generation of Part-B spans for one model (thread-safe `submit`)."""
 
@@ -196,7 +187,7 @@ class DecodeEngine:
                              f"{max_batch_size}, {max_beam_requests}, {max_waiting}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_waiting, self.max_beam_requests = max_batch_size, max_waiting, max_beam_requests
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.use_2d = model.config.uses_2d_positions
         self.vocab_limit = len(tokenizer)
         special = tokenizer.special
@@ -507,12 +498,9 @@ class DecodeEngine:
             self._segment_ids, self._prefix_mask, self._logits = batch.segment_ids, batch.prefix_mask, logits
             return
         T = max(self._segment_ids.shape[1], batch.segment_ids.shape[1])
-        cache = [
-            (torch.cat((_left_pad(k0, T, 2), _left_pad(k1, T, 2))), torch.cat((_left_pad(v0, T, 2), _left_pad(v1, T, 2))))
-            for (k0, v0), (k1, v1) in zip(self._cache, out.past_key_values)
-        ]  # (B, nh, T, hd); padded columns are segment 0, invisible to every query
-        segment_ids = torch.cat((_left_pad(self._segment_ids, T, 1), _left_pad(batch.segment_ids, T, 1)))
-        prefix_mask = torch.cat((_left_pad(self._prefix_mask, T, 1), _left_pad(batch.prefix_mask, T, 1)))
+        cache = concat_caches(self._cache, out.past_key_values, T)  # padded columns are segment 0: invisible
+        segment_ids = torch.cat((left_pad(self._segment_ids, T, 1), left_pad(batch.segment_ids, T, 1)))
+        prefix_mask = torch.cat((left_pad(self._prefix_mask, T, 1), left_pad(batch.prefix_mask, T, 1)))
         logits = torch.cat((self._logits, logits))
         self._cache, self._segment_ids, self._prefix_mask, self._logits = cache, segment_ids, prefix_mask, logits
         self._rows += rows
@@ -524,8 +512,7 @@ class DecodeEngine:
         first = int((segment_ids != 0).any(0).int().argmax())
         self._segment_ids = segment_ids[:, first:]
         self._prefix_mask = self._prefix_mask.index_select(0, index)[:, first:]
-        self._cache = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-                       for k, v in self._cache]
+        self._cache = select_cache(self._cache, index, first)
 
     def _decode(self, tokens: list[int]) -> None:
         """One cached forward step of every running row with its newly generated token."""

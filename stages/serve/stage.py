@@ -67,8 +67,8 @@ def deploy(config: ServeConfig, app_name: str = APP_NAME, timeout_s: float = 300
 
     Raises ValueError for a config that exposes the endpoint without an API key (see
     `ServeConfig.check_exposure`), FileNotFoundError / ValueError for a local checkpoint that is
-    missing or incomplete, and ReplicaStartError (with the replica's own error) when the replica
-    fails to start."""
+    missing or incomplete (or that `tensor_parallel` workers cannot share), and
+    ReplicaStartError (with the replica's own error) when the replica fails to start."""
     from ray import serve
 
     from glm.checkpoint import check_checkpoint_files
@@ -83,6 +83,12 @@ def deploy(config: ServeConfig, app_name: str = APP_NAME, timeout_s: float = 300
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"not an inference checkpoint (no config.json): {path}")
         check_checkpoint_files(path)  # cheap: files present with their recorded sizes (the replica verifies sums)
+        if config.tensor_parallel > 1:  # refused here, not by a replica that fails to start
+            from glm.checkpoint import read_checkpoint_config, read_checkpoint_quantization
+            from stages.serve.tensor_parallel import check_shardable
+
+            check_shardable(read_checkpoint_config(path)[0], read_checkpoint_quantization(path), config.tensor_parallel,
+                            str(path))
         args["checkpoint"] = str(path)
     serve.start(http_options={"host": config.host, "port": config.port})
     try:

@@ -62,6 +62,36 @@ def test_pipeline_serve_sections_are_safe_to_deploy(name, monkeypatch):
     from_dict(ServeConfig, {"checkpoint": "x", **serve}, where=name).check_exposure()
 
 
+def test_tensor_parallel_settings_are_checked_and_placed_on_one_node():
+    assert ServeConfig(checkpoint="x").placement_bundles() is None
+    config = ServeConfig(checkpoint="x", tensor_parallel=4, num_cpus=8, num_gpus=1)
+    assert config.placement_bundles() == [{"CPU": 8}] + [{"CPU": 1, "GPU": 1}] * 4  # the replica, then one per worker
+    assert ServeConfig(checkpoint="x", tensor_parallel=2).placement_bundles() == [{"CPU": 1}] * 3
+    with pytest.raises(ValueError, match=r"num_gpus=0.5.*per worker: 0 for CPU workers or 1 GPU each"):
+        ServeConfig(checkpoint="x", tensor_parallel=2, num_gpus=0.5)
+    with pytest.raises(ValueError, match="tensor_parallel=0"):
+        ServeConfig(checkpoint="x", tensor_parallel=0)
+
+
+@pytest.mark.parametrize("name,size,bits", [("chatglm_6b", 2, None), ("glm_130b", 4, 4), ("glm_130b", 8, 8)])
+def test_pipeline_tensor_parallel_serving_fits_its_model(name, size, bits):
+    """chatglm_6b: fp16 (the SFT model) on 2 GPUs; glm_130b: INT4 on 4 GPUs as shipped, INT8 on
+    8 as its comment says. Checked against the model shape, not run (no GPUs in CI)."""
+    from glm.config import preset
+    from glm.int_quant import QuantSpec
+    from stages.serve.tensor_parallel import check_shardable
+
+    data = yaml.safe_load((REPO / "pipelines/configs" / f"{name}.yaml").read_text())
+    serve = data["serve"]
+    if bits is None:
+        assert serve["tensor_parallel"] == size and serve["dtype"] == "float16" and "/sft/" in serve["checkpoint"]
+    elif bits == data["quantize"]["bits"]:
+        assert serve["tensor_parallel"] == size
+    assert serve["num_gpus"] == 1  # per worker
+    model = preset(data["pretrain"]["model"]["preset"])
+    check_shardable(model, QuantSpec(bits=bits) if bits else None, size, name)
+
+
 @pytest.mark.parametrize("module,forbidden", [
     ("stages.serve", ["torch", "ray", "fastapi"]),  # deploy() imports them when called
     ("stages.serve.engine", ["ray", "fastapi"]),  # runs in-process too (benchmarks)
