@@ -445,8 +445,9 @@ def checks(c: Conformance | None, tools: bool | None = None) -> list[Check]:
 
     def json_object(e):
         """Any JSON object bounds nothing (a weak model may write one string until max_tokens), so
-        a +10 bias on '"' and '}' makes closing strings and objects likely; it is a JSON object."""
-        bias = {str(c.tokenize(ch, special=False)[0]): 10 for ch in ('"', "}")}
+        a bias makes closing strings (+10 on '"') and then objects (+6 on '}': less, or a '}' inside
+        a string would win over closing it) likely; it is a JSON object."""
+        bias = {str(c.tokenize(ch, special=False)[0]): b for ch, b in (('"', 10), ("}", 6))}
         a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, logit_bias=bias,
                   **GREEDY)
         assert a.finish[0] == "stop" and isinstance(json.loads(a.text), dict), (a.finish, a.text)

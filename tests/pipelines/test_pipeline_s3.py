@@ -58,7 +58,7 @@ def pipeline_config(tmp_path, tokenizer, stages: list[str]) -> dict:
         "eval": {"tasks": [str(REPO / "stages/eval/tasks/en/boolq.yaml")], "max_items": 2, "parallel": "local"},
         "eval_after": ["quantize"],
         "tracking": {"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "s3"},
-        "registry": {"name": ""}, "check": {"max_tokens": 2},
+        "registry": {"name": ""}, "check": {"max_tokens": 2, "require_sensible": False},
     }
 
 

@@ -56,7 +56,7 @@ def uninterrupted(data):
 
 # Seeded 2-worker run: tiny preset + 10% dropout, ZeRO-2, fp32, lr 1e-3, the tiny data above
 # (re-measured when the shipped sample corpus, and so the test tokenizer, changed).
-PINNED = [8.026182, 8.013783, 7.990298, 7.986605, 7.991117, 7.960577]
+PINNED = [8.035553, 8.022808, 8.010584, 7.999369, 7.981858, 8.011957]  # re-measured: the test tokenizer reserves the chat role tokens
 
 
 def test_seeded_run_gives_pinned_losses(uninterrupted):
