@@ -69,7 +69,7 @@ class PipelineRun:
             print(f"model {model_uri}: weights unchanged (sha256 {sha[:12]}...), already models:/{name}/{version.version}",
                   flush=True)
         else:
-            config, metadata = read_checkpoint_config(model_uri)
+            config, _ = read_checkpoint_config(model_uri)
             if self.p.registry.copy_weights:
                 from glm.pyfunc import log_chat_model
 
@@ -83,7 +83,7 @@ class PipelineRun:
                     **({"data_manifest": f"{run_uri}/data/manifest.json"} if manifest is not None else {}),
                     **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
             version = client.create_model_version(name, source=source, run_id=self.run.info.run_id, tags=tags,
-                                                  description=_describe(self.p, config, metadata, metrics, model_uri))
+                                                  description=_describe(self.p, config, metrics, model_uri))
         client.set_registered_model_alias(name, self.p.registry.alias, version.version)
         mlflow.set_tag("registered_model", f"models:/{name}/{version.version}")
         print(f"registered {model_uri} as models:/{name}/{version.version} (alias @{self.p.registry.alias}); "
@@ -115,7 +115,7 @@ def _data_manifest(data_uri: str) -> dict | None:
         return None
 
 
-def _describe(p: PipelineConfig, config, metadata: dict, metrics: dict[str, float], model_uri: str) -> str:
+def _describe(p: PipelineConfig, config, metrics: dict[str, float], model_uri: str) -> str:
     """The model version's description: what it is, how it was made, how it scored."""
     shape = f"{config.num_layers} layers x {config.hidden_size}, {config.num_heads} heads, vocab {config.vocab_size}"
     from glm.checkpoint import read_checkpoint_quantization
