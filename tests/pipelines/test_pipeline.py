@@ -154,50 +154,46 @@ def test_rerunning_a_finished_pipeline_skips_every_stage(finished, tokenizer, ca
     assert len(client.search_model_versions("name='glm-chat'")) == 1
 
 
-def test_a_pipeline_killed_in_pretraining_resumes_from_its_checkpoint(tmp_path, tokenizer, ray_instance):
-    crash = tiny_pipeline(tmp_path, tokenizer, name="crash",
-                          pretrain_engine={"fail_at_steps": [3], "fail_rank": 0, "max_failures": 0})
-    crash.stages = ["data", "pretrain"]
-    with pytest.raises(Exception):
-        run(crash)  # dies at step 3; the step-2 checkpoint remains
-    rerun = tiny_pipeline(tmp_path, tokenizer, name="crash")
-    rerun.stages = ["data", "pretrain"]
-    run(rerun)  # fault injection is not part of the config hash: the same engine run, resumed
-    log = step_log(engine_run(tmp_path / "work", "pretrain"))
-    # steps 1-3 before the crash at step 4; the rerun resumes from the step-2 checkpoint and replays step 3
-    assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 1)]
-    assert log[2]["loss"] == log[3]["loss"]
-
-
-def test_a_changed_pretraining_config_trains_anew_and_the_same_config_skips(tmp_path, tokenizer, ray_instance, capsys):
+def test_a_killed_pipeline_resumes_a_changed_config_trains_anew_and_the_same_config_skips(tmp_path, tokenizer,
+                                                                                          ray_instance, capsys):
+    """One work directory, four runs of data + pretrain: killed at step 3, rerun (the same engine
+    run, resumed from its step-2 checkpoint), a changed learning rate (a new engine run from
+    step 1, the old one left as it was), the changed config again (skipped)."""
     import mlflow
 
-    def pipeline(lr: float) -> PipelineConfig:
-        p = tiny_pipeline(tmp_path, tokenizer, name="change", pretrain_engine={"train_steps": 3, "checkpoint_every": 3,
-                                                                             "optim": {"lr": lr, "warmup_steps": 1}})
+    def pipeline(**engine) -> PipelineConfig:
+        p = tiny_pipeline(tmp_path, tokenizer, name="change", pretrain_engine=engine)
         p.stages, p.eval_after = ["data", "pretrain"], []
         return p
 
-    run(pipeline(1e-3))
+    with pytest.raises(Exception):
+        run(pipeline(fail_at_steps=[3], fail_rank=0, max_failures=0))  # dies at step 3; the step-2 checkpoint remains
+    run(pipeline())  # fault injection is not part of the config hash: the same engine run, resumed
     first = engine_run(tmp_path / "work", "pretrain")
     first_log = step_log(first)
-    run(pipeline(3e-3))  # changed pretraining config
+    # steps 1-3 before the crash at step 4; the rerun resumes from the step-2 checkpoint and replays step 3
+    assert [(r["step"], r["attempt"]) for r in first_log] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 1)]
+    assert first_log[2]["loss"] == first_log[3]["loss"]
+    capsys.readouterr()
+
+    changed = {"train_steps": 2, "optim": {"lr": 3e-3, "warmup_steps": 1}}
+    run(pipeline(**changed))
     out = capsys.readouterr().out
     second = engine_run(tmp_path / "work", "pretrain")
     assert second.run_name != first.run_name and second.run_name.startswith("change-pretrain-")
     assert f"pretrain run {second.run_name} (config " in out and ": fresh run from step 1" in out, out
     assert f"runs of other configs left as they are: {first.run_name}" in out
     log = step_log(second)
-    assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0), (3, 0)]  # from step 1, not resumed
+    assert [(r["step"], r["attempt"]) for r in log] == [(1, 0), (2, 0)]  # from step 1, not resumed
     assert log[0]["loss"] == first_log[0]["loss"]  # same data and initial weights ...
-    assert log[2]["loss"] != first_log[2]["loss"]  # ... trained differently
+    assert log[1]["loss"] != first_log[1]["loss"]  # ... trained differently
     assert step_log(first) == first_log  # the old run as it was
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
     train_runs = {r.info.run_name: r.info.run_id for r in runs if r.info.run_name.startswith("change-pretrain-")}
     assert set(train_runs) == {first.run_name, second.run_name}  # a new MLflow run for the new config
 
-    run(pipeline(3e-3))  # the same config again
+    run(pipeline(**changed))  # the same config again
     out = capsys.readouterr().out
     assert "== pretrain: complete output for config" in out and ": skipped" in out, out
     assert step_log(second) == log
