@@ -103,10 +103,12 @@ def _two_ranks(rank: int, port: int, style: str, results):
         batch = dict(input_ids=ids, position_ids=pos, block_position_ids=torch.zeros_like(pos),
                      prefix_mask=(pos < 4).long(), labels=torch.roll(ids, -1, 1))
         merged = gather_dense_state(shard, config, mpu)
+        with torch.no_grad():
+            loss_diff = abs(float(shard(**batch).loss) - float(dense(**batch).loss))
         results[rank] = {
             "ranks": (mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size(),
                       mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()),
-            "loss_diff": abs(float(shard(**batch).loss) - float(dense(**batch).loss)),
+            "loss_diff": loss_diff,
             "sharded": sorted(n for n, p in shard.named_parameters() if p.tensor_model_parallel),
             "merged_equal": None if merged is None else all(torch.equal(merged[k], v)
                                                             for k, v in dense.state_dict().items()),
@@ -123,7 +125,7 @@ def test_two_gloo_ranks_shard_the_dense_model_and_merge_it_back(style):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_two_ranks, args=(port, style, results), nprocs=2)
+    mp.start_processes(_two_ranks, args=(port, style, results), nprocs=2, start_method="fork")  # no re-imports
     assert results[0]["ranks"] == (0, 2, 0, 1) and results[1]["ranks"] == (1, 2, 0, 1)
     assert results[0]["loss_diff"] < 1e-5 and results[1]["loss_diff"] < 1e-5
     assert results[0]["merged_equal"] is True and results[1]["merged_equal"] is None  # on the replica's rank 0
