@@ -206,6 +206,8 @@ def test_tensor_parallel_run_resumes_exactly_and_its_checkpoint_loads_at_tp1(dat
                     resume_from=f"{tmp}/ray/tp2/checkpoints/step00000002")
     fit_in_process(spec_for(data_uri, export_fn=functools.partial(export, output=str(tmp_path / "tp1"))), at_tp1)
     tp1 = final_steps(at_tp1)
+    assert [(e["world"], e["tensor_parallel"]) for e in events(at_tp1) if e["event"] == "start"] == [(1, 1)]
+    assert (tmp / "ray/tp2/checkpoints/step00000002/universal/COMPLETE.json").exists()  # converted by DeepSpeed
     assert sorted(tp1) == [3, 4]
     for s in (3, 4):
         assert tp1[s]["indices"] == tp2[s]["indices"]
