@@ -50,9 +50,9 @@ class EngineConfig:
     """Micro-batches per replica per optimizer step (when global_batch_size is 0)."""
     global_batch_size: int = 0
     """Sequences per optimizer step over all workers; 0 = micro_batch_size x grad_accum_steps x
-    data-parallel replicas (num_workers / tensor_parallel). When set, the accumulation is derived from the workers actually running, so a
-    run checkpointed with N workers resumes with M at the same global batch (it must be a
-    multiple of micro_batch_size x replicas)."""
+    data-parallel replicas (num_workers / tensor_parallel). When set, the accumulation is derived
+    from the workers actually running, so a run checkpointed with N workers resumes with M at the
+    same global batch (it must be a multiple of micro_batch_size x replicas)."""
     batch_warmup_steps: int = 0
     """Ramp the global batch linearly from batch_warmup_start sequences to the full global batch
     over this many steps, through gradient accumulation (the micro-batch keeps its size; the

@@ -200,8 +200,6 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
                                         universal_checkpoint_info)
 
     rank, world, tp = rt.rank, rt.world, cfg.tensor_parallel
-    if world % tp:
-        raise ValueError(f"{world} workers cannot form tensor-parallel groups of tensor_parallel {tp}")
     # the data-parallel view: replicas of `tp` consecutive ranks (without TP, every rank is one)
     mpu = ModelParallelUnit(world, tp, rank) if tp > 1 else None
     dp, dp_rank, dp_group = (mpu.dp_size, mpu.dp_rank, mpu.dp_group) if mpu else (world, rank, None)
@@ -255,8 +253,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         if not found.uri.startswith(run_uri(cfg) + "/"):  # another run's checkpoint (resume_from)
             state["mlflow_run_id"] = None
     if log:
-        log.write({"event": "start", "world": world, "tensor_parallel": tp, "resumed_from": found.uri if found else None,
-                   "step": state["step"], "time": time.time()})
+        log.write({"event": "start", "world": world, "tensor_parallel": tp,
+                   "resumed_from": found.uri if found else None, "step": state["step"], "time": time.time()})
         for uri, why in rejected:
             print(f"[engine] checkpoint {uri} rejected: {why}", flush=True)
             log.write({"event": "checkpoint_rejected", "checkpoint": uri, "reason": why})

@@ -133,10 +133,10 @@ def tensor_parallel_module(model, mpu: ModelParallelUnit):
 def mark_sharded(module, config: GLMConfig) -> None:
     """`tensor_model_parallel` on every sharded parameter (DeepSpeed counts the gradient norm of
     a replicated parameter on tensor-parallel rank 0 only, of a shard on every rank)."""
-    from glm.parallel import _split
+    from glm.parallel import split_layout
 
     for name, p in module.named_parameters():
-        p.tensor_model_parallel = _split(name, config, tuple(p.shape)) is not None
+        p.tensor_model_parallel = split_layout(name, config, tuple(p.shape)) is not None
 
 
 def universal_checkpoint_info(module, config: GLMConfig, tp: int) -> dict:
@@ -150,13 +150,13 @@ def universal_checkpoint_info(module, config: GLMConfig, tp: int) -> dict:
     matches no optimizer state)."""
     from deepspeed.checkpoint import constants as c
 
-    from glm.parallel import _split
+    from glm.parallel import split_layout
 
     replicated, rows, two_parts, three_parts = [], [], [], {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        how = _split(name, config, tuple(p.shape))
+        how = split_layout(name, config, tuple(p.shape))
         if how is None:
             replicated.append(name)
         elif how == (1, 1):

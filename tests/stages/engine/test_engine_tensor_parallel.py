@@ -36,7 +36,8 @@ def test_config_refuses_what_tensor_parallelism_cannot_do():
     with pytest.raises(ConfigError, match="tensor_parallel must be >= 1"):
         EngineConfig(tensor_parallel=0)
     with pytest.raises(ConfigError, match="method.kind 'ptuning'.*P-Tuning v2 prefixes"):
-        SFTConfig(output="x", method=MethodConfig(kind="ptuning"), engine=EngineConfig(num_workers=2, tensor_parallel=2))
+        SFTConfig(output="x", method=MethodConfig(kind="ptuning"),
+                  engine=EngineConfig(num_workers=2, tensor_parallel=2))
     with pytest.raises(ConfigError, match="method.kind 'lora'.*LoRA"):
         SFTConfig(output="x", engine=EngineConfig(num_workers=2, tensor_parallel=2))
     SFTConfig(output="x", method=MethodConfig(kind="full"), engine=EngineConfig(num_workers=2, tensor_parallel=2))
