@@ -7,7 +7,11 @@ the same weights in fp32, compares:
 - logits and loss of a TP model against the dense model for a 130B-style block (GeGLU, 1D
   RoPE, tied vocabulary) and a 6B-style block (GELU, 2D RoPE, separate output head);
 - every parameter's gradient (the dense gradient's shard against the TP one);
-- `steps` AdamW training steps of TP against dense on the same data and seed;
+- `steps` AdamW training steps of TP against dense on the same data and seed, in a plain loop;
+- the same through the training engine (stages/engine: DeepSpeed ZeRO-2 with the model-parallel
+  unit, fit_in_process under torchrun): `steps` steps of a TP=`tp` x DP=1 run against a TP=1
+  run of the same data (a synthetic data-stage output) and seed, per block style: the
+  `train_loss_max_rel_diff` reported (the plain loop's figure with --no-engine);
 - the round trip dense -> shards -> dense of a state dict;
 - one rank's parameter bytes against the whole model's.
 Then serving (unless --no-serve), on a local Ray with a tiny checkpoint (random weights,
@@ -20,8 +24,8 @@ seed 0; the tokenizer trained on the sample corpus):
   workers per forward call beyond what the workers spend (`serve_overhead_ms_per_call`), and
   that of a call carrying no work (`serve_empty_call_ms`: Ray's own latency on the machine).
 Prints progress, then one JSON line with `tp`, `logits_max_abs_diff`, `grad_max_abs_diff`,
-`train_loss_max_rel_diff`, `param_bytes_per_rank_ratio`, `serve_same_greedy` and the goals.
-Training through the engine with TP is not covered yet (issue 18).
+`train_loss_max_rel_diff` (and `train_source`: engine or loop), `param_bytes_per_rank_ratio`,
+`serve_same_greedy` and the goals.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ def worker(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from glm.config import preset
     from glm.model import GLMModel
     from glm.parallel import TPGroup, merge_state_dicts, shard_state_dict, tensor_parallel_model
 
@@ -58,10 +61,9 @@ def worker(args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     tp = TPGroup()
     result = {"tp": tp.size, "device": str(device), "styles": {}}
-    for style, overrides in STYLES.items():
+    for style in STYLES:
         torch.manual_seed(0)
-        config = preset("tiny", hidden_size=args.hidden, num_heads=args.heads, num_layers=2, vocab_size=args.vocab,
-                        **overrides)
+        config = style_config(args, style)
         dense = GLMModel(config).to(device)  # the same seed: the same weights on every rank
         B, T = 2, args.seq
         g = torch.Generator().manual_seed(1)
@@ -118,12 +120,109 @@ def worker(args) -> dict:
             "logits_max_abs_diff": float((tp_out.logits - out.logits).abs().max()),
             "loss_abs_diff": abs(float(tp_out.loss) - float(out.loss)),
             "grad_max_abs_diff": grad_diff, "state_dict_round_trip": round_trip,
-            "train_loss_max_rel_diff": max(rel) if rel else 0.0,
+            "loop_train_loss_max_rel_diff": max(rel) if rel else 0.0,
             "param_bytes_per_rank_ratio": rank_bytes / dense_bytes,
             "dense_step_s": t_dense / max(1, args.steps), "tp_step_s": t_tp / max(1, args.steps),
         }
     dist.destroy_process_group()
     return result
+
+
+def style_config(args, style: str):
+    from glm.config import preset
+
+    return preset("tiny", hidden_size=args.hidden, num_heads=args.heads, num_layers=2, vocab_size=args.vocab,
+                  **STYLES[style])
+
+
+def write_training_data(root: Path, rows: int, seq: int, vocab: int) -> str:
+    """A synthetic data-stage output (manifest + one Parquet shard of the sample schema): random
+    tokens, next-token labels, a bidirectional prefix of a quarter of each row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from glm.schema import COLUMNS, IGNORE_INDEX
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (rows, seq), dtype=np.int32)
+    labels = np.roll(ids, -1, axis=1)
+    labels[:, -1] = IGNORE_INDEX
+    positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq))
+    columns = {"input_ids": ids, "labels": labels, "position_ids": positions,
+               "block_position_ids": np.zeros((rows, seq), np.int32), "segment_ids": np.ones((rows, seq), np.int32),
+               "prefix_mask": (positions < seq // 4).astype(np.int32)}
+    offsets = pa.array(np.arange(0, rows * seq + 1, seq, dtype=np.int32))
+    table = pa.table({"index": pa.array(np.arange(rows, dtype=np.int64)),
+                      **{c: pa.ListArray.from_arrays(offsets, pa.array(columns[c].reshape(-1))) for c in COLUMNS}})
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "train/part-0.parquet")
+    manifest = {"splits": {"train": {"rows": rows, "shards": [{"file": "train/part-0.parquet"}]}},
+                "schema": {"seq_len": seq}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def engine_worker(args) -> dict:
+    """One torchrun process of an engine run per block style at tensor parallelism --engine-tp
+    (WORLD_SIZE = that degree: one replica); rank 0 returns each style's losses."""
+    import functools
+
+    import torch
+
+    from stages import engine
+    from stages.engine import steplog
+    from stages.engine.loop import run_uri
+    from stages.pretrain.stage import build_model
+
+    tp = args.engine_tp
+    losses = {}
+    for style in STYLES:
+        spec = engine.TrainSpec(model_factory=functools.partial(build_model, style_config(args, style)),
+                                data_uri=args.engine_data, step_fn=engine.lm_loss_step)
+        cfg = engine.EngineConfig(
+            run_name=f"{style}-tp{tp}", storage_path=args.engine_runs, num_workers=tp, tensor_parallel=tp,
+            use_gpu=torch.cuda.device_count() >= tp, micro_batch_size=4, train_steps=args.steps, zero_stage=2,
+            optim=engine.OptimConfig(lr=1e-3, warmup_steps=2), checkpoint_every=args.steps, log_every=args.steps,
+            seed=0)
+        engine.fit_in_process(spec, cfg)
+        losses[style] = {r["step"]: r["loss"] for r in steplog.read(run_uri(cfg)) if "loss" in r}
+    return losses
+
+
+def engine_comparison(args) -> dict:
+    """`steps` engine steps at TP=`tp` (one replica) against TP=1, same data and seed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_training_data(Path(tmp) / "data", rows=4 * args.steps, seq=args.seq, vocab=args.vocab)
+        runs = {}
+        for tp in (args.tp, 1):
+            t = time.perf_counter()
+            runs[tp] = _torchrun(tp, ["--engine-worker", "--engine-tp", str(tp), "--engine-data", data,
+                                      "--engine-runs", str(Path(tmp) / "runs")], "ENGINE ")
+            print(f"  engine at TP={tp}: {args.steps} steps per block style in {time.perf_counter() - t:.1f}s",
+                  flush=True)
+    out = {}
+    for style in STYLES:
+        tp_losses, dense = ({int(step): loss for step, loss in runs[tp][style].items()} for tp in (args.tp, 1))
+        assert sorted(tp_losses) == sorted(dense) == list(range(1, args.steps + 1)), (tp_losses, dense)
+        out[style] = max(abs(tp_losses[s] - dense[s]) / abs(dense[s]) for s in dense)
+        print(f"  {style}: engine TP={args.tp} vs TP=1 loss rel diff {out[style]:.2e} over {args.steps} steps "
+              f"(TP=1 loss {dense[1]:.4f} -> {dense[args.steps]:.4f})", flush=True)
+    return out
+
+
+def _torchrun(nproc: int, extra: list[str], marker: str) -> dict:
+    """Run this script's worker under torchrun with `nproc` processes; rank 0's marked JSON line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), __file__] + [a for a in sys.argv[1:] if a != "--worker"] + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(marker)), None)
+    if proc.returncode or line is None:
+        print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"the tensor-parallel workers failed (rc {proc.returncode}): {' '.join(extra[:3])}")
+    return json.loads(line[len(marker):])
 
 
 SERVE_PROMPTS = [
@@ -246,38 +345,47 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--no-serve", action="store_true", help="skip the serving comparison")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the engine's training comparison (train_loss_max_rel_diff from the plain loop)")
     parser.add_argument("--serve-preset", default="tiny", help="model preset of the serving comparison")
     parser.add_argument("--serve-requests", type=int, default=16)
     parser.add_argument("--serve-max-tokens", type=int, default=32)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-data", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-runs", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        result = worker(args)
+    if args.worker or args.engine_worker:
+        result = worker(args) if args.worker else engine_worker(args)
         if result and int(os.environ.get("RANK", 0)) == 0:
-            print("WORKER " + json.dumps(result), flush=True)
+            print(("WORKER " if args.worker else "ENGINE ") + json.dumps(result), flush=True)
         return
 
     print(f"tensor parallelism {args.tp}: {args.tp} processes, {args.steps} training steps per block style", flush=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp), "--master_port",
-           str(_free_port()), __file__, "--worker"] + [a for a in sys.argv[1:] if a != "--worker"]
     t = time.perf_counter()
     load_start = os.getloadavg()[0]  # other work on the machine skews the timings: recorded
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")), None)
-    if proc.returncode or line is None:
-        print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"the tensor-parallel workers failed (rc {proc.returncode})")
-    worker_result = json.loads(line[len("WORKER "):])
+    worker_result = _torchrun(args.tp, ["--worker"], "WORKER ")
     styles = worker_result["styles"]
     for name, s in styles.items():
         print(f"  {name}: logits diff {s['logits_max_abs_diff']:.2e}, grad diff {s['grad_max_abs_diff']:.2e}, "
-              f"train loss rel diff {s['train_loss_max_rel_diff']:.2e}, bytes per rank {s['param_bytes_per_rank_ratio']:.3f}",
-              flush=True)
+              f"plain-loop train loss rel diff {s['loop_train_loss_max_rel_diff']:.2e}, "
+              f"bytes per rank {s['param_bytes_per_rank_ratio']:.3f}", flush=True)
+    if args.no_engine:
+        train_diff, train_source = max(s["loop_train_loss_max_rel_diff"] for s in styles.values()), "loop"
+    else:
+        print(f"training engine: TP={args.tp} x DP=1 against TP=1, {args.steps} steps per block style", flush=True)
+        engine_diffs = engine_comparison(args)
+        for name, diff in engine_diffs.items():
+            styles[name]["engine_train_loss_max_rel_diff"] = diff
+        train_diff, train_source = max(engine_diffs.values()), "engine"
     result = {
         "benchmark": "tensor_parallel", "tp": worker_result["tp"], "device": worker_result["device"],
         "logits_max_abs_diff": max(s["logits_max_abs_diff"] for s in styles.values()),
         "grad_max_abs_diff": max(s["grad_max_abs_diff"] for s in styles.values()),
-        "train_loss_max_rel_diff": max(s["train_loss_max_rel_diff"] for s in styles.values()),
+        "train_loss_max_rel_diff": train_diff,
+        "train_source": (f"stages/engine, DeepSpeed ZeRO-2, TP={args.tp} x DP=1 vs TP=1" if train_source == "engine"
+                         else "a plain AdamW loop (--no-engine)"),
         "param_bytes_per_rank_ratio": max(s["param_bytes_per_rank_ratio"] for s in styles.values()),
         "state_dict_round_trip": all(s["state_dict_round_trip"] for s in styles.values()),
         "styles": styles, "seconds": round(time.perf_counter() - t, 1),

@@ -290,7 +290,7 @@ def check_divisible(config: GLMConfig, tp: int, quantization: QuantSpec | None =
 # -- checkpoints between TP degrees -------------------------------------------------------------
 
 
-def _split(name: str, config: GLMConfig, shape: tuple[int, ...]) -> tuple[int, int] | None:
+def split_layout(name: str, config: GLMConfig, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(dimension, number of interleaved parts) along which a dense tensor of this name and
     shape is split, or None for a replicated one. Parts: the fused [q; k; v] rows and GeGLU's
     [a; gate] rows are split each on their own, so every rank's slice keeps the same layout.
@@ -322,7 +322,7 @@ def _ranges(length: int, parts: int, rank: int, size: int) -> list[tuple[int, in
 
 def shard_tensor(name: str, tensor: torch.Tensor, config: GLMConfig, rank: int, size: int) -> torch.Tensor:
     """Rank `rank`'s share of one dense tensor (the tensor itself when replicated)."""
-    how = _split(name, config, tuple(tensor.shape))
+    how = split_layout(name, config, tuple(tensor.shape))
     if how is None:
         return tensor
     dim, parts = how
@@ -346,7 +346,7 @@ def read_shard(weights_file, config: GLMConfig, rank: int, size: int) -> dict[st
     with safe_open(str(weights_file), framework="pt") as f:
         for name in f.keys():
             part = f.get_slice(name)
-            how = _split(name, config, tuple(part.get_shape()))
+            how = split_layout(name, config, tuple(part.get_shape()))
             if how is None:
                 out[name] = f.get_tensor(name)
                 continue
@@ -361,7 +361,7 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: GLMConfig) 
     """The dense state dict from every rank's shard (in rank order)."""
     out = {}
     for name, first in shards[0].items():
-        how = _split(name, config, tuple(first.shape))
+        how = split_layout(name, config, tuple(first.shape))
         if how is None:
             out[name] = first
             continue

@@ -34,19 +34,25 @@ class EngineConfig:
     storage_path: str = "runs/train"
     """Where the engine keeps checkpoints and its step log (path or URI shared by all workers)."""
     num_workers: int = 2
-    """Data-parallel workers."""
+    """Workers (processes, one device each): tensor_parallel x data-parallel replicas."""
+    tensor_parallel: int = 1
+    """Tensor-parallel degree: each model replica is split over this many consecutive workers
+    (glm/parallel.py: attention heads, FFN columns and the vocabulary sharded), combined with
+    ZeRO-1/2 over the num_workers / tensor_parallel replicas. The model's heads, FFN width and
+    vocabulary must divide by it; plain GLM models only (no P-Tuning v2 prefixes, LoRA or value
+    heads). Checkpoints record it and resume at another degree (docs/training.md)."""
     use_gpu: bool | None = None
     """None = use GPUs when CUDA is available."""
     cpus_per_worker: float = 1.0
     micro_batch_size: int = 4
-    """Rows per worker per forward pass."""
+    """Rows per model replica per forward pass (the tensor-parallel ranks of a replica all get them)."""
     grad_accum_steps: int = 1
-    """Micro-batches per worker per optimizer step (when global_batch_size is 0)."""
+    """Micro-batches per replica per optimizer step (when global_batch_size is 0)."""
     global_batch_size: int = 0
     """Sequences per optimizer step over all workers; 0 = micro_batch_size x grad_accum_steps x
-    num_workers. When set, the accumulation is derived from the workers actually running, so a
-    run checkpointed with N workers resumes with M at the same global batch (it must be a
-    multiple of micro_batch_size x workers)."""
+    data-parallel replicas (num_workers / tensor_parallel). When set, the accumulation is derived
+    from the workers actually running, so a run checkpointed with N workers resumes with M at the
+    same global batch (it must be a multiple of micro_batch_size x replicas)."""
     batch_warmup_steps: int = 0
     """Ramp the global batch linearly from batch_warmup_start sequences to the full global batch
     over this many steps, through gradient accumulation (the micro-batch keeps its size; the
@@ -108,8 +114,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.train_steps < 1:
             raise ConfigError("num_workers, micro_batch_size, grad_accum_steps and train_steps must be >= 1")
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.num_workers % self.tensor_parallel:
+            raise ConfigError(f"num_workers {self.num_workers} is not a multiple of tensor_parallel "
+                              f"{self.tensor_parallel}: workers = tensor_parallel x data-parallel replicas")
+        if self.tensor_parallel > 1 and self.zero_stage not in (1, 2):
+            raise ConfigError(f"tensor_parallel {self.tensor_parallel} needs zero_stage 1 or 2 (ZeRO over the "
+                              f"data-parallel replicas), got zero_stage {self.zero_stage}")
         if self.global_batch_size:
-            self.check_world(self.num_workers)
+            self.check_world(self.data_parallel)
         if self.batch_warmup_steps < 0 or self.batch_warmup_start < 1:
             raise ConfigError("batch_warmup_steps must be >= 0 and batch_warmup_start >= 1")
         if self.checkpoint_every < 1:
@@ -118,10 +132,16 @@ class EngineConfig:
             if len(r) != 2 or r[0] >= r[1]:
                 raise ConfigError(f"skip_data_ranges: {r} is not a [start, end) range")
 
+    @property
+    def data_parallel(self) -> int:
+        """Model replicas (data-parallel ranks) among num_workers."""
+        return self.num_workers // self.tensor_parallel
+
     def check_world(self, world: int) -> None:
+        """`world`: data-parallel ranks (the workers when tensor_parallel is 1)."""
         if self.full_global_batch(world) % (self.micro_batch_size * world):
             raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                              f"{self.micro_batch_size} x {world} workers")
+                              f"{self.micro_batch_size} x {world} data-parallel workers")
 
     def full_global_batch(self, world: int) -> int:
         """Sequences per optimizer step after the warm-up."""
@@ -129,7 +149,7 @@ class EngineConfig:
 
     def global_batch_at(self, step: int, world: int | None = None) -> int:
         """Sequences of all workers in one optimizer step (the batch-size warm-up included)."""
-        world = world or self.num_workers
+        world = world or self.data_parallel
         full, unit = self.full_global_batch(world), self.micro_batch_size * world
         if step < self.batch_warmup_steps:
             start = min(self.batch_warmup_start, full)
@@ -138,5 +158,5 @@ class EngineConfig:
 
     def micro_batches_at(self, step: int, world: int | None = None) -> int:
         """Micro-batches each worker accumulates in one optimizer step."""
-        world = world or self.num_workers
+        world = world or self.data_parallel
         return self.global_batch_at(step, world) // (self.micro_batch_size * world)

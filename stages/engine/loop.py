@@ -7,6 +7,14 @@ the checkpoint, and DeepSpeed restores model, optimizer and LR schedule. A kille
 therefore replays the same losses. Checkpoints count only when complete (checkpoints.py);
 one written by N workers resumes with M through DeepSpeed's universal checkpoint.
 
+Tensor parallelism (cfg.tensor_parallel = T > 1, parallel.py): the workers form W / T model
+replicas of T consecutive ranks; each rank trains its shard of the model (glm/parallel.py),
+DeepSpeed gets the groups as its model-parallel unit (ZeRO and the gradient all-reduce over
+the replicas only). Data, dropout seeds, losses and metrics are per replica: every rank of a
+replica gets the same rows, and reductions run over the data-parallel group. A checkpoint
+written at another degree (or worker count) resumes through the universal checkpoint, which
+merges and re-slices the shards with the model's universal_checkpoint_info.
+
 Gradient accumulation is the engine's: every micro-batch runs backward on every rank (the
 last one marked as DeepSpeed's accumulation boundary), then one DeepSpeed step. A non-finite loss anywhere poisons the reduced gradient, so DeepSpeed
 skips that update on every rank alike (replicas stay identical); the skip is counted, and a
@@ -187,8 +195,17 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
 
     from stages.engine.data import ShardSource
 
-    rank, world = rt.rank, rt.world
-    cfg.check_world(world)
+    from glm.model import GLMModel
+    from stages.engine.parallel import (ModelParallelUnit, check_same_node, tensor_parallel_module,
+                                        universal_checkpoint_info)
+
+    rank, world, tp = rt.rank, rt.world, cfg.tensor_parallel
+    # the data-parallel view: replicas of `tp` consecutive ranks (without TP, every rank is one)
+    mpu = ModelParallelUnit(world, tp, rank) if tp > 1 else None
+    dp, dp_rank, dp_group = (mpu.dp_size, mpu.dp_rank, mpu.dp_group) if mpu else (world, rank, None)
+    if mpu:
+        check_same_node(mpu)
+    cfg.check_world(dp)
     use_cuda = torch.cuda.is_available() and cfg.use_gpu is not False
     device = torch.device("cuda", rt.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -201,23 +218,32 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         plan = [*_choose_checkpoint(store, cfg), steplog.attempts(run_uri(cfg))]
     dist.broadcast_object_list(plan, src=0)
     found, rejected, attempt = plan
-    elastic = found is not None and found.record["world"] != world
+    saved_tp = found.record.get("tensor_parallel", 1) if found is not None else tp
+    elastic = found is not None and (found.record["world"] != world or saved_tp != tp)
     if elastic and rank == 0:
-        print(f"[engine] {found.uri} was written by {found.record['world']} workers, resuming with {world}: "
-              f"converting it to DeepSpeed's universal checkpoint", flush=True)
+        print(f"[engine] {found.uri} was written by {found.record['world']} workers at tensor_parallel {saved_tp}, "
+              f"resuming with {world} at tensor_parallel {tp}: converting it to DeepSpeed's universal checkpoint",
+              flush=True)
         convert_to_universal(found)
     dist.barrier()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = spec.model_factory()
+    shapes = _param_shapes(model)  # the dense model's: the same at every tensor-parallel degree
     if found is not None:
-        _check_same_model(found, model)
+        _check_same_model(found, shapes)
+    if mpu:
+        model = tensor_parallel_module(model, mpu)
+    if isinstance(model, GLMModel):  # lets a checkpoint change tensor-parallel degree (read by DeepSpeed)
+        model.universal_checkpoint_info = universal_checkpoint_info(model, model.config, tp)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, spec.optimizer_steps_per_step))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, elastic))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, elastic), mpu=mpu)
     _guard_plain_optimizer(engine)
-    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout differs per rank
+    # dropout differs per replica; the ranks of a replica draw the same masks (their replicated
+    # activations must stay identical)
+    torch.manual_seed(cfg.seed * 1000 + dp_rank + 1)
 
     state = {"step": 0, "consumed": 0, "skipped_steps": 0, "consecutive_skips": 0, "mlflow_run_id": None,
              "stage": {}}
@@ -227,8 +253,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         if not found.uri.startswith(run_uri(cfg) + "/"):  # another run's checkpoint (resume_from)
             state["mlflow_run_id"] = None
     if log:
-        log.write({"event": "start", "world": world, "resumed_from": found.uri if found else None,
-                   "step": state["step"], "time": time.time()})
+        log.write({"event": "start", "world": world, "tensor_parallel": tp,
+                   "resumed_from": found.uri if found else None, "step": state["step"], "time": time.time()})
         for uri, why in rejected:
             print(f"[engine] checkpoint {uri} rejected: {why}", flush=True)
             log.write({"event": "checkpoint_rejected", "checkpoint": uri, "reason": why})
@@ -237,7 +263,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
     model_flops, hardware_flops = spec.flops_fn(source.seq_len) if spec.flops_fn else (0.0, 0.0)
     tracker = _Tracker(spec, cfg, state) if rank == 0 else None
     if cfg.validate_at_start and state["step"] == 0:
-        val, examples = _validate(engine, spec, cfg, rank, world, device)
+        val, examples = _validate(engine, spec, cfg, dp_rank, dp, device, dp_group)
         val = {f"val_{k}": v for k, v in val.items()}
         if rank == 0:
             print("[engine] validation before training: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
@@ -251,17 +277,17 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         if not cfg.fail_in_checkpoint:
             _maybe_fail(cfg, step, rank, attempt)
         t_step = time.time()
-        micro, n_micro = cfg.micro_batch_size, cfg.micro_batches_at(step, world)
-        indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step, world))
+        micro, n_micro = cfg.micro_batch_size, cfg.micro_batches_at(step, dp)
+        indices, consumed = source.indices(state["consumed"], cfg.global_batch_at(step, dp))
         per_rank = micro * n_micro
-        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        mine = indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         step_tokens = source.tokens(indices)  # the whole global batch, every rank's share
         tokens_since += step_tokens
         skipped_before = engine.skipped_steps
         losses, nonfinite, extra_norms, sums = [], 0, {}, {}
         if spec.iteration_fn is not None:
             batch = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in source.rows(mine).items()}
-            context = IterationContext(step=step, rank=rank, world=world, seed=cfg.seed, state=state["stage"])
+            context = IterationContext(step=step, rank=dp_rank, world=dp, seed=cfg.seed, state=state["stage"])
             out = spec.iteration_fn(engine, batch, context)
             losses.append(torch.as_tensor(float(out["loss"])))
             sums = {k: float(v) for k, v in out.items() if k != "loss"}
@@ -275,8 +301,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
                         if k != "loss" and not _is_example(v):
                             sums[k] = sums.get(k, 0.0) + float(v) / n_micro
                     loss = loss["loss"]
-                if step in spec.nonfinite_steps and rank == step % world and m == n_micro - 1:
-                    loss = loss * float("nan")  # testing: one micro-batch of one rank
+                if step in spec.nonfinite_steps and dp_rank == step % dp and m == n_micro - 1:
+                    loss = loss * float("nan")  # testing: one micro-batch of one replica
                 if torch.isfinite(loss):
                     losses.append(loss.detach().float())
                 else:
@@ -287,11 +313,11 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
                     loss = loss * float("nan")
                 engine.set_gradient_accumulation_boundary(m == n_micro - 1)
                 engine.backward(loss / n_micro, scale_wrt_gas=False)
-            extra_norms = _param_grad_norms(engine, spec.grad_norm_params)  # reduced, before step() clears them
+            extra_norms = _param_grad_norms(engine, spec.grad_norm_params, mpu)  # reduced, before step() clears them
             engine.step()
         skipped = engine.skipped_steps - skipped_before  # the same on every rank
         bad = torch.tensor([float(nonfinite)], device=device)
-        dist.all_reduce(bad)
+        dist.all_reduce(bad, group=dp_group)
         if bad.item() > 0 and not skipped:
             raise RuntimeError(f"step {step + 1}: a non-finite loss did not skip the optimizer step "
                                f"(optimizer {type(engine.optimizer).__name__})")
@@ -301,7 +327,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
         state["consecutive_skips"] = state["consecutive_skips"] + 1 if skipped else 0
         mean_loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
         total = torch.tensor([mean_loss.item() if losses else 0.0, 1.0 if losses else 0.0], device=device)
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=dp_group)  # once per replica: its ranks compute the same loss
         metrics = {
             "step": state["step"], "loss": (total[0] / total[1]).item() if total[1] > 0 else float("nan"),
             "lr": scheduler.get_last_lr()[0], "consumed_samples": state["consumed"],
@@ -309,7 +335,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
             "global_batch": len(indices), "micro_batches": n_micro,
         }
         metrics.update(extra_norms)
-        stage_metrics = _mean_over_ranks(sums, world, device)  # collective: every rank
+        stage_metrics = _mean_over_ranks(sums, dp, device, dp_group)  # collective: every rank
         metrics.update(stage_metrics)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None and not skipped and math.isfinite(float(grad_norm)):
@@ -337,7 +363,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
             break
         done = state["step"] == cfg.train_steps
         if cfg.validate_every and (state["step"] % cfg.validate_every == 0 or done):
-            val, examples = _validate(engine, spec, cfg, rank, world, device)
+            val, examples = _validate(engine, spec, cfg, dp_rank, dp, device, dp_group)
             metrics.update({f"val_{k}": v for k, v in val.items()})
             if rank == 0:
                 _log_validation(tracker, examples, state["step"])
@@ -356,7 +382,7 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
                 log.flush()
         if state["step"] % cfg.checkpoint_every == 0 or done:
             fail = cfg.fail_in_checkpoint and _fails_now(cfg, state["step"], rank, attempt)
-            _save(engine, store, state, metrics, rt, cfg, fail)
+            _save(engine, store, state, metrics, rt, cfg, fail, shapes)
             if rank == 0:
                 log.flush()
 
@@ -368,12 +394,12 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
             tracker.end("FAILED")
         return
     if cfg.check_replicas:
-        same = _replicas_identical(engine, cfg, world)
+        same = _replicas_identical(engine, cfg, world, mpu.tp_rank if mpu else 0)
         if rank == 0:
             print(f"[engine] replicas identical: {same}", flush=True)
             log.write({"event": "replicas", "identical": same})
     if spec.export_fn is not None:
-        artifacts = _export(engine, spec, cfg, rank)
+        artifacts = _export(engine, spec, cfg, rank, mpu)
         if tracker and artifacts:
             tracker.log_artifacts(artifacts)
     if tracker:
@@ -411,13 +437,13 @@ def _param_shapes(module) -> dict[str, list[int]]:
     return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
 
 
-def _check_same_model(found, model) -> None:
-    """Refuse a checkpoint of another model before DeepSpeed loads it (a universal checkpoint
-    would otherwise load the parameters the two share and ignore the rest)."""
+def _check_same_model(found, mine: dict[str, list[int]]) -> None:
+    """Refuse a checkpoint of another model (`mine`: this model's dense parameter shapes) before
+    DeepSpeed loads it (a universal checkpoint would otherwise load the parameters the two share
+    and ignore the rest)."""
     saved = found.record.get("params")
     if saved is None:  # written before the record held the shapes
         return
-    mine = _param_shapes(model)
     problems = [f"{n} is not in this model" for n in saved if n not in mine]
     problems += [f"{n} is not in the checkpoint" for n in mine if n not in saved]
     problems += [f"{n} has shape {mine[n]} here, {saved[n]} in the checkpoint"
@@ -501,8 +527,9 @@ def _guard_plain_optimizer(engine) -> None:
     inner.step = guarded_step
 
 
-def _replicas_identical(engine, cfg: EngineConfig, world: int) -> bool:
-    """Hash of every rank's full parameters, compared across ranks (collective)."""
+def _replicas_identical(engine, cfg: EngineConfig, world: int, tp_rank: int) -> bool:
+    """Hash of every rank's full parameters (its shard under tensor parallelism), compared
+    across the ranks holding the same shard (collective)."""
     import hashlib
 
     import deepspeed
@@ -516,8 +543,8 @@ def _replicas_identical(engine, cfg: EngineConfig, world: int) -> bool:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     hashes = [None] * world
-    dist.all_gather_object(hashes, h.hexdigest())
-    return len(set(hashes)) == 1
+    dist.all_gather_object(hashes, (tp_rank, h.hexdigest()))
+    return all(len({h for t, h in hashes if t == shard}) == 1 for shard, _ in hashes)
 
 
 def _fails_now(cfg: EngineConfig, step: int, rank: int, attempt: int) -> bool:
@@ -526,22 +553,28 @@ def _fails_now(cfg: EngineConfig, step: int, rank: int, attempt: int) -> bool:
             and step >= cfg.fail_at_steps[attempt] and step - cfg.checkpoint_every < cfg.fail_at_steps[attempt])
 
 
-def _param_grad_norms(engine, names: dict[str, str]) -> dict[str, float]:
-    """Norms of chosen parameters' full gradients (any ZeRO stage; collective under ZeRO-3)."""
+def _param_grad_norms(engine, names: dict[str, str], mpu=None) -> dict[str, float]:
+    """Norms of chosen parameters' full gradients (any ZeRO stage; collective under ZeRO-3, and
+    over the tensor-parallel group for a sharded parameter)."""
+    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
     out = {}
     for metric, name in names.items():
-        grad = safe_get_full_grad(engine.module.get_parameter(name))
+        param = engine.module.get_parameter(name)
+        grad = safe_get_full_grad(param)
         if grad is not None:
-            out[metric] = float(grad.float().norm())
+            square = grad.float().norm() ** 2
+            if mpu is not None and getattr(param, "tensor_model_parallel", False):
+                dist.all_reduce(square, group=mpu.tp_group)
+            out[metric] = float(square.sqrt())
     return out
 
 
-def _validate(engine, spec, cfg, rank, world, device) -> tuple[dict[str, float], dict[str, Any]]:
+def _validate(engine, spec, cfg, rank, world, device, group=None) -> tuple[dict[str, float], dict[str, Any]]:
     """(mean of step_fn's loss and other scalar outputs over validation_batches micro-batches per
-    rank, examples: this rank's non-scalar outputs of its first batch, e.g. sample responses);
-    ({}, {}) when the data has no validation split."""
+    replica, examples: this rank's non-scalar outputs of its first batch, e.g. sample responses);
+    ({}, {}) when the data has no validation split. rank / world / group: data-parallel."""
     import torch
 
     from stages.engine.data import ShardSource
@@ -565,7 +598,7 @@ def _validate(engine, spec, cfg, rank, world, device) -> tuple[dict[str, float],
                 else:
                     sums[k] = sums.get(k, 0.0) + float(v) / cfg.validation_batches
     engine.train()
-    return _mean_over_ranks(sums, world, device), examples
+    return _mean_over_ranks(sums, world, device, group), examples
 
 
 def _is_example(value) -> bool:
@@ -582,8 +615,9 @@ def _log_validation(tracker, examples: dict, step: int) -> None:
         tracker.log_artifacts({f"validation/step{step:06d}.json": examples})
 
 
-def _mean_over_ranks(values: dict[str, float], world: int, device) -> dict[str, float]:
-    """Per-rank scalars averaged over ranks (a collective: every rank passes the same keys)."""
+def _mean_over_ranks(values: dict[str, float], world: int, device, group=None) -> dict[str, float]:
+    """Per-rank scalars averaged over the `world` ranks of `group` (None: all ranks); a collective:
+    every rank passes the same keys."""
     import torch
     import torch.distributed as dist
 
@@ -591,13 +625,15 @@ def _mean_over_ranks(values: dict[str, float], world: int, device) -> dict[str, 
         return {}
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def _save(engine, store: CheckpointStore, state: dict, metrics: dict, rt, cfg: EngineConfig, fail: bool) -> None:
+def _save(engine, store: CheckpointStore, state: dict, metrics: dict, rt, cfg: EngineConfig, fail: bool,
+          shapes: dict[str, list[int]]) -> None:
     """Every rank writes its DeepSpeed files, then rank 0 writes the completion record: a
-    checkpoint killed anywhere before that record never counts."""
+    checkpoint killed anywhere before that record never counts. `shapes`: the dense model's
+    parameter shapes (the record's `params`)."""
     import torch.distributed as dist
 
     rank, world = rt.rank, rt.world
@@ -617,20 +653,28 @@ def _save(engine, store: CheckpointStore, state: dict, metrics: dict, rt, cfg: E
     dist.barrier()
     if rank == 0:
         store.complete(tag, {"step": state["step"], "consumed": state["consumed"], "world": world,
-                             "zero_stage": cfg.zero_stage, "params": _param_shapes(engine.module)})
+                             "tensor_parallel": cfg.tensor_parallel, "zero_stage": cfg.zero_stage, "params": shapes})
         store.prune(cfg.keep_checkpoints)
     rt.report(metrics, {"uri": store.uri(tag), "step": state["step"]})
 
 
-def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int) -> dict | None:
+def _export(engine, spec: TrainSpec, cfg: EngineConfig, rank: int, mpu=None) -> dict | None:
+    """Rank 0 calls export_fn with the full dense model (gathered under ZeRO-3, merged from the
+    first replica's shards under tensor parallelism): the single-file checkpoint every stage reads."""
     import deepspeed
     import torch
 
-    params = list(engine.module.parameters())
-    context = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3 else nullcontext()
-    with context:
-        if rank == 0:
-            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
+    from stages.engine.parallel import gather_dense_state
+
+    if mpu is not None:
+        state = gather_dense_state(engine.module, engine.module.config, mpu) if mpu.dp_rank == 0 else None
+    else:
+        params = list(engine.module.parameters())
+        context = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3
+                   else nullcontext())
+        with context:
+            if rank == 0:
+                state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in engine.module.state_dict().items()}
     if rank == 0:
         model = spec.model_factory()
         model.load_state_dict(state)

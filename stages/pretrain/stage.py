@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from glm.config import GLMConfig, padded_vocab_size
+from glm.config import ConfigError, GLMConfig, padded_vocab_size
 from glm.flops import training_flops_per_token
 from stages import storage
 from stages.effects import log_effect_metrics, write_effects
@@ -111,6 +111,12 @@ def run(cfg: PretrainConfig):
         raise ValueError("pretrain config: `data` (the data stage's output) is not set")
     cfg.data, cfg.output = storage.absolute(cfg.data), storage.absolute(cfg.output)
     config = model_config(cfg)
+    from glm.parallel import check_divisible
+
+    try:
+        check_divisible(config, cfg.engine.tensor_parallel)
+    except ValueError as e:
+        raise ConfigError(f"pretrain engine.tensor_parallel: {e}") from None
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
     spec = TrainSpec(
         model_factory=functools.partial(build_model, config),

@@ -162,6 +162,10 @@ class RLHFConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"RLHFConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.engine.tensor_parallel > 1:
+            raise ConfigError(f"rlhf: engine.tensor_parallel {self.engine.tensor_parallel} is not supported (reward "
+                              f"and value heads, PPO's and DPO's extra models are not sharded); use "
+                              f"engine.tensor_parallel: 1")
         if self.mode == "ppo" and self.engine.grad_accum_steps != 1:
             raise ConfigError("ppo: engine.grad_accum_steps must be 1 (use ppo.minibatches; the rollout batch "
                               "is engine.micro_batch_size prompts per worker)")

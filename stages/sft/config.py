@@ -122,6 +122,13 @@ class SFTConfig:
     max_new_tokens: int = 64
     """Length limit of those sample answers."""
 
+    def __post_init__(self) -> None:
+        if self.engine.tensor_parallel > 1 and self.method.kind != "full":
+            raise ConfigError(f"sft: engine.tensor_parallel {self.engine.tensor_parallel} with method.kind "
+                              f"{self.method.kind!r}: tensor parallelism does not shard "
+                              f"{'P-Tuning v2 prefixes' if self.method.kind == 'ptuning' else 'LoRA adapters'} "
+                              f"yet; use method.kind 'full' or engine.tensor_parallel: 1")
+
     def data_fingerprint(self, base_identity: str) -> str:
         """Hash of everything the prepared rows depend on (data config + base tokenizer/model shape)."""
         d = asdict(self.data)

@@ -177,3 +177,36 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_a_reason(data, tmp_path):
     with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps skipped"):
         fit_in_process(accum_spec(data_uri, nonfinite_steps=[0, 1, 2]), cfg)
     assert max(final_steps(cfg)) == 2  # stopped, not restarted or continued
+
+
+def test_tensor_parallel_run_resumes_exactly_and_its_checkpoint_loads_at_tp1(data, tmp_path):
+    """TP=2 (2 Ray workers, one replica) killed after step 3 replays step 3 bitwise from its
+    step-2 checkpoint; that checkpoint, continued in one process at TP=1 (DeepSpeed's universal
+    checkpoint merging the shards, optimizer state included), gives the TP=2 losses; both
+    export the single-file merged checkpoint."""
+    tmp, data_uri = data
+    export = functools.partial(export_checkpoint, data_uri=data_uri, metadata={})
+    cfg = engine(tmp, "tp2", tensor_parallel=2, train_steps=4, fail_at_steps=[3], fail_rank=1)
+    fit(spec_for(data_uri, export_fn=functools.partial(export, output=str(tmp_path / "tp2"))), cfg)
+    log = step_log(cfg)
+    first, replayed = ([r for r in log if r["step"] == 3 and r["attempt"] == a] for a in (0, 1))
+    assert len(first) == len(replayed) == 1, "the run was not killed after step 3 and resumed"
+    assert replayed[0]["loss"] == first[0]["loss"] and replayed[0]["indices"] == first[0]["indices"]  # bitwise
+    assert [e["tensor_parallel"] for e in events(cfg) if e["event"] == "start"] == [2, 2]
+    tp2 = final_steps(cfg)
+    assert all(len(tp2[s]["indices"]) == 2 for s in tp2)  # one replica: the micro-batch is the global batch
+
+    at_tp1 = engine(tmp, "tp2-at-tp1", num_workers=1, train_steps=4,
+                    resume_from=f"{tmp}/ray/tp2/checkpoints/step00000002")
+    fit_in_process(spec_for(data_uri, export_fn=functools.partial(export, output=str(tmp_path / "tp1"))), at_tp1)
+    tp1 = final_steps(at_tp1)
+    assert [(e["world"], e["tensor_parallel"]) for e in events(at_tp1) if e["event"] == "start"] == [(1, 1)]
+    assert (tmp / "ray/tp2/checkpoints/step00000002/universal/COMPLETE.json").exists()  # converted by DeepSpeed
+    assert sorted(tp1) == [3, 4]
+    for s in (3, 4):
+        assert tp1[s]["indices"] == tp2[s]["indices"]
+        assert tp1[s]["loss"] == pytest.approx(tp2[s]["loss"], rel=1e-4)
+    merged, _ = load_inference_checkpoint(tmp_path / "tp2")
+    dense, _ = load_inference_checkpoint(tmp_path / "tp1")
+    for (name, a), b in zip(merged.state_dict().items(), dense.state_dict().values()):
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-3, name  # Adam steps of lr 1e-3 apart at most
