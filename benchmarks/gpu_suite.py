@@ -570,13 +570,7 @@ def engine_attempt(spec_file: str) -> None:
     # ...without filling every torch.empty with NaN: DeepSpeed allocates 2 GB gradient buckets
     # with it at every micro-step (half a minute of memset on a small CPU run)
     torch.utils.deterministic.fill_uninitialized_memory = False
-    if not torch.cuda.is_available():
-        # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (a C++ build of a
-        # minute or more, under a lock file shared by every DeepSpeed user of the machine) that a
-        # single process never uses: mark it unavailable so torch.distributed (gloo) is used.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.cuda.is_available():  # (the engine skips DeepSpeed's CPU shm all-reduce build itself)
         torch.set_num_threads(1)  # tiny shapes: more threads only contend
     config = preset(s["preset"], vocab_size=s["vocab_size"], max_seq_len=s["seq_len"], hidden_dropout=0.0,
                     **s.get("overrides", {}))

@@ -187,6 +187,17 @@ def run_uri(cfg: EngineConfig) -> str:
     return posixpath.join(storage.absolute(cfg.storage_path).rstrip("/"), cfg.run_name)
 
 
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`)
+    in every process that initializes its communication: a C++ build of one to several minutes on
+    a fresh machine (under a lock file every DeepSpeed process of the machine waits on), 1-2 s per
+    process after that. Only DeepSpeed's inference all-reduce uses it, never training, whose
+    collectives go through torch.distributed (gloo): mark it unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
     """The training loop of one worker (rank rt.rank of rt.world), under Ray Train or not."""
     import deepspeed
@@ -199,6 +210,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
     from stages.engine.parallel import (ModelParallelUnit, check_same_node, tensor_parallel_module,
                                         universal_checkpoint_info)
 
+    if not torch.cuda.is_available():
+        skip_shm_comm_build()
     rank, world, tp = rt.rank, rt.world, cfg.tensor_parallel
     # the data-parallel view: replicas of `tp` consecutive ranks (without TP, every rank is one)
     mpu = ModelParallelUnit(world, tp, rank) if tp > 1 else None
