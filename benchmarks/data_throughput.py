@@ -74,8 +74,9 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
     placed = placed.filter(pa.compute.greater_equal(placed["bucket"], 0))
     marks["dedup+place"] = time.perf_counter()
     t_encode = time.perf_counter()
-    tokenize = steps.Tokenize(tokenizer.to_bytes())
-    tokenized = pa.concat_tables(tokenize(placed.slice(i, 64).to_pydict()) for i in range(0, placed.num_rows, 64))
+    model = tokenizer.to_bytes()
+    tokenized = pa.concat_tables(steps.tokenize(placed.slice(i, 64).to_pydict(), model)
+                                 for i in range(0, placed.num_rows, 64))
     t_encode = time.perf_counter() - t_encode
     groups = defaultdict(list)
     for i, key in enumerate(zip(tokenized["split"].to_pylist(), tokenized["bucket"].to_pylist())):
@@ -102,7 +103,9 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
             "rows": rows, "encode_seconds": t_encode, "step_share": shares}
 
 
-STEP_NAMES = {1: "read+screen", 2: "dedup+place", 3: "tokenizer", 4: "tokenize+blank_infilling", 5: "mip",
+# the stage's progress steps (its de-duplication plan ends step 1; with a given tokenizer the
+# placement runs fused with the tokenization, in step 4)
+STEP_NAMES = {1: "read+screen+plan", 2: "place", 3: "tokenizer", 4: "place+tokenize+blank_infilling", 5: "mip",
               6: "shards", 7: "manifest"}
 
 

@@ -1,5 +1,6 @@
 """The data stage end to end with real Ray Data on tiny inputs: counts, invariants, determinism, MIP share."""
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, small_ray_data_blocks
 from glm.schema import IGNORE_INDEX
 from glm.tokenizer import GLMTokenizer
 from stages.data.blank_infilling import KIND_MIP
@@ -63,7 +64,9 @@ def built(tmp_path_factory, ray_instance):
         if name == "b":  # tracked run: MLflow must not change the output
             cfg.tracking = TrackingConfig(enabled=True, experiment="data-test",
                                           tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-        outputs[name] = Path(run(cfg))
+        blocks = small_ray_data_blocks() if name == "one_worker" else contextlib.nullcontext()
+        with blocks:  # one worker, and every step on another partitioning of the rows
+            outputs[name] = Path(run(cfg))
     return tmp, texts, outputs
 
 

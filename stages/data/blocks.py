@@ -1,0 +1,95 @@
+"""Work on the blocks of a materialized Ray Data dataset with plain Ray tasks.
+
+Each Ray Data execution (`to_pandas`, `groupby().map_groups()`, `from_items().flat_map()`)
+starts an executor, builds its operators and, for a group-by, samples, sorts and merges
+before the first row is touched: a fixed cost of seconds on a small, busy machine. What the
+data stage needs after its two Ray Data executions is simpler: a few metadata columns on the
+driver, groups whose keys it already knows, and one call per item. One task per block (and
+one per group or item) does that without an executor. Nothing here depends on how rows are
+split into blocks: groups are whole when their function sees them, in key order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+_REMOTE: dict = {}
+
+
+def _remote(fn: Callable):
+    """`ray.remote(fn)`, made once per process (Ray re-exports it to a new cluster by itself)."""
+    import ray
+
+    if fn not in _REMOTE:
+        _REMOTE[fn] = ray.remote(fn)
+    return _REMOTE[fn]
+
+
+def _select(block: pa.Table, names: list[str], where) -> pa.Table | None:
+    if block.num_rows == 0:  # an empty block may carry another step's schema
+        return None
+    return (block.filter(where) if where is not None else block).select(names)
+
+
+def columns(ds, names: list[str], where=None, empty: pa.Schema | None = None) -> pa.Table:
+    """Columns `names` of a materialized dataset's rows (those matching the pyarrow expression
+    `where`, if given) as one table on the driver, in block order. `empty`: the schema of the
+    result when the dataset has no blocks."""
+    import ray
+
+    tables = [t for t in ray.get([_remote(_select).remote(ref, names, where) for ref in ds.to_arrow_refs()])
+              if t is not None]
+    if not tables:
+        return (empty or pa.schema([(n, pa.null()) for n in names])).empty_table().select(names)
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _split(block: pa.Table, key_columns: list[str], keys: list[tuple]):
+    """A block's rows per group (rows of no listed key dropped), one table per key."""
+    if block.num_rows == 0:  # an empty block may carry another step's schema
+        return tuple(block for _ in keys) if len(keys) > 1 else block
+    index = {k: i for i, k in enumerate(keys)}
+    group = np.fromiter((index.get(k, -1) for k in zip(*(block[c].to_pylist() for c in key_columns))),
+                        dtype=np.int64, count=block.num_rows)
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(len(keys) + 1))
+    parts = tuple(block.take(pa.array(order[bounds[g]:bounds[g + 1]])) for g in range(len(keys)))
+    return parts if len(keys) > 1 else parts[0]
+
+
+def _apply(fn: Callable, kwargs: dict, *parts: pa.Table):
+    return fn(pa.concat_tables([p for p in parts if p.num_rows]), **kwargs)
+
+
+def map_groups(ds, key_columns: list[str], keys: list[tuple], fn: Callable, kwargs: dict) -> list:
+    """`fn(group, **kwargs)` for the rows of each key in `keys` (values of `key_columns`), one
+    task per group, each group's rows in one table; returns the results in key order.
+
+    A hash shuffle in two rounds of tasks: each block is cut into one table per key, each
+    group's task concatenates its parts. Rows keep their block order inside a group, which
+    depends on partitioning: `fn` must sort them by a content key."""
+    import ray
+
+    keys = [tuple(k) for k in keys]
+    if not keys:
+        return []
+    split = _remote(_split).options(num_returns=len(keys))
+    parts = [split.remote(ref, key_columns, keys) for ref in ds.to_arrow_refs()]
+    if len(keys) == 1:
+        parts = [[p] for p in parts]
+    apply = _remote(_apply)
+    return ray.get([apply.remote(fn, kwargs, *[p[g] for p in parts]) for g in range(len(keys))])
+
+
+def _call(fn: Callable, item, kwargs: dict):
+    return fn(item, **kwargs)
+
+
+def map_items(fn: Callable, items: list, kwargs: dict) -> list:
+    """`fn(item, **kwargs)` for each item, one task each; the results in item order."""
+    import ray
+
+    return ray.get([_remote(_call).remote(fn, item, kwargs) for item in items])
