@@ -5,8 +5,9 @@ starts an executor, builds its operators and, for a group-by, samples, sorts and
 before the first row is touched: a fixed cost of seconds on a small, busy machine. What the
 data stage needs after its two Ray Data executions is simpler: a few metadata columns on the
 driver, groups whose keys it already knows, and one call per item. One task per block (and
-one per group or item) does that without an executor. Nothing here depends on how rows are
-split into blocks: groups are whole when their function sees them, in key order.
+one per group or item) does that without an executor; for a near-empty corpus the same calls
+run in the driver (`local`), sparing the start of worker processes. Nothing here depends on
+how rows are split into blocks: groups are whole when their function sees them, in key order.
 """
 
 from __future__ import annotations
@@ -64,18 +65,23 @@ def _apply(fn: Callable, kwargs: dict, *parts: pa.Table):
     return fn(pa.concat_tables([p for p in parts if p.num_rows]), **kwargs)
 
 
-def map_groups(ds, key_columns: list[str], keys: list[tuple], fn: Callable, kwargs: dict) -> list:
+def map_groups(ds, key_columns: list[str], keys: list[tuple], fn: Callable, kwargs: dict, local: bool = False) -> list:
     """`fn(group, **kwargs)` for the rows of each key in `keys` (values of `key_columns`), one
     task per group, each group's rows in one table; returns the results in key order.
 
     A hash shuffle in two rounds of tasks: each block is cut into one table per key, each
     group's task concatenates its parts. Rows keep their block order inside a group, which
-    depends on partitioning: `fn` must sort them by a content key."""
+    depends on partitioning: `fn` must sort them by a content key. local: the same calls in
+    this process (for data too small to be worth starting tasks)."""
     import ray
 
     keys = [tuple(k) for k in keys]
     if not keys:
         return []
+    if local:
+        parts = [_split(block, key_columns, keys) for block in ray.get(ds.to_arrow_refs())]
+        parts = [[p] for p in parts] if len(keys) == 1 else parts
+        return [_apply(fn, kwargs, *[p[g] for p in parts]) for g in range(len(keys))]
     split = _remote(_split).options(num_returns=len(keys))
     parts = [split.remote(ref, key_columns, keys) for ref in ds.to_arrow_refs()]
     if len(keys) == 1:
@@ -88,8 +94,11 @@ def _call(fn: Callable, item, kwargs: dict):
     return fn(item, **kwargs)
 
 
-def map_items(fn: Callable, items: list, kwargs: dict) -> list:
-    """`fn(item, **kwargs)` for each item, one task each; the results in item order."""
+def map_items(fn: Callable, items: list, kwargs: dict, local: bool = False) -> list:
+    """`fn(item, **kwargs)` for each item, one task each (local: in this process); the results
+    in item order."""
     import ray
 
+    if local:
+        return [fn(item, **kwargs) for item in items]
     return ray.get([_remote(_call).remote(fn, item, kwargs) for item in items])

@@ -166,6 +166,10 @@ class DataConfig:
     """Every sample's randomness derives from this and the sample's index."""
     workers: int = 2
     """Concurrent Ray tasks of the placement and tokenization step (does not change the output)."""
+    driver_bytes: int = 8 << 20
+    """When the tokenized corpus is smaller than this (bytes), its per-group steps (rows, MIP,
+    shards, baselines) run in the driver instead of Ray tasks: a near-empty corpus spares the
+    start of worker processes. 0: always tasks. Does not change the output."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -179,6 +183,6 @@ class DataConfig:
     def fingerprint(self) -> str:
         """Hash of everything that determines the output (not where it goes or how many workers)."""
         data = asdict(self)
-        for key in ("output", "workers", "tracking"):
+        for key in ("output", "workers", "driver_bytes", "tracking"):
             data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

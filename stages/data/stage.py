@@ -137,10 +137,11 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         special = dataclasses.asdict(tokenizer.special)
         rows_dir = f"{staging}/_rows"
         groups = sorted(set(zip(stats["split"].tolist(), stats["bucket"].tolist())))
+        in_driver = tokenized.size_bytes() < cfg.driver_bytes  # a near-empty corpus: no more tasks
         meta = _concat(blocks.map_groups(
             tokenized, ["split", "bucket"], groups, steps.build_bucket,
             {"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed,
-             "rows_dir": rows_dir, "fs": out_fs}), steps.META_SCHEMA)
+             "rows_dir": rows_dir, "fs": out_fs}, in_driver), steps.META_SCHEMA)
         progress(f"tokenized {len(stats):,} documents after weights ({int(stats['chars'].sum()) / 1e6:.1f}M "
                  f"characters, {sum(doc_tokens.values()):,} tokens); built {len(meta):,} blank-infilling rows")
 
@@ -160,7 +161,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
                           "stem": f"mip-d{group:05d}" if split == "mip" else f"b{group:05d}",
                           "positions": [index.get((split, group, int(local)), -1) for local in rows["local"]]})
         shards = pd.DataFrame([shard for item in blocks.map_items(steps.finalize_rows, items, {
-            "fs": out_fs, "staging": staging, "rows_per_shard": cfg.rows_per_shard}) for shard in item],
+            "fs": out_fs, "staging": staging, "rows_per_shard": cfg.rows_per_shard}, in_driver) for shard in item],
             columns=steps.SHARD_COLUMNS)
         out_fs.delete_dir(rows_dir)
         progress(f"wrote {len(shards)} shards: {mix['rows']['train']:,} train and {mix['rows']['validation']:,} "
@@ -170,7 +171,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         manifest = _manifest(cfg, counts, plan.duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer,
                              control_docs)
         corpus.add_to_manifest(manifest, plan, cfg, inputs, corpus.write_side_files(plan, out_fs, staging))
-        manifest["baselines"] = _baselines(cfg, out_fs, staging, shards, tokenizer)
+        manifest["baselines"] = _baselines(cfg, out_fs, staging, shards, tokenizer, in_driver)
         if manifest["baselines"]:
             b = manifest["baselines"]
             print(f"[data] validation baselines over {b['tokens']:,} predicted tokens: unigram perplexity "
@@ -249,7 +250,8 @@ def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, rows_dir: str, fs):
     meta = _concat(blocks.map_groups(
         parsed, ["dataset"], with_rows, steps.build_mip,
         {"objective": dataclasses.asdict(cfg.objective), "caps": [d.cap for d in cfg.mip.datasets],
-         "tokenizer_bytes": tokenizer.to_bytes(), "rows_dir": rows_dir, "fs": fs}), steps.META_SCHEMA)
+         "tokenizer_bytes": tokenizer.to_bytes(), "rows_dir": rows_dir, "fs": fs},
+        parsed.size_bytes() < cfg.driver_bytes), steps.META_SCHEMA)
     per_dataset = meta.groupby("group")["samples"].agg(["sum", "size"])
     stats = {}
     for i, d in enumerate(cfg.mip.datasets):
@@ -338,17 +340,24 @@ def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards,
     }
 
 
-def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenizer) -> dict:
+def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenizer, in_driver: bool) -> dict:
     """Unigram and bigram count models fitted on the training rows' predicted tokens, their
-    perplexity on the validation rows' predicted tokens (`stages.data.baselines`)."""
-    from stages.data.baselines import read_split, split_baselines
+    perplexity on the validation rows' predicted tokens (`stages.data.baselines`); each shard's
+    (previous token, target) pairs are read in a task of its own, concatenated in file order."""
+    from stages.data import blocks
+    from stages.data.baselines import pair_baselines, shard_pairs
 
     files = {split: sorted(shards[shards["split"] == split]["file"]) for split in ("train", "validation")}
     if not files["train"] or not files["validation"]:
         return {}
-    rows = {split: read_split(fs, staging, f, cfg.objective.seq_len) for split, f in files.items()}
     special = tokenizer.special
-    result = split_baselines(rows["train"], rows["validation"], len(tokenizer), special.mask_ids, special.sop)
+    kwargs = {"fs": fs, "root": staging, "seq_len": cfg.objective.seq_len, "mask_ids": special.mask_ids,
+              "sop": special.sop}
+    pairs = {}
+    for split, names in files.items():
+        parts = blocks.map_items(shard_pairs, names, kwargs, in_driver)
+        pairs[split] = tuple(np.concatenate([p[i] for p in parts]) for i in (0, 1))
+    result = pair_baselines(pairs["train"], pairs["validation"], len(tokenizer))
     return {**result, "fitted_on": "predicted tokens of the train split",
             "scored_on": "predicted tokens of the validation split"} if result else {}
 

@@ -64,8 +64,10 @@ def built(tmp_path_factory, ray_instance):
         if name == "b":  # tracked run: MLflow must not change the output
             cfg.tracking = TrackingConfig(enabled=True, experiment="data-test",
                                           tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-        blocks = small_ray_data_blocks() if name == "one_worker" else contextlib.nullcontext()
-        with blocks:  # one worker, and every step on another partitioning of the rows
+        blocks = contextlib.nullcontext()
+        if name == "one_worker":  # one worker, every step on other blocks, group steps as Ray tasks
+            cfg.driver_bytes, blocks = 0, small_ray_data_blocks()
+        with blocks:
             outputs[name] = Path(run(cfg))
     return tmp, texts, outputs
 
