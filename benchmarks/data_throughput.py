@@ -102,8 +102,9 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
     marks["shards"] = time.perf_counter()
     files = {split: sorted(s["file"] for s in shards if s["split"] == split) for split in ("train", "validation")}
     if files["train"] and files["validation"]:  # the count-model baselines the stage's manifest holds
-        rows = {split: read_split(local, str(work / "serial_out"), f, cfg.objective.seq_len) for split, f in files.items()}
-        split_baselines(rows["train"], rows["validation"], len(tokenizer), tokenizer.special.mask_ids,
+        arrays = {split: read_split(local, str(work / "serial_out"), f, cfg.objective.seq_len)
+                  for split, f in files.items()}
+        split_baselines(arrays["train"], arrays["validation"], len(tokenizer), tokenizer.special.mask_ids,
                         tokenizer.special.sop)
     marks["baselines"] = time.perf_counter()
     total = marks["baselines"] - t0
