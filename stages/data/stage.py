@@ -123,6 +123,8 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
                  f"documents ({sum(duplicates.values()):,} duplicates)")
 
         # 3. tokenizer
+        if not cfg.tokenizer.path:  # trained on a sample of the placed documents, then they are tokenized
+            placed = placed.materialize()
         tokenizer = _tokenizer(cfg, placed)
         progress(f"tokenizer: {len(tokenizer):,} pieces ({'reused ' + cfg.tokenizer.path if cfg.tokenizer.path else 'trained'})")
 
@@ -216,14 +218,13 @@ def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:
 
 def _tokenizer(cfg: DataConfig, placed) -> GLMTokenizer:
     """The configured tokenizer, or one trained on a hash-selected sample of the placed documents
-    (`placed` is materialized then: the tokenization reads it again)."""
+    (then `placed` is a materialized dataset)."""
     if cfg.tokenizer.path:
         return GLMTokenizer.load(cfg.tokenizer.path)
     import pyarrow.compute as pc
 
     from stages.data import blocks
 
-    placed = placed.materialize()
     total_chars = int(pc.sum(blocks.columns(placed, ["chars"])["chars"]).as_py() or 0)
     fraction = min(1.0, cfg.tokenizer.sample_chars / max(total_chars, 1))
     sample = blocks.columns(placed, ["order", "text"], where=pc.field("draw") < fraction)
