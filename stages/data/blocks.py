@@ -5,7 +5,7 @@ starts an executor, builds its operators and, for a group-by, samples, sorts and
 before the first row is touched: a fixed cost of seconds on a small, busy machine. What the
 data stage needs after its two Ray Data executions is simpler: a few metadata columns on the
 driver, groups whose keys it already knows, and one call per item. One task per block (and
-one per group or item) does that without an executor; for a near-empty corpus the same calls
+one per bin of groups, or per item) does that without an executor; for a near-empty corpus the same calls
 run in the driver (`local`), sparing the start of worker processes. Nothing here depends on
 how rows are split into blocks: groups are whole when their function sees them, in key order.
 """
@@ -48,46 +48,59 @@ def columns(ds, names: list[str], where=None, empty: pa.Schema | None = None) ->
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _split(block: pa.Table, key_columns: list[str], keys: list[tuple]):
-    """A block's rows per group (rows of no listed key dropped), one table per key."""
+MAX_GROUP_TASKS = 64
+"""Group tasks of one `map_groups` at most (each takes a run of consecutive keys): bounds the
+shuffle's objects at blocks x 64, whatever the number of groups."""
+
+
+def _cut(block: pa.Table, key_columns: list[str], slot: dict, slots: int) -> list[pa.Table]:
+    """A block's rows per slot (slot: key -> slot index; rows of other keys dropped)."""
     if block.num_rows == 0:  # an empty block may carry another step's schema
-        return tuple(block for _ in keys) if len(keys) > 1 else block
-    index = {k: i for i, k in enumerate(keys)}
-    group = np.fromiter((index.get(k, -1) for k in zip(*(block[c].to_pylist() for c in key_columns))),
+        return [block] * slots
+    index = np.fromiter((slot.get(k, -1) for k in zip(*(block[c].to_pylist() for c in key_columns))),
                         dtype=np.int64, count=block.num_rows)
-    order = np.argsort(group, kind="stable")
-    bounds = np.searchsorted(group[order], np.arange(len(keys) + 1))
-    parts = tuple(block.take(pa.array(order[bounds[g]:bounds[g + 1]])) for g in range(len(keys)))
-    return parts if len(keys) > 1 else parts[0]
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(slots + 1))
+    return [block.take(pa.array(order[bounds[i]:bounds[i + 1]])) for i in range(slots)]
 
 
-def _apply(fn: Callable, kwargs: dict, *parts: pa.Table):
-    return fn(pa.concat_tables([p for p in parts if p.num_rows]), **kwargs)
+def _split(block: pa.Table, key_columns: list[str], bins: list[list[tuple]]):
+    """A block's rows per bin of keys, one table per bin (a single table for a single bin)."""
+    parts = _cut(block, key_columns, {k: b for b, keys in enumerate(bins) for k in keys}, len(bins))
+    return tuple(parts) if len(bins) > 1 else parts[0]
+
+
+def _apply(fn: Callable, kwargs: dict, key_columns: list[str], keys: list[tuple], *parts: pa.Table) -> list:
+    """`fn` of each key's rows among the parts of one bin, in key order."""
+    rows = pa.concat_tables([p for p in parts if p.num_rows])
+    groups = _cut(rows, key_columns, {k: i for i, k in enumerate(keys)}, len(keys))
+    return [fn(group, **kwargs) for group in groups]
 
 
 def map_groups(ds, key_columns: list[str], keys: list[tuple], fn: Callable, kwargs: dict, local: bool = False) -> list:
-    """`fn(group, **kwargs)` for the rows of each key in `keys` (values of `key_columns`), one
-    task per group, each group's rows in one table; returns the results in key order.
+    """`fn(group, **kwargs)` for the rows of each key in `keys` (values of `key_columns`), each
+    group's rows in one table; returns the results in key order.
 
-    A hash shuffle in two rounds of tasks: each block is cut into one table per key, each
-    group's task concatenates its parts. Rows keep their block order inside a group, which
-    depends on partitioning: `fn` must sort them by a content key. local: the same calls in
-    this process (for data too small to be worth starting tasks)."""
+    A hash shuffle in two rounds of tasks: each block is cut into one table per bin of
+    consecutive keys (at most MAX_GROUP_TASKS bins), each bin's task joins its parts and calls
+    `fn` per key. Rows keep their block order inside a group, which depends on partitioning:
+    `fn` must sort them by a content key. local: the same calls in this process (for data too
+    small to be worth starting tasks)."""
     import ray
 
     keys = [tuple(k) for k in keys]
     if not keys:
         return []
     if local:
-        parts = [_split(block, key_columns, keys) for block in ray.get(ds.to_arrow_refs())]
-        parts = [[p] for p in parts] if len(keys) == 1 else parts
-        return [_apply(fn, kwargs, *[p[g] for p in parts]) for g in range(len(keys))]
-    split = _remote(_split).options(num_returns=len(keys))
-    parts = [split.remote(ref, key_columns, keys) for ref in ds.to_arrow_refs()]
-    if len(keys) == 1:
+        return _apply(fn, kwargs, key_columns, keys, *ray.get(ds.to_arrow_refs()))
+    bins = [[keys[i] for i in chunk] for chunk in np.array_split(np.arange(len(keys)), min(len(keys), MAX_GROUP_TASKS))]
+    split = _remote(_split).options(num_returns=len(bins))
+    parts = [split.remote(ref, key_columns, bins) for ref in ds.to_arrow_refs()]
+    if len(bins) == 1:
         parts = [[p] for p in parts]
     apply = _remote(_apply)
-    return ray.get([apply.remote(fn, kwargs, *[p[g] for p in parts]) for g in range(len(keys))])
+    results = ray.get([apply.remote(fn, kwargs, key_columns, b, *[p[i] for p in parts]) for i, b in enumerate(bins)])
+    return [r for bin_results in results for r in bin_results]
 
 
 def _call(fn: Callable, item, kwargs: dict):

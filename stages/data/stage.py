@@ -128,7 +128,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         tokenizer = _tokenizer(cfg, placed)
         progress(f"tokenizer: {len(tokenizer):,} pieces ({'reused ' + cfg.tokenizer.path if cfg.tokenizer.path else 'trained'})")
 
-        # 4. tokenize (Ray Data execution 2), then cut rows per (split, bucket): one task per group
+        # 4. tokenize (Ray Data execution 2), then cut rows per (split, bucket) in Ray tasks
         tokenized = placed.map_batches(steps.tokenize, batch_size=64, batch_format="numpy", compute=tasks,
                                        fn_kwargs={"tokenizer_bytes": tokenizer.to_bytes()}).materialize()
         stats = blocks.columns(tokenized, ["source", "split", "bucket", "chars", "n_tokens", "control_strings"]
