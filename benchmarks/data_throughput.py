@@ -5,12 +5,15 @@ code run serially in one process without Ray, on the same corpus, in the same ru
 
 Both sides get the same pre-trained tokenizer (training it is serial in both) and MIP is off;
 both screen every document the same way (quality rules, language ID, decontamination against
-the shipped tasks, MinHash near-duplicate planning). Ray start-up is timed separately (a
+the shipped tasks, MinHash near-duplicate planning) and fit the manifest's count-model
+baselines on the shards they wrote. Ray start-up is timed separately (a
 cluster is already up when a job runs). --repeat N gives the source weight N: each document is
 tokenized and laid out N times (distinct copies in distinct buckets) on both sides, for a
 workload larger than the shipped corpus. Prints progress, then one JSON line: tokens_per_s,
-baseline_tokens_per_s, ratio, goal, spm_encode_share, fixed_seconds (the stage on the corpus's
-first --fixed-docs documents: its fixed costs), tokens_per_s_per_core, step_share (the stage's
+baseline_tokens_per_s, ratio, goal, spm_encode_share, ray_data_first_use_seconds (a cluster's
+first Ray Data execution starts Ray Data's detached stats and autoscaling actors, which live as
+long as the cluster: timed apart, like Ray's start), fixed_seconds (the stage on the corpus's
+first --fixed-docs documents after that: its fixed costs), tokens_per_s_per_core, step_share (the stage's
 wall time per step), baseline_step_share, load_avg_1m (the machine's load while measuring) ...
 """
 
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glm.tokenizer import GLMTokenizer, train_tokenizer  # noqa: E402
 from stages import storage  # noqa: E402
 from stages.data import steps  # noqa: E402
+from stages.data.baselines import read_split, split_baselines  # noqa: E402
 from stages.data.config import CorpusSource, DataConfig, MIPConfig, ObjectiveConfig, TokenizerSettings  # noqa: E402
 
 GOAL = 1.5
@@ -74,8 +78,9 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
     placed = placed.filter(pa.compute.greater_equal(placed["bucket"], 0))
     marks["dedup+place"] = time.perf_counter()
     t_encode = time.perf_counter()
-    tokenize = steps.Tokenize(tokenizer.to_bytes())
-    tokenized = pa.concat_tables(tokenize(placed.slice(i, 64).to_pydict()) for i in range(0, placed.num_rows, 64))
+    model = tokenizer.to_bytes()
+    tokenized = pa.concat_tables(steps.tokenize(placed.slice(i, 64).to_pydict(), model)
+                                 for i in range(0, placed.num_rows, 64))
     t_encode = time.perf_counter() - t_encode
     groups = defaultdict(list)
     for i, key in enumerate(zip(tokenized["split"].to_pylist(), tokenized["bucket"].to_pylist())):
@@ -89,12 +94,20 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
         rows += meta.num_rows
         metas.append(meta)
     marks["tokenize+blank_infilling"] = time.perf_counter()
-    for meta in metas:
-        item = {"path": meta["path"][0].as_py(), "split": meta["split"][0].as_py(), "stem": "b",
+    shards = []
+    for n, meta in enumerate(metas):
+        item = {"path": meta["path"][0].as_py(), "split": meta["split"][0].as_py(), "stem": f"b{n:05d}",
                 "positions": list(range(meta.num_rows))}
-        steps.finalize_rows(item, local, str(work / "serial_out"), cfg.rows_per_shard)
+        shards += steps.finalize_rows(item, local, str(work / "serial_out"), cfg.rows_per_shard)
     marks["shards"] = time.perf_counter()
-    total = marks["shards"] - t0
+    files = {split: sorted(s["file"] for s in shards if s["split"] == split) for split in ("train", "validation")}
+    if files["train"] and files["validation"]:  # the count-model baselines the stage's manifest holds
+        arrays = {split: read_split(local, str(work / "serial_out"), f, cfg.objective.seq_len)
+                  for split, f in files.items()}
+        split_baselines(arrays["train"], arrays["validation"], len(tokenizer), tokenizer.special.mask_ids,
+                        tokenizer.special.sop)
+    marks["baselines"] = time.perf_counter()
+    total = marks["baselines"] - t0
     shares, last = {}, t0
     for name, t in marks.items():
         shares[name], last = round((t - last) / total, 3), t
@@ -102,7 +115,9 @@ def serial(cfg: DataConfig, tokenizer: GLMTokenizer, work: Path) -> dict:
             "rows": rows, "encode_seconds": t_encode, "step_share": shares}
 
 
-STEP_NAMES = {1: "read+screen", 2: "dedup+place", 3: "tokenizer", 4: "tokenize+blank_infilling", 5: "mip",
+# the stage's progress steps (its de-duplication plan ends step 1; with a given tokenizer the
+# placement runs fused with the tokenization, in step 4)
+STEP_NAMES = {1: "read+screen+plan", 2: "place", 3: "tokenizer", 4: "place+tokenize+blank_infilling", 5: "mip",
               6: "shards", 7: "manifest"}
 
 
@@ -167,6 +182,7 @@ def main() -> None:
               f"(SentencePiece encode {base['encode_seconds']:.1f}s)", flush=True)
 
         import ray
+        import ray.data
 
         from stages.cluster import ensure_ray
 
@@ -175,6 +191,10 @@ def main() -> None:
         ray_start = time.perf_counter() - t
         print(f"Ray started in {ray_start:.1f}s ({ray.cluster_resources().get('CPU')} logical CPUs); "
               f"stage with {args.workers} workers ...", flush=True)
+        t = time.perf_counter()
+        ray.data.range(1).materialize()  # a cluster's first Ray Data execution starts Ray Data's detached actors
+        first_use = time.perf_counter() - t
+        print(f"Ray Data's first use on this cluster (its stats and autoscaling actors): {first_use:.1f}s", flush=True)
         fixed_seconds, _ = timed_run(small)
         print(f"  fixed costs: the stage on {args.fixed_docs} documents took {fixed_seconds:.1f}s", flush=True)
         load_before = os.getloadavg()[0]
@@ -191,7 +211,7 @@ def main() -> None:
             "baseline_tokens_per_s": round(base["tokens"] / base["seconds"]), "baseline_seconds": round(base["seconds"], 2),
             "ratio": round(base["seconds"] / stage_seconds, 3), "goal": GOAL,
             "spm_encode_share": round(base["encode_seconds"] / base["seconds"], 3),
-            "ray_start_seconds": round(ray_start, 2),
+            "ray_start_seconds": round(ray_start, 2), "ray_data_first_use_seconds": round(first_use, 2),
             "fixed_seconds": round(fixed_seconds, 2), "fixed_docs": args.fixed_docs,
             "tokens_per_s_per_core": round(tokens / stage_seconds / (os.cpu_count() or 1)),
             "step_share": step_share, "baseline_step_share": base["step_share"],

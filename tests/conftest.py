@@ -3,6 +3,7 @@ real Ray / DeepSpeed / MLflow, one shared Ray instance), `gpu` (skipped without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import itertools
 from pathlib import Path
@@ -47,6 +48,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def small_ray_data_blocks(max_bytes: int = 16 << 10):
+    """Ray Data cuts its blocks at `max_bytes` inside the block: every step sees another
+    partitioning of the same rows than with the default (128 MiB) blocks."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved, context.target_max_block_size = context.target_max_block_size, max_bytes
+    try:
+        yield
+    finally:
+        context.target_max_block_size = saved
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML file of DataConfig fields (see stages/data/configs/)")
     add_set_argument(parser)
     parser.add_argument("--output", help="override the config's output path or URI")
-    parser.add_argument("--workers", type=int, help="override the tokenizer actor-pool size")
+    parser.add_argument("--workers", type=int, help="override the concurrent tasks of the tokenization step")
     parser.add_argument("--track", action="store_true", help="log to MLflow (tracking.enabled)")
     args = parser.parse_args(argv)
     cfg = load_config_or_exit(DataConfig, args.config, args.overrides)

@@ -127,10 +127,22 @@ def split_baselines(train: dict[str, np.ndarray], validation: dict[str, np.ndarr
                     mask_ids: tuple[int, ...], sop: int) -> dict[str, float]:
     """Count models fitted on the predicted tokens of training rows, scored on validation rows
     (dicts of (N, L) arrays of the sample schema); {} when validation predicts nothing."""
+    return pair_baselines(_pairs(train, mask_ids, sop), _pairs(validation, mask_ids, sop), vocab_size)
+
+
+def pair_baselines(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                   vocab_size: int) -> dict[str, float]:
+    """Count models fitted on the (previous token, target) pairs `train`, scored on `validation`
+    (`row_pairs`' results); {} when validation predicts nothing."""
     models = CountModels(vocab_size)
-    models.add(*_pairs(train, mask_ids, sop))
-    prev, token = _pairs(validation, mask_ids, sop)
+    models.add(*train)
+    prev, token = validation
     return models.perplexities(prev, token) if len(token) else {}
+
+
+def shard_pairs(file: str, fs, root: str, seq_len: int, mask_ids: tuple[int, ...], sop: int):
+    """`row_pairs` of every row of one shard file (the data stage runs one task per file)."""
+    return _pairs(read_split(fs, root, [file], seq_len), mask_ids, sop)
 
 
 def _pairs(rows: dict[str, np.ndarray], mask_ids, sop):

@@ -165,9 +165,11 @@ class DataConfig:
     seed: int = 1234
     """Every sample's randomness derives from this and the sample's index."""
     workers: int = 2
-    """Actor-pool size of the tokenization step (does not change the output)."""
-    shuffle_strategy: str = "sort_shuffle_pull_based"
-    """Ray Data shuffle for the group-by steps (sort_shuffle_pull_based, hash_shuffle, ...)."""
+    """Concurrent Ray tasks of the placement and tokenization step (does not change the output)."""
+    driver_bytes: int = 8 << 20
+    """When the tokenized corpus is smaller than this (bytes), its per-group steps (rows, MIP,
+    shards, baselines) run in the driver instead of Ray tasks: a near-empty corpus spares the
+    start of worker processes. 0: always tasks. Does not change the output."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -181,6 +183,6 @@ class DataConfig:
     def fingerprint(self) -> str:
         """Hash of everything that determines the output (not where it goes or how many workers)."""
         data = asdict(self)
-        for key in ("output", "workers", "tracking", "shuffle_strategy"):
+        for key in ("output", "workers", "driver_bytes", "tracking"):
             data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stages import storage
 from stages.data import decontam, dedup, langid, quality, shingles
@@ -266,8 +267,9 @@ CLUSTER_SCHEMA = pa.schema([("source", pa.string()), ("path", pa.string()), ("li
 
 
 def apply_plan(batch: pa.Table, removed: np.ndarray, routed: dict, cut: dict) -> pa.Table:
-    """Kept rows only (reason ""): drop de-duplicated documents, route, cut repeated paragraphs.
-    Returns the columns assign_buckets reads (duplicate = False: duplicates are gone)."""
+    """Keep the rows screening kept (reason ""), drop de-duplicated documents, route, cut repeated
+    paragraphs. Returns the columns assign_buckets reads (duplicate = False: duplicates are gone)."""
+    batch = batch.filter(pc.equal(batch["reason"], ""))
     keys = batch["doc_key"].to_numpy()
     if len(removed):
         pos = np.minimum(np.searchsorted(removed, keys), len(removed) - 1)

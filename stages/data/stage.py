@@ -1,13 +1,17 @@
 """The data stage: corpora + MIP sets -> Parquet shards of the sample schema, tokenizer, manifest.
 
-    read + clean (per file) -> de-duplicate (by content hash) -> weights, split, buckets ->
-    tokenizer (trained on a hash-selected sample, or reused) -> tokenize (actor pool) ->
-    blank-infilling rows per bucket; MIP rows per dataset -> mix to the MIP token share ->
-    shards written by global index -> manifest -> output moved into place.
+    read + screen (per file) -> plan (driver: exact and near-duplicates, routing) ->
+    apply the plan, weights, split, buckets -> tokenizer (trained on a hash-selected sample,
+    or reused) -> tokenize -> blank-infilling rows per (split, bucket); MIP rows per dataset ->
+    mix to the MIP token share -> shards written by global index -> manifest -> output moved
+    into place.
 
-Ray Data runs every per-row and per-group step. The output is byte-identical for the same
-config whatever the number of workers: groups are keyed by content, sorted inside, and each
-sample's randomness comes from its index and the seed.
+Ray Data runs the per-row steps in two executions (read + screen; placement + tokenization,
+fused into one map; a third when the tokenizer is trained on the placed documents); plain Ray
+tasks (`stages.data.blocks`) fetch metadata columns and run the per-group and per-shard steps.
+The output is byte-identical for the same config whatever the number of workers, CPUs or
+blocks: groups are keyed by content and sorted inside, no count is taken from the cluster,
+and each sample's randomness comes from its index and the seed.
 """
 
 from __future__ import annotations
@@ -78,20 +82,15 @@ def run(cfg: DataConfig) -> str:
 
 def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
     import ray.data as rd
-    from ray.data import ActorPoolStrategy
 
-    from stages.data import corpus, steps
+    from stages.data import blocks, corpus, steps
 
     ensure_ray(cfg.workers + 2)
-    context = rd.DataContext.get_current()
-    # Task-based sort shuffle: the default actor-based shuffle spends most of a small job
-    # starting aggregator actors. Configurable through DataConfig for large clusters.
-    context.shuffle_strategy = cfg.shuffle_strategy
     progress = _Progress(7)
 
     with stage_run(cfg.tracking.enabled, "data", dataclasses.asdict(cfg), cfg.tracking.experiment,
                    cfg.tracking.tracking_uri) as tracker:
-        # 1. read and clean: one verdict per input row
+        # 1. read and clean: one verdict per input row (Ray Data execution 1), the plan on the driver
         sources = []
         for s in cfg.sources:
             fs, files = storage.expand(s.uri)
@@ -104,52 +103,54 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         docs = docs.map_batches(corpus.parse_and_screen, batch_size=1, fn_kwargs={
             "sources": plain_sources, "clean": dataclasses.asdict(cfg.clean),
             "screen": corpus.screen_settings(cfg, index_path, out_fs)}).materialize()
-        plan = corpus.plan(corpus.collect(docs), cfg, task_names, cfg.rejected_samples)
+        meta = blocks.columns(docs, corpus.META_COLUMNS, empty=corpus.SCREEN_SCHEMA)
+        plan = corpus.plan(meta, cfg, task_names, cfg.rejected_samples)
         counts = plan.counts
         rows_read = sum(counts.values())
         progress(f"read {rows_read:,} rows from {sum(len(s['files']) for s in sources)} files; "
                  f"rejected {sum(v for (s, r), v in counts.items() if r):,}")
 
         # 2. exact and near-duplicates removed as planned (first copy in source/path/line order
-        #    kept), then source weights, the validation split and hash buckets
-        partitions = _partitions(cfg)
-        marked = docs.filter(expr="reason == ''").map_batches(corpus.apply_plan, batch_format="pyarrow",
-                                                              fn_kwargs=plan.kwargs())
-        placed = marked.map_batches(steps.assign_buckets, batch_format="numpy", fn_kwargs={
+        #    kept), then source weights, the validation split and hash buckets: fused with the
+        #    tokenization (one Ray Data execution) unless the tokenizer is trained on the result
+        tasks = rd.TaskPoolStrategy(size=cfg.workers)
+        placed = docs.map_batches(corpus.apply_plan, batch_format="pyarrow", compute=tasks, fn_kwargs=plan.kwargs())
+        placed = placed.map_batches(steps.assign_buckets, batch_format="numpy", compute=tasks, fn_kwargs={
             "weights": [s.weight for s in cfg.sources], "validation_fraction": cfg.validation_fraction,
-            "num_buckets": cfg.num_buckets}).materialize()
-        summary = placed.select_columns(["source", "bucket", "chars"]).to_pandas()
+            "num_buckets": cfg.num_buckets})
         duplicates = {s: n + counts.get((s, "near_duplicate"), 0) for s, n in plan.duplicates.items()}
-        placed = placed.filter(expr="bucket >= 0")
-        total_chars = int(summary.loc[summary["bucket"] >= 0, "chars"].sum())
         progress(f"kept {sum(v for (s, r), v in counts.items() if not r):,} "
-                 f"documents ({sum(duplicates.values()):,} duplicates); {int((summary['bucket'] >= 0).sum()):,} "
-                 f"after weights, {total_chars / 1e6:.1f}M characters")
+                 f"documents ({sum(duplicates.values()):,} duplicates)")
 
         # 3. tokenizer
-        tokenizer = _tokenizer(cfg, placed, total_chars)
+        if not cfg.tokenizer.path:  # trained on a sample of the placed documents, then they are tokenized
+            placed = placed.materialize()
+        tokenizer = _tokenizer(cfg, placed)
         progress(f"tokenizer: {len(tokenizer):,} pieces ({'reused ' + cfg.tokenizer.path if cfg.tokenizer.path else 'trained'})")
 
-        # 4. tokenize with an actor pool, then cut rows per (split, bucket)
-        tokenized = placed.map_batches(
-            steps.Tokenize, batch_size=64, batch_format="numpy", compute=ActorPoolStrategy(size=cfg.workers),
-            num_cpus=_actor_cpus(cfg.workers),
-            fn_constructor_args=(tokenizer.to_bytes(),)).materialize()
-        per_source = tokenized.select_columns(["source", "n_tokens", "control_strings"]).to_pandas().groupby("source")
-        doc_tokens = per_source["n_tokens"].sum().to_dict()
+        # 4. tokenize (Ray Data execution 2), then cut rows per (split, bucket) in Ray tasks
+        tokenized = placed.map_batches(steps.tokenize, batch_size=64, batch_format="numpy", compute=tasks,
+                                       fn_kwargs={"tokenizer_bytes": tokenizer.to_bytes()}).materialize()
+        stats = blocks.columns(tokenized, ["source", "split", "bucket", "chars", "n_tokens", "control_strings"]
+                               ).to_pandas()
+        per_source = stats.groupby("source")
+        doc_tokens = {int(k): int(v) for k, v in per_source["n_tokens"].sum().to_dict().items()}
         control_docs = {int(k): int(v) for k, v in per_source["control_strings"].sum().to_dict().items()}
         special = dataclasses.asdict(tokenizer.special)
         rows_dir = f"{staging}/_rows"
-        meta = tokenized.groupby(["split", "bucket"], num_partitions=partitions).map_groups(
-            steps.build_bucket, batch_format="pyarrow",
-            fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed,
-                       "rows_dir": rows_dir, "fs": out_fs}).to_pandas()
-        progress(f"built {len(meta):,} blank-infilling rows from {sum(doc_tokens.values()):,} tokens")
+        groups = sorted(set(zip(stats["split"].tolist(), stats["bucket"].tolist())))
+        in_driver = tokenized.size_bytes() < cfg.driver_bytes  # a near-empty corpus: no more tasks
+        meta = _concat(blocks.map_groups(
+            tokenized, ["split", "bucket"], groups, steps.build_bucket,
+            {"objective": dataclasses.asdict(cfg.objective), "special": special, "seed": cfg.seed,
+             "rows_dir": rows_dir, "fs": out_fs}, in_driver), steps.META_SCHEMA)
+        progress(f"tokenized {len(stats):,} documents after weights ({int(stats['chars'].sum()) / 1e6:.1f}M "
+                 f"characters, {sum(doc_tokens.values()):,} tokens); built {len(meta):,} blank-infilling rows")
 
         # 5. MIP rows
         mip_meta, mip_stats = meta.iloc[:0], {}
         if cfg.mip.datasets and cfg.mip.token_share > 0:
-            mip_meta, mip_stats = _mip(cfg, tokenizer, partitions, rows_dir, out_fs)
+            mip_meta, mip_stats = _mip(cfg, tokenizer, rows_dir, out_fs)
         progress(f"MIP: {sum(s['rows_built'] for s in mip_stats.values()):,} prompted rows from {len(mip_stats)} datasets")
 
         # 6. global order (MIP rows mixed in), then every group's file is stamped and split into shards
@@ -161,8 +162,9 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
             items.append({"path": path, "split": "train" if split == "mip" else split,
                           "stem": f"mip-d{group:05d}" if split == "mip" else f"b{group:05d}",
                           "positions": [index.get((split, group, int(local)), -1) for local in rows["local"]]})
-        shards = rd.from_items(items).flat_map(steps.finalize_rows, fn_kwargs={
-            "fs": out_fs, "staging": staging, "rows_per_shard": cfg.rows_per_shard}).to_pandas()
+        shards = pd.DataFrame([shard for item in blocks.map_items(steps.finalize_rows, items, {
+            "fs": out_fs, "staging": staging, "rows_per_shard": cfg.rows_per_shard}, in_driver) for shard in item],
+            columns=steps.SHARD_COLUMNS)
         out_fs.delete_dir(rows_dir)
         progress(f"wrote {len(shards)} shards: {mix['rows']['train']:,} train and {mix['rows']['validation']:,} "
                  f"validation rows; MIP token share {mix['mip_token_share']:.4f} (target {cfg.mip.token_share})")
@@ -171,7 +173,7 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
         manifest = _manifest(cfg, counts, plan.duplicates, doc_tokens, meta, mip_stats, mix, shards, tokenizer,
                              control_docs)
         corpus.add_to_manifest(manifest, plan, cfg, inputs, corpus.write_side_files(plan, out_fs, staging))
-        manifest["baselines"] = _baselines(cfg, out_fs, staging, shards, tokenizer)
+        manifest["baselines"] = _baselines(cfg, out_fs, staging, shards, tokenizer, in_driver)
         if manifest["baselines"]:
             b = manifest["baselines"]
             print(f"[data] validation baselines over {b['tokens']:,} predicted tokens: unigram perplexity "
@@ -190,26 +192,16 @@ def _build(cfg: DataConfig, out_fs, out_path: str, staging: str) -> None:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _partitions(cfg: DataConfig) -> int:
-    """Shuffle partitions for groupby: the cluster's CPUs (Ray's default of 200 swamps small machines)."""
-    import ray
+def _concat(tables: list, schema) -> pd.DataFrame:
+    """Per-group metadata tables as one frame (the schema's columns when there is none)."""
+    import pyarrow as pa
 
-    return max(2, int(ray.cluster_resources().get("CPU", cfg.workers)))
+    return (pa.concat_tables(tables) if tables else schema.empty_table()).to_pandas()
 
 
 def dataset_name(uri: str) -> str:
     """How the data stage's output is named in MLflow's dataset lineage: its last path parts."""
     return "/".join(uri.rstrip("/").split("/")[-2:])
-
-
-def _actor_cpus(actors: int) -> float:
-    """CPUs reserved per tokenizer actor: one each where the cluster has room for the pool and a
-    task beside it, else a share that leaves one CPU for the upstream tasks (a 2-CPU head whose
-    CPUs all went to the pool starved the filter feeding it: the stage hung, silently)."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    return max(0.0, min(1.0, (cpus - 1.0) / actors))
 
 
 def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:
@@ -224,19 +216,26 @@ def _decontam_index(cfg: DataConfig, fs, staging: str) -> tuple[str, list[str]]:
     return path, names
 
 
-def _tokenizer(cfg: DataConfig, placed, total_chars: int) -> GLMTokenizer:
+def _tokenizer(cfg: DataConfig, placed) -> GLMTokenizer:
+    """The configured tokenizer, or one trained on a hash-selected sample of the placed documents
+    (then `placed` is a materialized dataset)."""
     if cfg.tokenizer.path:
         return GLMTokenizer.load(cfg.tokenizer.path)
+    import pyarrow.compute as pc
+
+    from stages.data import blocks
+
+    total_chars = int(pc.sum(blocks.columns(placed, ["chars"])["chars"]).as_py() or 0)
     fraction = min(1.0, cfg.tokenizer.sample_chars / max(total_chars, 1))
-    sample = placed.filter(expr=f"draw < {fraction!r}").select_columns(["order", "text"])
-    texts = [t for _, t in sorted((int(r["order"]), r["text"]) for r in sample.iter_rows())]
+    sample = blocks.columns(placed, ["order", "text"], where=pc.field("draw") < fraction)
+    texts = [t for _, t in sorted(zip(sample["order"].to_pylist(), sample["text"].to_pylist()))]
     return train_tokenizer(texts, cfg.tokenizer.vocab_size, character_coverage=cfg.tokenizer.character_coverage)
 
 
-def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int, rows_dir: str, fs):
+def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, rows_dir: str, fs):
     import ray.data as rd
 
-    from stages.data import steps
+    from stages.data import blocks, steps
 
     datasets, reads = [], []
     for d in cfg.mip.datasets:
@@ -246,11 +245,14 @@ def _mip(cfg: DataConfig, tokenizer: GLMTokenizer, partitions: int, rows_dir: st
     raw = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
     parsed = raw.map_batches(steps.parse_mip_files, batch_size=1,
                              fn_kwargs={"datasets": datasets, "seed": cfg.seed}).materialize()
-    reasons = parsed.select_columns(["dataset", "reason"]).to_pandas().groupby(["dataset", "reason"]).size().to_dict()
-    meta = parsed.filter(expr="reason == ''").groupby("dataset", num_partitions=min(partitions, len(datasets))).map_groups(
-        steps.build_mip, batch_format="pyarrow",
-        fn_kwargs={"objective": dataclasses.asdict(cfg.objective), "caps": [d.cap for d in cfg.mip.datasets],
-                   "tokenizer_bytes": tokenizer.to_bytes(), "rows_dir": rows_dir, "fs": fs}).to_pandas()
+    reasons = blocks.columns(parsed, ["dataset", "reason"], empty=steps.MIP_SCHEMA).to_pandas()
+    reasons = reasons.groupby(["dataset", "reason"]).size().to_dict()
+    with_rows = sorted((int(d),) for (d, r) in reasons if r == "")  # datasets with usable rows
+    meta = _concat(blocks.map_groups(
+        parsed, ["dataset"], with_rows, steps.build_mip,
+        {"objective": dataclasses.asdict(cfg.objective), "caps": [d.cap for d in cfg.mip.datasets],
+         "tokenizer_bytes": tokenizer.to_bytes(), "rows_dir": rows_dir, "fs": fs},
+        parsed.size_bytes() < cfg.driver_bytes), steps.META_SCHEMA)
     per_dataset = meta.groupby("group")["samples"].agg(["sum", "size"])
     stats = {}
     for i, d in enumerate(cfg.mip.datasets):
@@ -339,17 +341,24 @@ def _manifest(cfg, counts, duplicates, doc_tokens, meta, mip_stats, mix, shards,
     }
 
 
-def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenizer) -> dict:
+def _baselines(cfg: DataConfig, fs, staging: str, shards, tokenizer: GLMTokenizer, in_driver: bool) -> dict:
     """Unigram and bigram count models fitted on the training rows' predicted tokens, their
-    perplexity on the validation rows' predicted tokens (`stages.data.baselines`)."""
-    from stages.data.baselines import read_split, split_baselines
+    perplexity on the validation rows' predicted tokens (`stages.data.baselines`); each shard's
+    (previous token, target) pairs are read in a task of its own, concatenated in file order."""
+    from stages.data import blocks
+    from stages.data.baselines import pair_baselines, shard_pairs
 
     files = {split: sorted(shards[shards["split"] == split]["file"]) for split in ("train", "validation")}
     if not files["train"] or not files["validation"]:
         return {}
-    rows = {split: read_split(fs, staging, f, cfg.objective.seq_len) for split, f in files.items()}
     special = tokenizer.special
-    result = split_baselines(rows["train"], rows["validation"], len(tokenizer), special.mask_ids, special.sop)
+    kwargs = {"fs": fs, "root": staging, "seq_len": cfg.objective.seq_len, "mask_ids": special.mask_ids,
+              "sop": special.sop}
+    pairs = {}
+    for split, names in files.items():
+        parts = blocks.map_items(shard_pairs, names, kwargs, in_driver)
+        pairs[split] = tuple(np.concatenate([p[i] for p in parts]) for i in (0, 1))
+    result = pair_baselines(pairs["train"], pairs["validation"], len(tokenizer))
     return {**result, "fitted_on": "predicted tokens of the train split",
             "scored_on": "predicted tokens of the validation split"} if result else {}
 

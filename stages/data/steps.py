@@ -1,4 +1,5 @@
-"""The per-row and per-group work of the data stage, as functions Ray Data runs on workers.
+"""The per-row and per-group work of the data stage, as functions Ray Data (per row) and Ray
+tasks (per group, `stages.data.blocks`) run on workers.
 
 Each returns a pyarrow Table. None of them depends on how rows were partitioned: groups are
 sorted by a content key before use, and randomness comes from index-seeded RNGs.
@@ -10,6 +11,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from glm.schema import COLUMNS, layout_prompted
 from glm.tokenizer import GLMTokenizer
@@ -67,19 +69,26 @@ def assign_buckets(batch: dict, weights: list[float], validation_fraction: float
     return pa.table(out)
 
 
-class Tokenize:
-    """Actor-pool UDF: holds one SentencePiece processor per worker."""
+_TOKENIZER: dict = {}  # model bytes -> GLMTokenizer: loaded once per worker process
 
-    def __init__(self, tokenizer_bytes: bytes):
-        self.tokenizer = GLMTokenizer(tokenizer_bytes)
 
-    def __call__(self, batch: dict) -> pa.Table:
-        texts = [str(t) for t in batch["text"]]
-        ids = self.tokenizer.encode_batch(texts)  # control strings ("[eop]", ...) in a document stay text
-        return pa.table({"source": batch["source"], "split": batch["split"], "bucket": batch["bucket"],
-                         "order": batch["order"], "tokens": pa.array(ids, type=pa.list_(pa.int32())),
-                         "n_tokens": [len(t) for t in ids],
-                         "control_strings": [GLMTokenizer.has_control_strings(t) for t in texts]})
+def tokenizer_of(model: bytes) -> GLMTokenizer:
+    """The tokenizer of a SentencePiece model, loaded once per process (the last one used)."""
+    tokenizer = _TOKENIZER.get(model)
+    if tokenizer is None:
+        _TOKENIZER.clear()
+        tokenizer = _TOKENIZER[model] = GLMTokenizer(model)
+    return tokenizer
+
+
+def tokenize(batch: dict, tokenizer_bytes: bytes) -> pa.Table:
+    """Placed documents -> token ids (control strings such as "[eop]" in a document stay text)."""
+    texts = [str(t) for t in batch["text"]]
+    ids = tokenizer_of(tokenizer_bytes).encode_batch(texts)
+    return pa.table({"source": batch["source"], "split": batch["split"], "bucket": batch["bucket"],
+                     "order": batch["order"], "chars": batch["chars"],
+                     "tokens": pa.array(ids, type=pa.list_(pa.int32())), "n_tokens": [len(t) for t in ids],
+                     "control_strings": [GLMTokenizer.has_control_strings(t) for t in texts]})
 
 
 META_SCHEMA = pa.schema(
@@ -156,10 +165,11 @@ MIP_SCHEMA = pa.schema([("dataset", pa.int32()), ("path", pa.string()), ("line",
 
 
 def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes: bytes, rows_dir: str, fs) -> pa.Table:
-    """One MIP dataset (usable rows only): the first `cap` rows in file order -> prompted samples ->
+    """One MIP dataset: its first `cap` usable rows (reason "") in file order -> prompted samples ->
     packed rows, written to rows_dir; returns the rows' metadata."""
     cfg = ObjectiveConfig(**objective)
-    tok = GLMTokenizer(tokenizer_bytes)
+    tok = tokenizer_of(tokenizer_bytes)
+    group = group.filter(pc.equal(group["reason"], ""))
     d = group["dataset"][0].as_py()
     order = sorted(range(group.num_rows), key=lambda i: (group["path"][i].as_py(), group["line"][i].as_py()))
     usable = order[:caps[d]]
@@ -177,6 +187,9 @@ def build_mip(group: pa.Table, objective: dict, caps: list[int], tokenizer_bytes
     return _meta("mip", d, [(row, KIND_MIP, 0, []) for row in rows], path)
 
 
+SHARD_COLUMNS = ["split", "file", "rows", "first_index", "last_index", "sha256"]
+
+
 def finalize_rows(item: dict, fs, staging: str, rows_per_shard: int) -> list[dict]:
     """Stamp the global index on one group's rows (-1 = not used), split off the unused ones and
     write the final shards of at most rows_per_shard rows; returns one record per shard."""
@@ -189,7 +202,7 @@ def finalize_rows(item: dict, fs, staging: str, rows_per_shard: int) -> list[dic
     table = pq.read_table(io.BytesIO(storage.read_bytes(fs, item["path"])))
     index = pa.array(np.asarray(item["positions"], dtype=np.int64))
     table = table.drop_columns(["local"]).add_column(0, "index", index)
-    table = table.filter(pa.compute.greater_equal(table["index"], 0))
+    table = table.filter(pc.greater_equal(table["index"], 0))
     out = []
     for part, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         chunk = table.slice(start, rows_per_shard)
@@ -198,7 +211,7 @@ def finalize_rows(item: dict, fs, staging: str, rows_per_shard: int) -> list[dic
         name = f"{item['split']}/{item['stem']}-{part:03d}.parquet"
         storage.write_bytes(fs, f"{staging}/{name}", buffer.getvalue())
         out.append({"split": item["split"], "file": name, "rows": chunk.num_rows,
-                    "first_index": pa.compute.min(chunk["index"]).as_py(),
-                    "last_index": pa.compute.max(chunk["index"]).as_py(),
+                    "first_index": pc.min(chunk["index"]).as_py(),
+                    "last_index": pc.max(chunk["index"]).as_py(),
                     "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, small_ray_data_blocks
 from stages.data.config import CleanConfig, CorpusSource, DataConfig, MIPConfig, ObjectiveConfig, TokenizerSettings
 from stages.data.decontam import DecontamConfig
 from stages.data.stage import run
@@ -56,16 +56,18 @@ def crafted(tmp_path_factory, ray_instance, tokenizer):
     write(corpus / "zh.jsonl", zh[1:] + crafted_zh)
     tok = tokenizer.save(tmp)
 
-    def cfg(out: str, workers: int = 2) -> DataConfig:
+    def cfg(out: str, workers: int = 2, driver_bytes: int = 8 << 20) -> DataConfig:
         return DataConfig(
             sources=[CorpusSource(uri=str(corpus / "en.jsonl"), name="en", language="en"),
                      CorpusSource(uri=str(corpus / "zh.jsonl"), name="zh", language="zh")],
             output=str(tmp / out), clean=CleanConfig(min_chars=10), tokenizer=TokenizerSettings(path=str(tok)),
             objective=ObjectiveConfig(seq_len=64, mask_window=32), mip=MIPConfig(token_share=0.0),
             decontamination=DecontamConfig(tasks=["stages/eval/tasks/en/boolq.yaml", "stages/eval/tasks/zh/cmrc2018.yaml"]),
-            validation_fraction=0.1, num_buckets=2, workers=workers)
+            validation_fraction=0.1, num_buckets=2, workers=workers, driver_bytes=driver_bytes)
 
-    outputs = {"two": Path(run(cfg("two"))), "one": Path(run(cfg("one", workers=1)))}
+    outputs = {"two": Path(run(cfg("two")))}
+    with small_ray_data_blocks():  # one worker, every step on other blocks, group steps as Ray tasks
+        outputs["one"] = Path(run(cfg("one", workers=1, driver_bytes=0)))
     return tmp, corpus, cfg, outputs
 
 

@@ -1,5 +1,6 @@
 """The data stage end to end with real Ray Data on tiny inputs: counts, invariants, determinism, MIP share."""
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, small_ray_data_blocks
 from glm.schema import IGNORE_INDEX
 from glm.tokenizer import GLMTokenizer
 from stages.data.blank_infilling import KIND_MIP
@@ -63,7 +64,11 @@ def built(tmp_path_factory, ray_instance):
         if name == "b":  # tracked run: MLflow must not change the output
             cfg.tracking = TrackingConfig(enabled=True, experiment="data-test",
                                           tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-        outputs[name] = Path(run(cfg))
+        blocks = contextlib.nullcontext()
+        if name == "one_worker":  # one worker, every step on other blocks, group steps as Ray tasks
+            cfg.driver_bytes, blocks = 0, small_ray_data_blocks()
+        with blocks:
+            outputs[name] = Path(run(cfg))
     return tmp, texts, outputs
 
 

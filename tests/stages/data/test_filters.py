@@ -158,9 +158,9 @@ def test_plan_counts_and_is_independent_of_row_order():
 def test_apply_plan_drops_routes_and_cuts_paragraphs():
     import pyarrow as pa
 
-    texts = ["first paragraph\n\nshared paragraph", "other\n\nshared paragraph\n\nlast", "gone"]
-    batch = pa.table({"doc_key": pa.array([10, 20, 30], pa.int64()), "text": texts,
-                      "source": pa.array([0, 0, 1], pa.int32()),
+    texts = ["first paragraph\n\nshared paragraph", "other\n\nshared paragraph\n\nlast", "gone", ""]
+    batch = pa.table({"doc_key": pa.array([10, 20, 30, 40], pa.int64()), "text": texts,
+                      "source": pa.array([0, 0, 1, 0], pa.int32()), "reason": ["", "", "", "quality"],
                       "doc_hash": pa.array([corpus.doc_hash(t) for t in texts], pa.int64())})
     out = corpus.apply_plan(batch, removed=np.array([30], np.int64), routed={10: 1}, cut={20: [1]})
     assert out["text"].to_pylist() == [texts[0], "other\n\nlast"]
