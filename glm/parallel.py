@@ -22,7 +22,10 @@ every rank's layers dequantize to exactly the dense quantized model's slices.
 `shard_state_dict` / `merge_state_dicts` convert between a dense (TP=1) state dict and the
 per-rank shards, so checkpoints move between TP degrees; `read_shard` reads one rank's share
 from a safetensors file without reading the rest; `tensor_parallel_model` builds one rank's
-model from a dense state dict. P-Tuning v2 prefixes and LoRA are not sharded yet.
+model from a dense state dict. P-Tuning v2 prefixes: the prefix encoder is replicated and each
+rank's attention takes its own heads' slice of the prefix keys and values (enough to serve a
+P-tuned model; training one under TP would also need the encoder's gradients summed over the TP
+group, which the engine does not do: it refuses). LoRA is not sharded.
 """
 
 from __future__ import annotations
@@ -158,11 +161,13 @@ class TPSelfAttention(SelfAttention):
         self.query_key_value = ColumnParallelLinear(h, 3 * local, tp)
         self.dense = RowParallelLinear(local, h, tp)
         self.local_heads = config.num_heads // tp.size
+        self.first_head = tp.rank * self.local_heads
 
     def forward(self, x, position_ids, block_position_ids, mask, past, prefix=None):
-        if prefix is not None:
-            raise NotImplementedError("P-Tuning v2 prefixes are not sharded for tensor parallelism yet")
-        return super().forward(x, position_ids, block_position_ids, mask, past, heads=self.local_heads)
+        if prefix is not None:  # P-Tuning v2 keys and values of every head (B, nh, P, hd): this rank's heads
+            heads = slice(self.first_head, self.first_head + self.local_heads)
+            prefix = (prefix[0][:, heads], prefix[1][:, heads])
+        return super().forward(x, position_ids, block_position_ids, mask, past, prefix, heads=self.local_heads)
 
 
 class TPFeedForward(FeedForward):
@@ -233,8 +238,6 @@ class TPGLMModel(GLMModel):
     def __init__(self, config: GLMConfig, tp: TPGroup, gather_logits: bool = False,
                  quantization: QuantSpec | None = None):
         check_divisible(config, tp.size, quantization)
-        if config.pre_seq_len:
-            raise NotImplementedError("P-Tuning v2 prefixes are not sharded for tensor parallelism yet")
         with torch.device("meta"):  # the dense modules are replaced below: never allocate them
             super().__init__(config)
         self.tp, self.gather_logits = tp, gather_logits

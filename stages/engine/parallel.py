@@ -101,7 +101,8 @@ def unsupported(model, tp: int) -> str:
         return (f"the model is a {type(model).__name__}; only the plain GLM model is sharded (the reward / PPO "
                 f"value heads are not)")
     if model.config.pre_seq_len:
-        return "P-Tuning v2 prefixes (sft method: ptuning) are not sharded"
+        return ("P-Tuning v2 prefixes (sft method: ptuning) are not trained under tensor parallelism (served, "
+                "yes: train at tensor_parallel 1, serve at N)")
     if any("lora_" in name for name, _ in model.named_parameters()):
         return "LoRA adapters (sft method: lora) are not sharded"
     try:

@@ -250,9 +250,6 @@ def check_shardable(model_config: GLMConfig, spec, size: int, where: str) -> Non
     cannot be served by `size` tensor-parallel workers."""
     from glm.parallel import check_divisible
 
-    if model_config.pre_seq_len:
-        raise ValueError(f"serve.tensor_parallel {size}: {where} has P-Tuning v2 prefixes, which are not sharded for "
-                         f"tensor parallelism yet; serve it with tensor_parallel 1")
     try:
         check_divisible(model_config, size, spec)
     except ValueError as e:

@@ -21,8 +21,8 @@ from serve_testing import API_KEY, free_port
 
 pytestmark = pytest.mark.integration
 
-STYLES = {  # the 6B block style in fp32; the 130B style quantized to INT4 (groups of 16 columns)
-    "fp32": dict(),
+STYLES = {  # the 6B block style in fp32 with P-Tuning v2 prefixes; the 130B style quantized to INT4 (groups of 16 columns)
+    "fp32": dict(pre_seq_len=4),
     "int4": dict(ffn_type="geglu", position_encoding="rope_1d", tie_word_embeddings=True),
 }
 PROMPTS = ["Hello", "话说天下大势，分久必合，合久必分。", "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -36,6 +36,8 @@ def checkpoints(tokenizer, tmp_path_factory):
     for kind, style in STYLES.items():
         torch.manual_seed(0)
         model = GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)), **style)).eval()
+        if model.prefix_encoder is not None:  # prefixes large enough to move every head's attention
+            torch.nn.init.normal_(model.prefix_encoder.embedding.weight, std=1.0)
         out[kind] = save_inference_checkpoint(model, tokenizer, root / kind)
     quantize_checkpoint(out["int4"], root / "int4-q", QuantSpec(bits=4, group_size=16), progress=lambda _: None)
     out["int4"] = str(root / "int4-q")
