@@ -455,10 +455,12 @@ def checks(c: Conformance | None, tools: bool | None = None) -> list[Check]:
         assert len(pairs) == len(set(pairs)), a.tokens[0]
 
     def json_object(e):
-        """Any JSON object bounds nothing (a weak model may write one string until max_tokens), so
-        a bias makes closing strings (+10 on '"') and then objects (+6 on '}': less, or a '}' inside
-        a string would win over closing it) likely; it is a JSON object."""
-        bias = {str(c.tokenize(ch, special=False)[0]): b for ch, b in (('"', 10), ("}", 6))}
+        """Any JSON object bounds nothing (a weak model may write one string, or members, until
+        max_tokens), so a bias makes closing strings (+10 on '"') and then objects (+6 on '}':
+        less, or a '}' inside a string would win over closing it) likely, and -100 on ',' keeps
+        objects to one member (the smoke model otherwise wrote `"": ""` pairs until max_tokens);
+        it is a JSON object."""
+        bias = {str(c.tokenize(ch, special=False)[0]): b for ch, b in (('"', 10), ("}", 6), (",", -100))}
         a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, logit_bias=bias,
                   **GREEDY)
         assert a.finish[0] == "stop" and isinstance(json.loads(a.text), dict), (a.finish, a.text)
