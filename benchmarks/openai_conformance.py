@@ -102,6 +102,8 @@ and 16 characters even at 3 byte tokens each), within what the tests' tiny model
 the tool definitions in its 256-token context."""
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 """What a function defined without `parameters` takes (OpenAI: an empty parameter list)."""
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"].get("parameters", NO_PARAMETERS) for t in TOOLS}
+"""Each tool's arguments schema, by name."""
 TOOL_PARAMETERS = ("tools", "tool_choice", "parallel_tool_calls", "role: tool messages")
 
 
@@ -560,18 +562,18 @@ def _pet_model():
 def _tool_checks(c: Conformance, add) -> None:
     """Tool calling on a model whose chat format has tools (chat endpoints, streamed and not)."""
     chat = ("chat", "chat stream")
-    names = {t["function"]["name"]: t["function"].get("parameters", NO_PARAMETERS) for t in TOOLS}
 
     def auto(e, **params):
         a = c.ask(e, max_tokens=8, tools=TOOLS, **params, **GREEDY)
         assert a.finish[0] in ("stop", "length", "tool_calls"), a.finish
-        assert all(call["name"] in names for call in a.calls.get(0, [])), a.calls
+        assert all(call["name"] in TOOL_SCHEMAS for call in a.calls.get(0, [])), a.calls
 
     def calls_valid(a: Answer) -> bool:
         """Ended after its calls (not cut by max_tokens), each with arguments valid under its tool."""
         calls = a.calls.get(0, [])
         return (a.finish[0] == "tool_calls" and bool(calls) and all(call["id"] for call in calls)
-                and all(call["name"] in names and valid_json(call["arguments"], names[call["name"]]) for call in calls))
+                and all(call["name"] in TOOL_SCHEMAS and valid_json(call["arguments"], TOOL_SCHEMAS[call["name"]])
+                        for call in calls))
 
     def choice(kind, **sampling):
         def check(e):

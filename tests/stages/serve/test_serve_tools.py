@@ -61,7 +61,7 @@ def test_forced_calls_stream_as_they_are_answered(client):
     choice = client.chat.completions.create(**body).choices[0]
     [call] = choice.message.tool_calls
     assert (call.type, call.function.name, choice.finish_reason) == ("function", "get_weather", "tool_calls")
-    assert conformance.valid_json(call.function.arguments, conformance.WEATHER["function"]["parameters"])
+    assert conformance.valid_json(call.function.arguments, conformance.TOOL_SCHEMAS["get_weather"])
     assert call.id.startswith("call_") and choice.message.content is None
     chunks = list(client.chat.completions.create(stream=True, **body))
     deltas = [d for chunk in chunks for c in chunk.choices for d in (c.delta.tool_calls or [])]
@@ -84,9 +84,8 @@ def test_after_a_call_the_reply_ends_or_calls_again(client, tokenizer):
     several = client.chat.completions.create(**body).choices[0]
     calls = several.message.tool_calls
     assert several.finish_reason == "length" and len(calls) >= 2
-    tools = {t["function"]["name"]: t["function"].get("parameters", conformance.NO_PARAMETERS)
-             for t in conformance.TOOLS}
-    assert all(conformance.valid_json(c.function.arguments, tools[c.function.name]) for c in calls[:-1]), calls
+    assert all(conformance.valid_json(c.function.arguments, conformance.TOOL_SCHEMAS[c.function.name])
+               for c in calls[:-1]), calls
 
 
 def test_tool_requests_that_cannot_be_served_are_400_naming_the_parameter(server):
