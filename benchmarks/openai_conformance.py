@@ -24,10 +24,11 @@ every json_schema answer is validated against its schema with `jsonschema`.
 Prints one line per check, the parity matrix (markdown, what docs/serve.md shows) and, last,
 one JSON object: checked, passed, failed (and the failed checks' names),
 json_schema_valid_rate (the share of json_schema answers that are complete and validate) and
-tool_call_valid_rate (the share of `tool_choice: required` calls whose arguments validate
-against the tool's JSON schema; null on a model without tools; tool arguments are not
-grammar-constrained yet). Without --checkpoint or --url it deploys the newest inference
-checkpoint under ./runs. Exit status 1 when a check failed.
+tool_call_valid_rate (the share of `tool_choice: required` answers, greedy and sampled, one
+call or parallel calls allowed, that end with finish_reason "tool_calls" and whose calls'
+arguments all validate against their tool's JSON schema; an answer cut by max_tokens counts
+as invalid; null on a model without tools). Without --checkpoint or --url it deploys the
+newest inference checkpoint under ./runs. Exit status 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -47,8 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 PROMPT = "The quick brown fox"
 ENDPOINTS = ("chat", "chat stream", "completions", "completions stream")
-NOT_IMPLEMENTED = ("tool_call_valid_rate: null on a model without tools (the ChatGLM-6B format); "
-                   "tool arguments are not grammar-constrained")
+NO_TOOLS = "tool_call_valid_rate: null on a model without tools (the ChatGLM-6B chat format)"
 STRUCTURED_MAX_TOKENS = 200
 """Budget of a structured answer (every schema of SCHEMAS bounds its strings, arrays and numbers)."""
 SCHEMAS = {
@@ -88,9 +88,22 @@ to end) with a step exact in binary: jsonschema checks multipleOf in floats (1.1
 not a whole number there, so 0.01 would fail right answers)."""
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
 TOOLS = [WEATHER, CLOCK]
+"""The tools of the tool checks, in OpenAI's strict style (`additionalProperties: false`) and
+bounded like SCHEMAS (`maxLength`): under `tool_choice` required or a named function the
+arguments are grammar-constrained, and a weak model could otherwise write one string, or new
+keys, until max_tokens. Short: the tests' tiny model has a 256-token context."""
+TOOL_MAX_TOKENS = 72
+"""Budget of a forced tool call: enough for the longest get_weather call (header, braces, key
+and 16 characters even at 3 byte tokens each), within what the tests' tiny model leaves after
+the tool definitions in its 256-token context."""
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+"""What a function defined without `parameters` takes (OpenAI: an empty parameter list)."""
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"].get("parameters", NO_PARAMETERS) for t in TOOLS}
+"""Each tool's arguments schema, by name."""
 TOOL_PARAMETERS = ("tools", "tool_choice", "parallel_tool_calls", "role: tool messages")
 
 
@@ -142,8 +155,8 @@ class Conformance:
         self.model = model or info.id
         self.tools = bool(info.to_dict().get("tools", False))
         """Whether the model's chat format has tools (an extension field of /v1/models)."""
-        self.required_calls: list[tuple[dict, dict]] = []
-        """(call, tool's parameters schema) of every `tool_choice: required` answer."""
+        self.tool_answers: list[bool] = []
+        """One entry per `tool_choice: required` answer: ended as calls, all of them valid."""
         self.forced = self.tokenize(" the", special=False)[0]
         """A token id the bias checks force (the first token of ' the')."""
         self.forced_text = self.detokenize([self.forced])
@@ -444,10 +457,12 @@ def checks(c: Conformance | None, tools: bool | None = None) -> list[Check]:
         assert len(pairs) == len(set(pairs)), a.tokens[0]
 
     def json_object(e):
-        """Any JSON object bounds nothing (a weak model may write one string until max_tokens), so
-        a bias makes closing strings (+10 on '"') and then objects (+6 on '}': less, or a '}' inside
-        a string would win over closing it) likely; it is a JSON object."""
-        bias = {str(c.tokenize(ch, special=False)[0]): b for ch, b in (('"', 10), ("}", 6))}
+        """Any JSON object bounds nothing (a weak model may write one string, or members, until
+        max_tokens), so a bias makes closing strings (+10 on '"') and then objects (+6 on '}':
+        less, or a '}' inside a string would win over closing it) likely, and -100 on ',' keeps
+        objects to one member (the smoke model otherwise wrote `"": ""` pairs until max_tokens);
+        it is a JSON object."""
+        bias = {str(c.tokenize(ch, special=False)[0]): b for ch, b in (('"', 10), ("}", 6), (",", -100))}
         a = c.ask(e, max_tokens=STRUCTURED_MAX_TOKENS, response_format={"type": "json_object"}, logit_bias=bias,
                   **GREEDY)
         assert a.finish[0] == "stop" and isinstance(json.loads(a.text), dict), (a.finish, a.text)
@@ -547,30 +562,41 @@ def _pet_model():
 def _tool_checks(c: Conformance, add) -> None:
     """Tool calling on a model whose chat format has tools (chat endpoints, streamed and not)."""
     chat = ("chat", "chat stream")
-    names = {t["function"]["name"]: t["function"].get("parameters", {}) for t in TOOLS}
 
     def auto(e, **params):
         a = c.ask(e, max_tokens=8, tools=TOOLS, **params, **GREEDY)
         assert a.finish[0] in ("stop", "length", "tool_calls"), a.finish
-        assert all(call["name"] in names for call in a.calls.get(0, [])), a.calls
+        assert all(call["name"] in TOOL_SCHEMAS for call in a.calls.get(0, [])), a.calls
 
-    def choice(kind):
+    def calls_valid(a: Answer) -> bool:
+        """Ended after its calls (not cut by max_tokens), each with arguments valid under its tool."""
+        calls = a.calls.get(0, [])
+        return (a.finish[0] == "tool_calls" and bool(calls) and all(call["id"] for call in calls)
+                and all(call["name"] in TOOL_SCHEMAS and valid_json(call["arguments"], TOOL_SCHEMAS[call["name"]])
+                        for call in calls))
+
+    def choice(kind, **sampling):
         def check(e):
             value = {"type": "function", "function": {"name": "get_time"}} if kind == "named" else kind
-            a = c.ask(e, max_tokens=24, tools=TOOLS, tool_choice=value, **GREEDY)
+            budget = 24 if kind == "none" else TOOL_MAX_TOKENS
+            a = c.ask(e, max_tokens=budget, tools=TOOLS, tool_choice=value, **(sampling or GREEDY))
             calls = a.calls.get(0, [])
             if kind == "none":
                 assert not calls and a.finish[0] in ("stop", "length"), (calls, a.finish)
                 return
-            assert calls and calls[0]["id"] and a.finish[0] in ("tool_calls", "length"), (calls, a.finish)
-            assert calls[0]["name"] == "get_time" if kind == "named" else calls[0]["name"] in names, calls
+            valid = calls_valid(a)
             if kind == "required":
-                c.required_calls.append((calls[0], names[calls[0]["name"]]))
+                c.tool_answers.append(valid)
+            assert valid, (a.finish, calls)
+            assert kind != "named" or all(call["name"] == "get_time" for call in calls), calls
         return check
 
     def one_call(e):
-        a = c.ask(e, max_tokens=48, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, **GREEDY)
-        assert len(a.calls[0]) == 1, a.calls
+        a = c.ask(e, max_tokens=TOOL_MAX_TOKENS, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                  **GREEDY)
+        valid = calls_valid(a)
+        c.tool_answers.append(valid)
+        assert valid and len(a.calls[0]) == 1, (a.finish, a.calls)
 
     def results_back(e):
         messages = [{"role": "user", "content": "Weather in Paris?"},
@@ -585,24 +611,17 @@ def _tool_checks(c: Conformance, add) -> None:
     add("tool_choice", chat, lambda e: auto(e, tool_choice="auto"), name="auto")
     for kind in ("none", "required", "named"):
         add("tool_choice", chat, choice(kind), name=kind)
+    add("tool_choice", chat, choice("required", temperature=1.0, seed=11), name="required sampled")
     add("parallel_tool_calls", chat, one_call)
     add("role: tool messages", chat, results_back)
 
 
 def tool_call_valid_rate(c: Conformance | None) -> float | None:
-    """Share of `tool_choice: required` calls whose arguments are JSON valid under the tool's schema."""
-    if c is None or not c.required_calls:
+    """Share of `tool_choice: required` answers that ended as calls with arguments valid under
+    their tools' schemas (None when none was checked: a model without tools)."""
+    if c is None or not c.tool_answers:
         return None
-    import jsonschema
-
-    def valid(call: dict, schema: dict) -> bool:
-        try:
-            jsonschema.validate(json.loads(call["arguments"]), schema)
-            return True
-        except (ValueError, jsonschema.ValidationError):
-            return False
-
-    return sum(valid(call, schema) for call, schema in c.required_calls) / len(c.required_calls)
+    return round(sum(c.tool_answers) / len(c.tool_answers), 4)
 
 
 def _tokenize(c: Conformance) -> None:
@@ -704,7 +723,8 @@ def summary(results: list[tuple[Check, str | None]], url: str, checkpoint: str |
     return {"benchmark": "openai_conformance", "url": url, "checkpoint": checkpoint, "checked": len(results),
             "passed": len(results) - len(failed), "failed": len(failed), "failed_checks": failed,
             "json_schema_valid_rate": rate, "json_schema_answers": len(schema_answers or []),
-            "tool_call_valid_rate": tool_call_valid_rate(c), "note": NOT_IMPLEMENTED}
+            "tool_call_valid_rate": tool_call_valid_rate(c), "tool_call_answers": len(c.tool_answers if c else []),
+            **({} if c is not None and c.tools else {"note": NO_TOOLS})}
 
 
 def main() -> int:

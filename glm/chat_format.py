@@ -344,9 +344,14 @@ class RolesFormat(ChatFormat):
     def _segment(self, role: str, metadata: str, content: str) -> list[int]:
         return [self.ids[role]] + self.header(metadata) + self.tokenizer.encode(content)
 
+    @staticmethod
+    def header_text(metadata: str) -> str:
+        """The metadata line: empty for an answer, a function name for a call."""
+        return metadata + "\n"
+
     def header(self, metadata: str) -> list[int]:
-        """The metadata line's tokens: empty for an answer, a function name for a call."""
-        return self.tokenizer.encode(metadata + "\n")
+        """The metadata line's tokens."""
+        return self.tokenizer.encode(self.header_text(metadata))
 
     def render(self, messages, tools=None):
         ids: list[int] = []

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glm.chat_format import ReplyDelta, to_openai
+from glm.chat_format import ASSISTANT, ReplyDelta, to_openai
 from glm.config import from_dict
 from glm.generation import GenerationConfig, SpanQuery, mask_positions, splice_span
 from stages.serve.config import ServeConfig
@@ -351,16 +351,16 @@ class GLMServer:
         if user:
             logger.info("%s for user %r", rid, user[:256])
 
-    def _grammars(self):
-        """The replica's response-format compiler (built on first use: it reads the vocabulary)."""
+    def _grammars(self, param: str = "response_format"):
+        """The replica's grammar compiler (built on first use: it reads the vocabulary); `param`
+        is what asked for a grammar, named in the 400 when llguidance is not installed."""
         if self.grammars is None:
             from stages.serve.structured import Grammars
 
             try:
                 self.grammars = Grammars(self.tokenizer)
             except RuntimeError as e:  # llguidance is not installed
-                raise APIError(400, f"response_format: {e}", param="response_format",
-                               code="unsupported_parameter") from None
+                raise APIError(400, f"{param}: {e}", param=param, code="unsupported_parameter") from None
         return self.grammars
 
     def _grammar(self, body) -> str | None:
@@ -374,6 +374,17 @@ class GLMServer:
         except ValueError as e:
             raise APIError(400, f"response_format: the JSON schema cannot be used: {e}",
                            param="response_format.json_schema.schema") from None
+
+    def _tool_grammar(self, plan: ToolPlan) -> str:
+        """The compiled grammar of the calls a reply must consist of (tool_choice required or a
+        named function): after each call's arguments the reply ends, or (parallel calls) goes
+        on with the next `<|assistant|>` segment; 400 naming a function whose parameters schema
+        cannot be compiled."""
+        separator = ASSISTANT if plan.parallel else None
+        try:
+            return self._grammars("tool_choice").compile_tool_calls(plan.calls, separator)
+        except ValueError as e:
+            raise APIError(400, f"tools: {e}", param="tools") from None
 
     def _prepare(self, body, prompts: list[str] | list[list[int]], param: str, rid: str,
                  plan: ToolPlan | None = None) -> tuple[list[tuple[SpanQuery, GenerationConfig]], int]:
@@ -497,6 +508,8 @@ class GLMServer:
         if grammar is not None and plan.tools:
             raise APIError(400, "response_format cannot be combined with tools: leave one out (a tool's arguments "
                                 "follow its own parameters schema)", param="response_format")
+        if plan.calls:
+            grammar = self._tool_grammar(plan)
         jobs, prompt_tokens = self._prepare(body, [prompt], "messages", rid, plan)
         if body.stream:
             return self._stream("chat", rid, body, jobs, prompt_tokens, grammar=grammar, plan=plan)

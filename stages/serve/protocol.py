@@ -172,13 +172,18 @@ class _Request(_Body):
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
-        if self.num_beams > 1:
-            raise APIError(400, "response_format: structured output is not available with beam search; leave "
-                                "num_beams out", param="response_format")
-        if self.min_tokens:
-            raise APIError(400, "response_format: min_tokens cannot be combined with structured output (the "
-                                "schema decides where the answer ends); leave min_tokens out", param="min_tokens")
+        self.check_constrainable("response_format", "structured output")
         return fmt.json_schema.schema_ if fmt.type == "json_schema" else ANY_JSON_OBJECT
+
+    def check_constrainable(self, param: str, what: str) -> None:
+        """400 for settings that cannot be combined with grammar-constrained decoding (`what`,
+        asked for by `param`): beam search, min_tokens (the grammar decides where it ends)."""
+        if self.num_beams > 1:
+            raise APIError(400, f"{param}: {what} cannot be combined with beam search; leave num_beams out",
+                           param=param)
+        if self.min_tokens:
+            raise APIError(400, f"{param}: min_tokens cannot be combined with {what} (the grammar decides where "
+                                f"the answer ends); leave min_tokens out", param="min_tokens")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -399,6 +404,12 @@ class ToolPlan:
     """Function names the reply parser reads as calls."""
     prefix_choices: list[list[int]] = field(default_factory=list)
     """Headers the reply must start with (`GenerationConfig.prefix_choices`)."""
+    calls: dict[str, dict | None] = field(default_factory=dict)
+    """The reply must be calls, each one of these headers (`name\\n`) followed by arguments
+    valid under the function's parameters schema (None: none): the grammar
+    `stages.serve.structured.tool_calls_lark` (empty: the reply is not constrained)."""
+    parallel: bool = True
+    """Several calls may follow each other (`parallel_tool_calls`)."""
     stop_ids: list[int] = field(default_factory=list)
     """Tokens that end the reply besides [eop] (the format's other roles; a second call when
     parallel_tool_calls is false)."""
@@ -408,9 +419,9 @@ def tool_plan(body: ChatCompletionRequest, fmt: ChatFormat) -> ToolPlan:
     """`tools`, `tool_choice` and `parallel_tool_calls` for a model in chat format `fmt`.
 
     `none`: the tools are left out of the prompt (as vLLM does) and the reply is forced to start
-    as an answer; `auto`: the model chooses; `required` / a named function: the reply is forced
-    to start with a call header (any tool's / that one's), whose arguments the model writes
-    (JSON validity is not enforced here: that needs grammar-constrained decoding).
+    as an answer; `auto`: the model chooses, unconstrained; `required` / a named function: the
+    reply is calls (of any tool / of that one), each header and arguments enforced by a grammar
+    (`calls`; one call when parallel_tool_calls is false).
     """
     plan = ToolPlan(stop_ids=fmt.stop_ids())
     choice = body.tool_choice
@@ -430,15 +441,17 @@ def tool_plan(body: ChatCompletionRequest, fmt: ChatFormat) -> ToolPlan:
         return plan
     plan.tools = [t.function.model_dump(exclude_none=True) for t in body.tools]
     plan.names = names
+    plan.parallel = body.parallel_tool_calls is not False
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise APIError(400, f"tool_choice: {choice.function.name!r} is not one of the tools ({', '.join(names)})",
                            param="tool_choice")
         plan.names = [choice.function.name]
-        plan.prefix_choices = [fmt.header(choice.function.name)]
-    elif choice == "required":
-        plan.prefix_choices = [fmt.header(name) for name in names]
-    if body.parallel_tool_calls is False:
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        body.check_constrainable("tool_choice", "a forced tool call (required or a named function)")
+        plan.calls = {fmt.header_text(t.function.name): t.function.parameters for t in body.tools
+                      if t.function.name in plan.names}
+    if not plan.parallel:
         plan.stop_ids.append(fmt.ids["assistant"])
     return plan
 

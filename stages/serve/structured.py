@@ -3,15 +3,15 @@
 A JSON schema (or "any JSON object" for `json_object`) is compiled by llguidance into a
 grammar over bytes; each constrained row of the decode loop holds its own `GrammarMatcher`,
 which at every step computes the bitmask of the tokens that keep the text a prefix of a
-valid document, and consumes the token that was picked. Rows without a response format
-have no matcher and pay nothing.
+valid document, and consumes the token that was picked. Rows without a grammar (no
+response format, no forced tool call) have no matcher and pay nothing.
 
 The tokenizer adapter (`vocabulary`) gives llguidance the bytes each GLMTokenizer token adds
 to decoded text: byte-fallback pieces `<0xXX>` their byte, SentencePiece's U+2581 a space,
 ChatGLM's whitespace pieces their whitespace; control tokens, `<unk>`, GLM's mask and span
 tokens (and any user-defined piece that encoding its text does not produce) are special:
-no grammar ever allows them, except the end tokens generation stops at ([eop] and </s>),
-which the grammar allows once the document is complete.
+a grammar allows them only where it names them (the tool-call grammar's separator), except
+the end tokens generation stops at ([eop] and </s>), allowed once the document is complete.
 
 Whitespace is not left to the model (`JSON_OPTIONS`): documents are written the way Python's
 `json.dumps` writes them, `", "` between items and `": "` after keys and no other whitespace
@@ -19,6 +19,12 @@ outside strings, so a model cannot run away in whitespace (a tiny random model, 
 choice, spends most of its tokens on tabs and spaces). It may still write a long string or
 number until `max_tokens`, in which case the answer ends with finish_reason "length" and is
 incomplete JSON.
+
+Tool calls (`tool_choice` required or a named function) are constrained the same way by one
+grammar per request (`tool_calls_lark`): the reply is a call header (`name\\n`, one of the
+allowed functions) followed by arguments valid under that function's `parameters` schema
+(embedded JSON schemas, llguidance's `%json`), then either the end or, when parallel calls are
+allowed, the separator token and another call.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 free whitespace, json.dumps's separators."""
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 """The schema of `{"type": "json_object"}`."""
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+"""The arguments of a function defined without `parameters` (OpenAI: an empty parameter list)."""
 ALLOWED_FLOOR = -1e30
 """A token the grammar allows is never excluded outright: a ban (`no_repeat_ngram_size`) only
 lowers it to this, so it is chosen only when every allowed token is banned (the grammar wins);
@@ -121,14 +129,54 @@ class Grammars:
             grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
         except ValueError as e:
             raise ValueError(f"not a JSON schema: {e}") from None
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        return self._validated(grammar, "the schema cannot be compiled")
+
+    def compile_tool_calls(self, calls: dict[str, dict[str, Any] | None], separator: str | None) -> str:
+        """The grammar of a reply made of tool calls (`tool_calls_lark`); ValueError naming the
+        function whose parameters schema llguidance cannot compile."""
+        try:
+            grammar = llguidance().LLMatcher.grammar_from_lark(tool_calls_lark(calls, separator))
+            return self._validated(grammar, "the tool-call grammar cannot be compiled")
+        except ValueError as e:
+            for header, schema in calls.items():  # which function's schema it is
+                try:
+                    self.compile(NO_PARAMETERS if schema is None else schema)
+                except ValueError as bad:
+                    raise ValueError(f"function {header.strip()!r}: its parameters schema cannot be used: "
+                                     f"{bad}") from None
+            raise ValueError(f"the tool-call grammar cannot be compiled: {e}") from None
+
+    def _validated(self, grammar: str, otherwise: str) -> str:
+        is_error, messages = llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if is_error:
             message = " ".join(line.strip() for line in (messages[0] if messages else "").splitlines())
-            raise ValueError(message[:500] or "the schema cannot be compiled")
+            raise ValueError(message[:500] or otherwise)
         return grammar
 
     def matcher(self, grammar: str) -> "GrammarMatcher":
         return GrammarMatcher(self, grammar)
+
+
+def tool_calls_lark(calls: dict[str, dict[str, Any] | None], separator: str | None) -> str:
+    """llguidance's Lark grammar of a reply that is one or more tool calls.
+
+    `calls`: each allowed call's header text (the chat format's metadata line, `name\\n`) ->
+    the function's parameters JSON schema (None: no parameters, `NO_PARAMETERS`). A call is a
+    header then its arguments, one JSON document valid under that schema, written as `compile`
+    writes documents (`JSON_OPTIONS` over the schema's own `x-guidance`). `separator`: the
+    special token (by name, e.g. `<|assistant|>`) between calls, so after each call the reply
+    may end or go on with another; None: exactly one call, after which only the end may follow."""
+    if not calls:
+        raise ValueError("no tool call to constrain to")
+    rules = []
+    for i, (header, schema) in enumerate(calls.items()):
+        schema = dict(NO_PARAMETERS if schema is None else schema)
+        own = schema.get("x-guidance")
+        schema["x-guidance"] = {**(own if isinstance(own, dict) else {}), **JSON_OPTIONS}
+        rules.append(f"arguments_{i}: %json {json.dumps(schema)}")
+    call = " | ".join(f"{json.dumps(header)} arguments_{i}" for i, header in enumerate(calls))
+    start = f"start: call ({separator} call)*" if separator else "start: call"
+    return "\n".join([start, f"call: {call}", *rules]) + "\n"
 
 
 class GrammarMatcher:

@@ -47,6 +47,6 @@ def test_the_matrix_shows_every_parameter_once():
         "benchmark": "openai_conformance", "url": "u", "checkpoint": None, "checked": len(results),
         "passed": len(results), "failed": 0,
         "failed_checks": [], "json_schema_valid_rate": None, "json_schema_answers": 0, "tool_call_valid_rate": None,
-        "note": conformance.NOT_IMPLEMENTED}
+        "tool_call_answers": 0, "note": conformance.NO_TOOLS}
     assert conformance.summary(results, "u", schema_answers=[True, True, False, True])["json_schema_valid_rate"] == 0.75
     assert "| `response_format` | supported | supported | supported | supported |" in table

@@ -156,11 +156,14 @@ def test_tool_choice_shapes_the_prompt_and_the_decoding(tokenizer):
     auto = tool_plan(chat(tools=TOOLS), roles)
     assert auto.names == ["get_weather", "get_time"] and [t["name"] for t in auto.tools] == auto.names
     assert auto.prefix_choices == [] and auto.stop_ids == roles.stop_ids()
+    assert auto.calls == {} and auto.parallel  # auto: not constrained
     required = tool_plan(chat(tools=TOOLS, tool_choice="required"), roles)
-    assert required.prefix_choices == [roles.header("get_weather"), roles.header("get_time")]
+    # the grammar's calls: header text -> parameters schema (None: the function takes none)
+    assert required.calls == {"get_weather\n": {"type": "object"}, "get_time\n": None}
+    assert required.prefix_choices == [] and required.parallel
     named = tool_plan(chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
                               parallel_tool_calls=False), roles)
-    assert named.prefix_choices == [roles.header("get_time")] and named.names == ["get_time"]
+    assert named.calls == {"get_time\n": None} and named.names == ["get_time"] and not named.parallel
     assert named.stop_ids == roles.stop_ids() + [roles.ids["assistant"]]  # one call at most
     none = tool_plan(chat(tools=TOOLS, tool_choice="none"), roles)
     assert none.tools == [] and none.names == [] and none.prefix_choices == [roles.header("")]
@@ -172,6 +175,10 @@ def test_tool_choice_shapes_the_prompt_and_the_decoding(tokenizer):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, ROLES, "tool_choice",
      "not one of the tools"),
     ({"tools": TOOLS + TOOLS[:1]}, ROLES, "tools", "unique"),
+    ({"tools": TOOLS, "tool_choice": "required", "num_beams": 2, "temperature": 0}, ROLES, "tool_choice",
+     "beam search"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "min_tokens": 2}, ROLES,
+     "min_tokens", "min_tokens cannot be combined"),
 ])
 def test_tool_requests_the_model_cannot_serve_are_400(tokenizer, body, fmt, param, match):
     with pytest.raises(APIError, match=match) as e:

@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from glm.chat_format import ROLES, chat_format
+from glm.chat_format import ASSISTANT, ROLES
 from serve_testing import serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
@@ -49,40 +49,43 @@ def test_tool_conformance(checks, name):
 def test_tool_call_valid_rate_is_measured(checks):
     c, by_name = checks
     by_name["tool_choice/required [chat]"].run()
-    rate = conformance.tool_call_valid_rate(c)
-    assert rate is not None and 0.0 <= rate <= 1.0  # the tiny random model's arguments: whatever they are
+    assert conformance.tool_call_valid_rate(c) == 1.0  # the grammar holds even the tiny random model
 
 
-def test_named_call_streamed_and_not(client, tokenizer):
-    """The forced header names the function; its arguments are what the model writes (here a
-    biased token, three times), as one string or as argument chunks that add up to it."""
-    header = chat_format(ROLES, tokenizer).header("get_weather")
-    token = tokenizer.encode(" the")[0]
+def test_forced_calls_stream_as_they_are_answered(client):
+    """A named call's arguments, forced valid by the grammar, arrive as argument chunks that
+    add up to the non-streamed call (greedy: the same tokens)."""
     body = dict(model="glm-tiny", messages=ASK, tools=conformance.TOOLS, temperature=0,
                 tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                max_tokens=len(header) + 3, logit_bias={str(token): 100})
+                max_tokens=conformance.TOOL_MAX_TOKENS)
     choice = client.chat.completions.create(**body).choices[0]
     [call] = choice.message.tool_calls
-    assert (call.type, call.function.name, call.function.arguments) == ("function", "get_weather",
-                                                                         tokenizer.decode([token] * 3))
-    assert call.id.startswith("call_") and choice.message.content is None and choice.finish_reason == "length"
+    assert (call.type, call.function.name, choice.finish_reason) == ("function", "get_weather", "tool_calls")
+    assert conformance.valid_json(call.function.arguments, conformance.TOOL_SCHEMAS["get_weather"])
+    assert call.id.startswith("call_") and choice.message.content is None
     chunks = list(client.chat.completions.create(stream=True, **body))
     deltas = [d for chunk in chunks for c in chunk.choices for d in (c.delta.tool_calls or [])]
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"
     assert all(d.index == 0 and (d.id is None or d is deltas[0]) for d in deltas)
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
     assert not any(c.delta.content for chunk in chunks for c in chunk.choices)
-    assert chunks[-1].choices[0].finish_reason == "length"
-
-
-def test_a_finished_call_has_finish_reason_tool_calls(client, tokenizer):
-    body = dict(model="glm-tiny", messages=ASK, tools=conformance.TOOLS, tool_choice="required", temperature=0,
-                max_tokens=32, logit_bias={str(tokenizer.special.eop): 100})  # [eop] right after the header
-    choice = client.chat.completions.create(**body).choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.arguments == ""
-    assert choice.message.tool_calls[0].function.name in ("get_weather", "get_time")
-    chunks = list(client.chat.completions.create(stream=True, **body))
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_after_a_call_the_reply_ends_or_calls_again(client, tokenizer):
+    """A +100 bias on `<|assistant|>` (what separates calls): with parallel_tool_calls false the
+    reply still ends after one call (the grammar allows only the end there); allowed, the model
+    calls again after every call until max_tokens cuts it, each finished call valid."""
+    separator = tokenizer.role_ids[ASSISTANT]
+    body = dict(model="glm-tiny", messages=ASK, tools=conformance.TOOLS, tool_choice="required", temperature=0,
+                max_tokens=64, logit_bias={str(separator): 100})
+    one = client.chat.completions.create(parallel_tool_calls=False, **body).choices[0]
+    assert one.finish_reason == "tool_calls" and len(one.message.tool_calls) == 1
+    several = client.chat.completions.create(**body).choices[0]
+    calls = several.message.tool_calls
+    assert several.finish_reason == "length" and len(calls) >= 2
+    assert all(conformance.valid_json(c.function.arguments, conformance.TOOL_SCHEMAS[c.function.name])
+               for c in calls[:-1]), calls
 
 
 def test_tool_requests_that_cannot_be_served_are_400_naming_the_parameter(server):
@@ -101,6 +104,11 @@ def test_tool_requests_that_cannot_be_served_are_400_naming_the_parameter(server
     orphan = ASK + [{"role": "tool", "tool_call_id": "missing", "content": "1"}]
     assert "answers no earlier tool call" in error("/v1/chat/completions", messages=orphan)["message"]
     assert error("/v1/chat/completions", messages=ASK, functions=[{"name": "f"}])["param"] == "functions"
+    broken = [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]
+    assert "function 'f'" in error("/v1/chat/completions", messages=ASK, tools=broken,
+                                   tool_choice="required")["message"]
+    assert error("/v1/chat/completions", messages=ASK, tools=conformance.TOOLS, tool_choice="required",
+                 num_beams=2, temperature=0)["param"] == "tool_choice"
 
 
 def test_tokenize_renders_messages_with_role_tokens(server, client, tokenizer):

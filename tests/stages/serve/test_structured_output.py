@@ -1,7 +1,8 @@
 """Structured output without a server: the tokenizer adapter gives llguidance the bytes each
 token adds to the text, and rows of the continuous-batching engine constrained by a JSON
 schema produce valid JSON (greedy and sampled, several seeds) beside unconstrained rows that
-compute exactly what they compute alone."""
+compute exactly what they compute alone; tool-call grammars (`tool_choice` required or named)
+give a header and arguments valid under the function's schema, one call or several."""
 
 import json
 import re
@@ -14,12 +15,13 @@ import torch
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
+from glm.chat_format import ASSISTANT, ROLES, chat_format  # noqa: E402
 from glm.config import padded_vocab_size, preset  # noqa: E402
 from glm.generation import GenerationConfig, SpanQuery, generate_spans  # noqa: E402
 from glm.model import GLMModel  # noqa: E402
 from glm.tokenizer import GLMTokenizer  # noqa: E402
 from stages.serve.engine import DecodeEngine, SpanRequest, wait_for  # noqa: E402
-from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, vocabulary  # noqa: E402
+from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, tool_calls_lark, vocabulary  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -206,3 +208,89 @@ def test_max_tokens_before_the_end_gives_length_and_a_prefix(model, tokenizer, g
     assert [lp.token for lp in steps] == final.tokens
     assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] for lp in steps)
     assert steps[0].top[1][1] == -9999.0  # '{' is the only token the grammar allows first
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city"], "additionalProperties": False,
+           "description": 'braces } {, quotes " and a\nnewline, 话说 (embedded in the grammar as JSON)'}
+CALLS = {"get_weather\n": WEATHER, "get_time\n": None}
+"""Tool calls as `ToolPlan.calls` has them: header text -> parameters schema (None: none)."""
+
+
+def accepts(grammars, grammar: str, text: str, then: list[int] = ()) -> bool:
+    """Whether the tokens of `text` (then the token ids `then`) are a prefix the grammar allows."""
+    ids = grammars.lltokenizer.tokenize_str(text) + list(then)
+    return grammars.matcher(grammar).matcher.validate_tokens(ids) == len(ids)
+
+
+def test_a_tool_call_grammar_is_a_header_then_arguments_valid_under_its_schema(tokenizer, grammars):
+    one = grammars.compile_tool_calls(CALLS, None)
+    assert "%json" in tool_calls_lark(CALLS, None)
+    tokens, _ = vocabulary(tokenizer)
+    first = [tokens[i] for i in grammars.matcher(one).allowed().nonzero().flatten().tolist()]
+    assert first and all(b"get_weather\n".startswith(t) or b"get_time\n".startswith(t) for t in first)
+    for text in ('get_weather\n{"city": "Paris"}', 'get_weather\n{"city": "Paris", "days": 3}', "get_time\n{}"):
+        matcher = grammars.matcher(one)
+        for token in tokenizer.encode(text):
+            assert not matcher.complete
+            matcher.consume(token)
+        assert matcher.complete, text  # one call: only an end token may follow
+        assert sorted(matcher.allowed().nonzero().flatten().tolist()) == grammars.end_ids
+    for text in ('get_weather\n{"town": "Paris"}', 'get_weather\n{"city": "Parisienne"}',  # maxLength 8
+                 'get_weather\n{"city" : "Paris"}', 'get_weather\n{"city": "x", "days": 9', "get_time\n{\"a\"",
+                 'get_news\n{}', '\nhello', 'get_weather {"city": "x"}'):
+        assert not accepts(grammars, one, text), text
+    named = grammars.compile_tool_calls({"get_time\n": None}, None)
+    assert accepts(grammars, named, "get_time\n{}") and not accepts(grammars, named, "get_weather\n")
+
+
+def test_parallel_calls_are_separated_by_the_assistant_token(tokenizer, grammars):
+    several = grammars.compile_tool_calls(CALLS, ASSISTANT)
+    separator = tokenizer.role_ids[ASSISTANT]
+    matcher = grammars.matcher(several)
+    for token in tokenizer.encode('get_weather\n{"city": "Rome"}'):
+        matcher.consume(token)
+    assert not matcher.complete  # another call may follow, or the end
+    assert sorted(matcher.allowed().nonzero().flatten().tolist()) == sorted([*grammars.end_ids, separator])
+    for token in [separator] + tokenizer.encode("get_time\n{}"):
+        matcher.consume(token)
+    assert set(grammars.end_ids) <= set(matcher.allowed().nonzero().flatten().tolist())
+    assert not accepts(grammars, several, "get_time\n{}", [separator, separator])  # a call between separators
+    one = grammars.compile_tool_calls(CALLS, None)
+    assert not accepts(grammars, one, "get_time\n{}", [separator])
+
+
+def test_a_parameters_schema_the_library_cannot_compile_names_the_function(grammars):
+    with pytest.raises(ValueError, match="function 'broken'.*strin"):
+        grammars.compile_tool_calls({"get_time\n": None, "broken\n": {"type": "strin"}}, None)
+
+
+def test_tool_call_rows_in_a_batch_give_calls_that_validate(model, tokenizer, grammars):
+    """Greedy and sampled rows (one call each) and a row whose bias on the separator makes it
+    call again after every call, until max_tokens cuts the last one: every finished call
+    validates, as the role format's reply parser reads the text."""
+    roles = chat_format(ROLES, tokenizer)
+    one, several = grammars.compile_tool_calls(CALLS, None), grammars.compile_tool_calls(CALLS, ASSISTANT)
+    separator = tokenizer.role_ids[ASSISTANT]
+    configs = [GenerationConfig(max_new_tokens=128)] + [
+        GenerationConfig(max_new_tokens=128, do_sample=True, temperature=1.0, seed=seed) for seed in range(3)]
+    items = [(query(tokenizer, "Weather in Paris?"), c, grammars.matcher(one)) for c in configs]
+    items.append((query(tokenizer, "Weather?"), GenerationConfig(max_new_tokens=64, logit_bias={separator: 100.0}),
+                  grammars.matcher(several)))
+    engine = DecodeEngine(model, tokenizer, max_batch_size=4)
+    try:
+        events = run_rows(engine, items)
+    finally:
+        engine.close()
+    schemas = {"get_weather": WEATHER, "get_time": {"type": "object", "additionalProperties": False}}
+    *singles, parallel = events
+    for event in singles:
+        assert event.finish_reason == "stop", event
+        [call] = roles.parse_reply(event.text, schemas).tool_calls
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    assert parallel.finish_reason == "length"
+    calls = roles.parse_reply(parallel.text, schemas).tool_calls
+    assert len(calls) >= 2
+    for call in calls[:-1]:
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
