@@ -69,18 +69,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+def start_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def restart_ray() -> None:
+    """A fresh shared instance (see tests/stages/engine/test_engine.py)."""
+    from stages.cluster import shutdown_ray
+
+    shutdown_ray()
+    start_ray()
+
+
 @pytest.fixture(scope="session")
 def ray_instance():
     """One local Ray instance for every integration test of the session."""
-    import os
-
-    import ray
-
-    # Ray Train's controller polls its workers every 2 s by default: a finished or failed attempt
-    # is noticed up to 2 s late, in every one of the suite's training runs. Tests poll faster.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray = start_ray()
     yield ray
     from stages.cluster import shutdown_ray
 

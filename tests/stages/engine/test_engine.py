@@ -46,6 +46,19 @@ def engine(tmp: Path, name: str, **kw) -> EngineConfig:
     return EngineConfig(**{**fields, **kw})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_ray_afterwards(ray_instance):
+    """The shared Ray instance is restarted after this module. After this module's runs (kills,
+    restarts, a TP=2 run, in-process trainings), the next module's first Ray Train run (the
+    reward model of tests/stages/rlhf/test_rlhf_stage.py) was seen to wait forever: its
+    controller requested resources and never started its workers, with every CPU free. Each
+    module alone passes; the cause is not found (see the session notes)."""
+    yield
+    from conftest import restart_ray
+
+    restart_ray()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data):
     tmp, data_uri = data
