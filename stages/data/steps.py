@@ -142,10 +142,14 @@ def build_bucket(group: pa.Table, objective: dict, special: dict, seed: int, row
 
 
 def parse_mip_files(batch: dict, datasets: list[dict], seed: int) -> pa.Table:
-    """MIP JSONL files -> (dataset, path, line, prompt, answer, reason), a template per row by its RNG."""
+    """MIP JSONL files -> (dataset, path, line, prompt, answer, reason), a template per row by its RNG.
+
+    A row's RNG is keyed by the file's position in its dataset's sorted file list, never by the
+    path itself: the same inputs give the same rows wherever they lie."""
     rows = []
     for data, path in zip(batch["bytes"], batch["path"]):
         d = next(i for i, ds in enumerate(datasets) if path in ds["files"])
+        file_number = datasets[d]["files"].index(path)
         templates = load_templates(datasets[d]["templates"])
         lines = bytes(data).split(b"\n")
         if lines and lines[-1] == b"":
@@ -155,7 +159,7 @@ def parse_mip_files(batch: dict, datasets: list[dict], seed: int) -> pa.Table:
                 prompt, answer, reason = "", "", "empty"
             else:
                 prompt, answer, reason = prompted_pair(line, datasets[d]["adapter"], templates,
-                                                       sample_rng(seed, "mip-template", d, path, n))
+                                                       sample_rng(seed, "mip-template", d, file_number, n))
             rows.append({"dataset": d, "path": path, "line": n, "prompt": prompt, "answer": answer, "reason": reason})
     return pa.Table.from_pylist(rows, schema=MIP_SCHEMA)
 

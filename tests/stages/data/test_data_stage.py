@@ -40,11 +40,12 @@ def tiny_corpus(dir: Path) -> list[str]:
     return texts
 
 
-def config(tmp: Path, corpus: Path, out: str, workers: int = 2, **kw) -> DataConfig:
+def config(tmp: Path, corpus: Path, out: str, workers: int = 2, sample: Path = SAMPLE, **kw) -> DataConfig:
     mip = MIPConfig(token_share=0.05, datasets=[
-        MIPDataset(uri=str(SAMPLE / "mip/en_openbookqa_train.jsonl"), adapter="openbookqa", cap=300,
-                   templates=str(SAMPLE / "mip/promptsource_templates/openbookqa/main/templates.yaml")),
-        MIPDataset(uri=str(SAMPLE / "mip/zh_xcopa_val.jsonl"), templates="zh/xcopa.yaml"),
+        MIPDataset(uri=str(sample / "mip/en_openbookqa_train.jsonl"), adapter="openbookqa", cap=300,
+                   templates=str(sample / "mip/promptsource_templates/openbookqa/main/templates.yaml"),
+                   name="openbookqa"),
+        MIPDataset(uri=str(sample / "mip/zh_xcopa_val.jsonl"), templates="zh/xcopa.yaml", name="xcopa"),
     ])
     fields = dict(
         sources=[CorpusSource(uri=str(corpus / "*.jsonl"), name="tiny", language="en,zh")], output=str(tmp / out),
@@ -58,10 +59,15 @@ def config(tmp: Path, corpus: Path, out: str, workers: int = 2, **kw) -> DataCon
 def built(tmp_path_factory, ray_instance):
     tmp = tmp_path_factory.mktemp("data")
     texts = tiny_corpus(tmp / "corpus")
+    # run "b" reads copies of every input at another path: the output must not depend on where they lie
+    elsewhere = tmp / "elsewhere" / "checkout"
+    shutil.copytree(tmp / "corpus", elsewhere / "corpus")
+    shutil.copytree(SAMPLE / "mip", elsewhere / "sample" / "mip")
     outputs = {}
     for name, workers in (("a", 2), ("b", 2), ("one_worker", 1)):
         cfg = config(tmp, tmp / "corpus", name, workers=workers)
-        if name == "b":  # tracked run: MLflow must not change the output
+        if name == "b":  # tracked run, inputs elsewhere: neither MLflow nor the inputs' path changes the output
+            cfg = config(tmp, elsewhere / "corpus", name, workers=workers, sample=elsewhere / "sample")
             cfg.tracking = TrackingConfig(enabled=True, experiment="data-test",
                                           tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
         blocks = contextlib.nullcontext()
@@ -98,7 +104,7 @@ def test_manifest_counts_and_mip_share(built):
     assert src["documents_with_control_strings"] == sum(GLMTokenizer.has_control_strings(t) for t in texts) == 3
     assert abs(m["mip"]["token_share"] - 0.05) < 0.005
     assert m["splits"]["train"]["rows"] > 0 and m["splits"]["validation"]["rows"] > 0
-    assert m["mip"]["datasets"][str(SAMPLE / "mip/en_openbookqa_train.jsonl")]["over_cap"] == 1000 - 300
+    assert m["mip"]["datasets"]["openbookqa"]["over_cap"] == 1000 - 300
 
 
 def test_every_row_satisfies_the_schema_and_decodes_back(built):
