@@ -63,11 +63,56 @@ def apply_lora(model: GLMModel, rank: int, alpha: float, dropout: float = 0.0,
     return model
 
 
+class TrainedRows(nn.Module):
+    """A frozen embedding (or untied output head) with a few rows trained: the rows of `ids`
+    are a parameter of their own (starting at their base values), the rest of the table stays
+    the base's. For the chat format's role tokens under LoRA / P-Tuning v2: they never occur in
+    pretraining, so their frozen rows are near-identical and the model could not tell user from
+    assistant. `merged()` writes the rows into the base table for export."""
+
+    def __init__(self, base: nn.Module, ids: list[int]):
+        super().__init__()
+        self.base = base
+        index = torch.tensor(sorted(set(ids)), dtype=torch.long, device=base.weight.device)
+        self.register_buffer("ids", index, persistent=False)
+        self.register_buffer("start", base.weight.detach()[index].clone(), persistent=False)
+        self.rows = nn.Parameter(self.start.clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base table (its dtype and device are the model's)."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
+        delta = self.rows - self.start
+        if project or isinstance(self.base, nn.Linear):  # hidden -> logits: the rows' logits corrected
+            out = self.base(x, project=True) if project else self.base(x)
+            return out.index_add(-1, self.ids, F.linear(x, delta))
+        out = self.base(x)  # ids -> vectors: where x is one of the ids, its row's change added
+        hit = (x.unsqueeze(-1) == self.ids).to(delta.dtype)
+        return out + hit @ delta
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        self.base.weight[self.ids] = self.rows.to(self.base.weight.dtype)
+        return self.base
+
+
+def train_rows(model: GLMModel, ids: list[int]) -> GLMModel:
+    """Train the embedding rows (and a separate output head's rows) of `ids` (in place)."""
+    if ids:
+        model.word_embeddings = TrainedRows(model.word_embeddings, ids)
+        if model.lm_head is not None:
+            model.lm_head = TrainedRows(model.lm_head, ids)
+    return model
+
+
 def merge_lora(model: GLMModel) -> GLMModel:
-    """Replace every LoRALinear by its merged nn.Linear (in place); returns the model."""
+    """Replace every LoRALinear by its merged nn.Linear and every TrainedRows by its base table
+    (in place); returns the model."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, TrainedRows)):
                 setattr(module, name, child.merged())
     return model
 

@@ -90,12 +90,12 @@ def run(p: PipelineConfig, only: str | None = None, start: str | None = None) ->
                 scores[outputs[name]["model"]] = evaluate(p, name, outputs[name]["model"], config_hash, markers, tracker)
         final = final_model(p, outputs)
         if final and selected[-1] == p.stages[-1]:
-            tracker.register(final, scores.get(final), outputs.get("data", {}).get("data", ""))
             effects.summary(outputs)  # what each stage did, measured (pipelines/effects.py)
             answers = check(p, outputs, final)
             tracker.log_check(answers)
-            if p.check.require_sensible:
-                effects.check_answers(answers, effects.tokenizer_of(final))  # fails on noise
+            if p.check.require_sensible:  # before registration: a model that answers noise is never registered
+                effects.check_answers(answers, effects.tokenizer_of(final))
+            tracker.register(final, scores.get(final), outputs.get("data", {}).get("data", ""))
             if "serve" in outputs:
                 print(f"endpoint: {outputs['serve']['url']} (lives as long as this Ray cluster)", flush=True)
         tracker.finish("FINISHED")

@@ -7,17 +7,17 @@ held-out pair accuracy, PPO's validation reward before / after with the KL to th
 and the quantization gate's perplexity on text the model did not train on. The numbers are
 logged on the pipeline's MLflow run as `<stage>.<measure>`.
 
-`check_answers` fails the pipeline loudly when a final answer is empty, one token repeated, or
-not in the language of its prompt.
+`check_answers` fails the pipeline loudly when a final answer is noise (`answer_problems`: empty,
+no words, mostly punctuation, broken characters, a degenerate loop, or not in the language of
+its prompt); the driver runs it before the model is registered.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Any
 
-from stages.effects import read_effects
+from stages.effects import answer_problems, read_effects
 from stages.tracking import log_json
 
 CHECK_SEED = 0
@@ -49,7 +49,14 @@ def _line(stage: str, e: dict[str, Any]) -> str:
                 f"unigram {f('baseline_unigram_ppl', '.1f')} ({f('val_ppl_over_unigram', '.3f')}x), "
                 f"bigram {f('baseline_bigram_ppl', '.1f')} ({f('val_ppl_over_bigram', '.3f')}x)")
     if kind == "sft":
-        return f"held-out SFT loss {f('val_loss_before')} -> {f('val_loss_after')}"
+        line = f"held-out SFT loss {f('val_loss_before')} -> {f('val_loss_after')}"
+        if isinstance(e.get("val_loss_before"), (int, float)) and isinstance(e.get("val_loss_after"), (int, float)):
+            line += f" ({e['val_loss_after'] / e['val_loss_before'] - 1:+.1%})"
+        if "chat_prompts" in e:
+            line += (f"; greedy answers to {e['chat_prompts']} held-out prompts: {f('chat_language_rate', '.0%')} in "
+                     f"the prompt's language, {f('chat_ended_rate', '.0%')} ended within {e['chat_max_new_tokens']} "
+                     f"tokens, {f('chat_sensible_rate', '.0%')} not noise (all three {f('chat_good_rate', '.0%')})")
+        return line
     if kind == "reward":
         return (f"held-out pair accuracy {f('val_accuracy_before', '.3f')} -> {f('val_accuracy_after', '.3f')} "
                 f"(loss {f('val_loss_before')} -> {f('val_loss_after')})")
@@ -83,35 +90,6 @@ def summary(outputs: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
     return found
 
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-_UNITS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+|[^\w\s]")
-"""Without a tokenizer: each CJK character, each other word, each punctuation mark."""
-
-
-def language(text: str) -> str | None:
-    """'zh' or 'en' by which script has more characters (None: neither appears)."""
-    cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
-    if not cjk and not latin:
-        return None
-    return "zh" if cjk * 3 >= latin else "en"  # a CJK character carries about a word's worth
-
-
-def answer_problems(prompt: str, answer: str, tokenize=None) -> list[str]:
-    """Why an answer is noise: empty, one token repeated, or not in the prompt's language."""
-    text = answer.strip()
-    if not text:
-        return ["the answer is empty"]
-    problems = []
-    units = tokenize(text) if tokenize else _UNITS.findall(text)
-    if len(set(units)) <= 1:
-        problems.append(f"the answer is one token repeated ({len(units)} x {text[:8]!r})")
-    want, got = language(prompt.replace("[MASK]", "").replace("[gMASK]", "")), language(text)
-    if want and got != want:
-        problems.append(f"the answer is not in the prompt's language ({want}): detected {got or 'no letters'}")
-    return problems
-
-
 def check_answers(answers: dict[str, str], tokenizer=None) -> None:
     """Raise RuntimeError naming every bad answer (keys are 'chat: PROMPT' / 'fill: PROMPT')."""
     bad = []
@@ -121,7 +99,8 @@ def check_answers(answers: dict[str, str], tokenizer=None) -> None:
             bad.append(f"{request!r} -> {answer!r}: {problem}")
     if bad:
         raise RuntimeError("final check failed, the model's answers are noise:\n  " + "\n  ".join(bad))
-    print("== final check passed: every answer is non-empty, varied and in its prompt's language", flush=True)
+    print("== final check passed: every answer has words, no loop, no broken characters, and is in its prompt's language",
+          flush=True)
 
 
 def tokenizer_of(model_uri: str):

@@ -46,6 +46,11 @@ class SFTDataConfig:
     train_on: Literal["all_turns", "last_turn"] = "all_turns"
     """Every assistant turn becomes a sample (with the earlier rounds as its history), or only
     the last one of each conversation."""
+    reply_max_tokens: int = 0
+    """Cut every assistant reply longer than this many tokens after its last sentence end within
+    the limit (a full stop, question or exclamation mark, or a line break); a conversation with a
+    reply that has no sentence end within it is left out, counted as `reply_too_long`. 0: replies
+    whole. A small model trained on replies it can finish learns to end its turn."""
     pack: bool = True
     """Pack several short samples into one row (separate segments) instead of one per row."""
     validation_fraction: float = 0.05
@@ -69,6 +74,8 @@ class SFTDataConfig:
             raise ConfigError(f"SFTDataConfig.seq_len must be >= 16, got {self.seq_len}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"SFTDataConfig.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.reply_max_tokens < 0:
+            raise ConfigError(f"SFTDataConfig.reply_max_tokens must be >= 0, got {self.reply_max_tokens}")
         if self.train_on not in ("all_turns", "last_turn"):
             raise ConfigError(f"SFTDataConfig.train_on must be 'all_turns' or 'last_turn', got {self.train_on!r}")
 
@@ -82,6 +89,11 @@ class MethodConfig:
     or `lora` (low-rank updates of the block projections, base frozen, merged at export)."""
     pre_seq_len: int = 128
     """P-Tuning v2: prefix length."""
+    train_role_tokens: bool = True
+    """LoRA / P-Tuning v2: also train the embedding rows (and a separate output head's rows) of
+    the chat format's role tokens (`roles` format): they never occur in pretraining, and frozen
+    they are near-identical, so the model could not tell user from assistant. `full` trains them
+    anyway."""
     prefix_projection: bool = False
     """P-Tuning v2: reparameterise the prefixes through a 2-layer MLP (folded at export)."""
     prefix_hidden_size: int = 0

@@ -28,7 +28,7 @@ from glm.schema import COLUMNS
 from glm.tokenizer import GLMTokenizer
 from stages import storage
 from stages.sft.config import SFTDataConfig
-from stages.sft.formatting import BadRow, conversation_samples, pack_rows, parse_row
+from stages.sft.formatting import BadRow, conversation_samples, pack_rows, parse_row, shorten_replies
 
 MANIFEST = "manifest.json"
 ROWS_PER_SHARD = 4096
@@ -72,8 +72,24 @@ def read_jsonl_rows(fs, paths: list[str], parse, stats: dict, limit: int = 0):
             yield line, item
 
 
-def _conversation_samples(row, shape: str, **kwargs) -> list:
-    return conversation_samples(parse_row(row, shape), **kwargs)
+def _conversation_samples(row, shape: str, reply_max_tokens: int, **kwargs) -> tuple:
+    conv = parse_row(row, shape)
+    if reply_max_tokens:
+        conv = shorten_replies(conv, reply_max_tokens, kwargs["tokenizer"])
+    return conv, conversation_samples(conv, **kwargs)
+
+
+HELDOUT_PROMPTS = 32
+"""Held-out chat prompts kept in the manifest (`heldout_prompts`): what the SFT stage's export
+answers to measure the chat behaviour it taught (language, ending the turn, no loops)."""
+
+
+def heldout_prompt(conv) -> dict | None:
+    """The last user query of a plain conversation (no system, no tools) and the rounds before it."""
+    if conv.tools or any(m.role not in ("user", "assistant") or m.tool_calls for m in conv.messages):
+        return None
+    rounds = conv.rounds
+    return {"query": rounds[-1][0], "history": [list(r) for r in rounds[:-1]]} if rounds else None
 
 
 def split_of(conv_key: str, fraction: float) -> str:
@@ -93,17 +109,21 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
     fmt = chat_format(cfg.chat_format or CHATGLM_6B, tokenizer)  # a tokenizer that cannot carry it fails here
     files = {s.name: storage.expand(s.uri) for s in cfg.sources}  # fails early on a missing input
     samples = {"train": [], "validation": []}
-    sources = {}
+    sources, heldout = {}, []
     for source in cfg.sources:
         fs, paths = files[source.name]
         stats = {"rows_read": 0, "conversations": 0, "samples": 0, "rejected": Counter(), "examples": []}
-        to_samples = functools.partial(_conversation_samples, shape=source.format, tokenizer=tokenizer,
+        to_samples = functools.partial(_conversation_samples, shape=source.format,
+                                       reply_max_tokens=cfg.reply_max_tokens, tokenizer=tokenizer,
                                        seq_len=cfg.seq_len, use_2d=use_2d, last_turn_only=cfg.train_on == "last_turn",
                                        fmt=fmt)
-        for line, made in read_jsonl_rows(fs, paths, to_samples, stats, limit=cfg.max_samples):
+        for line, (conv, made) in read_jsonl_rows(fs, paths, to_samples, stats, limit=cfg.max_samples):
             stats["conversations"] += 1
             stats["samples"] += len(made)
-            samples[split_of(line, cfg.validation_fraction)] += made
+            split = split_of(line, cfg.validation_fraction)
+            samples[split] += made
+            if split == "validation" and (prompt := heldout_prompt(conv)) is not None:
+                heldout.append(prompt)
         rejected = sum(stats["rejected"].values())
         log(f"[sft] {source.name}: {stats['rows_read']:,} rows, {stats['conversations']:,} conversations kept, "
             f"{stats['samples']:,} samples, {rejected:,} rejected {dict(stats['rejected']) or ''}")
@@ -125,7 +145,8 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
         "config_hash": fingerprint, "kind": "sft", "chat_format": fmt.name,
         "schema": {"columns": list(COLUMNS), "seq_len": cfg.seq_len,
                    "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
-        "sources": sources})
+        "sources": sources,
+        "heldout_prompts": random.Random(f"{cfg.seed}-prompts").sample(heldout, min(len(heldout), HELDOUT_PROMPTS))})
     splits = manifest["splits"]
     log(f"[sft] prepared {splits['train']['rows']:,} train rows ({splits['train']['samples']:,} samples) and "
         f"{splits['validation']['rows']:,} validation rows in {time.time() - t0:.1f}s -> {cfg.output}")

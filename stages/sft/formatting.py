@@ -11,6 +11,8 @@ the row are cut from the left; the reply is never cut.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +134,38 @@ def parse_row(row: Any, fmt: str = "auto") -> Conversation:
         if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
             raise BadRow("empty_response", "an assistant turn is empty")
     return conv
+
+
+_SENTENCE_END = re.compile(r"[。！？!?…](?:[”’」』\)）\"'])*|\.(?=\s|$)(?:[\"')\]])*|\n")
+"""Where a reply may be cut: after a sentence's end mark (and its closing quotes) or a line break."""
+
+
+def cut_reply(text: str, max_tokens: int, tokenizer: GLMTokenizer) -> str | None:
+    """The reply cut after its last sentence end within max_tokens tokens (whole when it fits);
+    None when no sentence ends within the limit."""
+    if len(tokenizer.encode(text)) <= max_tokens:
+        return text
+    best = None
+    for m in _SENTENCE_END.finditer(text):
+        head = text[:m.end()].rstrip()
+        if len(tokenizer.encode(head)) > max_tokens:
+            break
+        best = head
+    return best if best and best.strip() else None
+
+
+def shorten_replies(conv: Conversation, max_tokens: int, tokenizer: GLMTokenizer) -> Conversation:
+    """Every assistant text reply cut at a sentence end to at most max_tokens tokens (replies with
+    tool calls kept whole); BadRow("reply_too_long") when one has no sentence end within it."""
+    messages = []
+    for i, m in enumerate(conv.messages):
+        if m.role == "assistant" and not m.tool_calls:
+            text = cut_reply(m.content, max_tokens, tokenizer)
+            if text is None:
+                raise BadRow("reply_too_long", f"assistant turn {i}: no sentence ends within {max_tokens} tokens")
+            m = dataclasses.replace(m, content=text)
+        messages.append(m)
+    return dataclasses.replace(conv, messages=messages)
 
 
 def conversation_samples(conv: Conversation, tokenizer: GLMTokenizer, seq_len: int, *, use_2d: bool,

@@ -22,10 +22,11 @@ from stages.sft.config import MethodConfig, SFTConfig
 from stages.tracking import active_run_id, default_tracking_uri
 
 
-def build_model(base: str, method: MethodConfig, overrides: dict):
+def build_model(base: str, method: MethodConfig, overrides: dict, role_ids: tuple[int, ...] = ()):
     """The base checkpoint's model with the method's trainable parameters; base frozen unless
-    `full`. Called on every worker after the same seed, so new parameters match across ranks."""
-    from glm.adapters import apply_lora, freeze_all_but
+    `full` (the role tokens' rows `role_ids` trained with it when `method.train_role_tokens`).
+    Called on every worker after the same seed, so new parameters match across ranks."""
+    from glm.adapters import apply_lora, freeze_all_but, train_rows
     from glm.checkpoint import load_inference_checkpoint
     from glm.model import GLMModel
 
@@ -41,7 +42,11 @@ def build_model(base: str, method: MethodConfig, overrides: dict):
         model = tuned
     if method.kind == "lora":
         apply_lora(model, method.lora_rank, method.lora_alpha, method.lora_dropout, tuple(method.lora_targets))
-    freeze_all_but(model, {"full": (), "ptuning": ("prefix_encoder.",), "lora": ("lora_a", "lora_b")}[method.kind])
+    trainable = {"full": (), "ptuning": ("prefix_encoder.",), "lora": ("lora_a", "lora_b")}[method.kind]
+    if method.kind != "full" and method.train_role_tokens and role_ids:
+        train_rows(model, list(role_ids))
+        trainable += (".rows",)
+    freeze_all_but(model, trainable)
     return model.train()
 
 
@@ -49,7 +54,7 @@ def inference_model(model, method: MethodConfig):
     """The trained model as a plain GLMModel for generation and export (in place)."""
     from glm.adapters import fold_prefix_projection, merge_lora
 
-    if method.kind == "lora":
+    if method.kind != "full":  # LoRA updates and trained role-token rows written into the weights
         merge_lora(model)
     if method.kind == "ptuning":
         fold_prefix_projection(model)
@@ -57,11 +62,13 @@ def inference_model(model, method: MethodConfig):
 
 
 def export_checkpoint(model, base: str, method: MethodConfig, output: str, metadata: dict,
-                      prompts: list[str], max_new_tokens: int) -> dict:
-    """Write the inference checkpoint; returns sample chat answers for MLflow."""
+                      prompts: list[str], max_new_tokens: int, heldout_prompts: list[dict] | None = None) -> dict:
+    """Write the inference checkpoint; returns sample chat answers for MLflow and, with held-out
+    prompts, the chat behaviour the stage taught (`stages.effects.chat_behaviour`)."""
     from glm.chat_format import from_metadata
     from glm.checkpoint import save_inference_checkpoint
     from glm.generation import GenerationConfig, chat
+    from stages.effects import chat_behaviour
 
     tokenizer = base_tokenizer(base)
     model = inference_model(model, method)
@@ -73,7 +80,15 @@ def export_checkpoint(model, base: str, method: MethodConfig, output: str, metad
                for p in prompts]
     for s in samples:
         print(f"[sft] sample  {s['prompt']!r} -> {s['response']!r}", flush=True)
-    return {"sft/sample_generations.json": samples}
+    out = {"sft/sample_generations.json": samples}
+    if heldout_prompts:
+        behaviour = chat_behaviour(model, tokenizer, fmt, heldout_prompts, max_new_tokens)
+        print(f"[sft] greedy answers to {behaviour['chat_prompts']} held-out prompts: "
+              f"{behaviour['chat_language_rate']:.0%} in the prompt's language, {behaviour['chat_ended_rate']:.0%} "
+              f"ended within {max_new_tokens} tokens, {behaviour['chat_sensible_rate']:.0%} not noise; all three "
+              f"{behaviour['chat_good_rate']:.0%}", flush=True)
+        out["sft/heldout_chat.json"] = behaviour
+    return out
 
 
 def base_tokenizer(base: str):
@@ -117,6 +132,15 @@ def _data_metrics(manifest: dict) -> dict[str, float]:
     return out
 
 
+def role_token_ids(cfg: SFTConfig) -> tuple[int, ...]:
+    """The role tokens of the configured chat format (none in ChatGLM-6B's text format)."""
+    from glm.chat_format import ROLES
+
+    if cfg.data.chat_format != ROLES:
+        return ()
+    return tuple(sorted(base_tokenizer(cfg.base).role_ids.values()))
+
+
 def run(cfg: SFTConfig):
     """Prepare the data, fine-tune, export; rerunning the same run name resumes."""
     if not cfg.base:
@@ -128,16 +152,19 @@ def run(cfg: SFTConfig):
     manifest = prepare_data(cfg)
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
     spec = TrainSpec(
-        model_factory=functools.partial(build_model, cfg.base, cfg.method, cfg.model_overrides),
+        model_factory=functools.partial(build_model, cfg.base, cfg.method, cfg.model_overrides,
+                                        role_ids=role_token_ids(cfg)),
         data_uri=cfg.data.output,
         step_fn=lm_loss_step,
         export_fn=functools.partial(
             export_with_effects, output=cfg.output, stage="sft", validation=["val_loss"],
-            samples_artifact="sft/sample_generations.json", export=functools.partial(
+            samples_artifact="sft/sample_generations.json", measures_artifact="sft/heldout_chat.json",
+            export=functools.partial(
                 export_checkpoint, base=cfg.base, method=cfg.method, output=cfg.output,
                 metadata={"stage": "sft", "method": cfg.method.kind, "base": cfg.base, "run": cfg.engine.run_name,
                           "chat_format": cfg.data.chat_format},
-                prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens)),
+                prompts=cfg.sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                heldout_prompts=manifest.get("heldout_prompts", []))),
         tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,
         parent_run_id=active_run_id(),

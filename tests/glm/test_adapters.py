@@ -80,3 +80,33 @@ def test_parameter_efficient_methods_train_under_one_percent_at_6b(method):
     freeze_all_but(model, ("prefix_encoder.",) if method == "ptuning" else ("lora_a", "lora_b"))
     trainable, total = trainable_share(model)
     assert 0 < trainable / total < 0.01
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trained_rows_learn_only_their_rows_and_merge_to_the_same_logits(tied):
+    from glm.adapters import train_rows
+
+    torch.manual_seed(0)
+    model = GLMModel(preset("tiny", tie_word_embeddings=tied)).double()
+    ids, pos, prefix = batch()
+    ids[:, 3] = 7  # a "role token" in every row
+    before = model(ids, pos, prefix_mask=prefix).logits.detach()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    train_rows(model, [7, 9])
+    freeze_all_but(model, (".rows",))
+    torch.testing.assert_close(model(ids, pos, prefix_mask=prefix).logits, before)  # starts as the base
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {"word_embeddings.rows"} | (set() if tied else {"lm_head.rows"})
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(ids, pos, prefix_mask=prefix).logits[..., 7].sum().backward()
+    optimizer.step()
+    trained = model(ids, pos, prefix_mask=prefix).logits.detach()
+    assert not torch.allclose(trained, before)
+    merged = merge_lora(model)
+    torch.testing.assert_close(merged(ids, pos, prefix_mask=prefix).logits, trained)
+    state = merged.state_dict()
+    assert state.keys() == original.keys()
+    changed = {k for k in state if not torch.equal(state[k], original[k])}
+    assert changed == {"word_embeddings.weight"} | (set() if tied else {"lm_head.weight"})
+    rows = (state["word_embeddings.weight"] != original["word_embeddings.weight"]).any(-1).nonzero().flatten()
+    assert set(rows.tolist()) <= {7, 9} and 7 in rows.tolist()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipelines.effects import answer_problems, check_answers, language, summary
+from pipelines.effects import check_answers, summary
+from stages.effects import answer_problems, language
 from stages.effects import write_effects
 
 
@@ -18,6 +19,14 @@ def test_noise_answers_fail_loudly():
     assert any("one token repeated" in p for p in answer_problems("What can you do?", "the the the"))
     assert any("language" in p for p in answer_problems("你好", "I am a model"))
     assert answer_problems("话说天下大势，[MASK]", "分久必合，合久必分") == []
+    assert any("no words" in p for p in answer_problems("你好", "，。！"))
+    assert any("mostly punctuation" in p for p in answer_problems("你好", "，，，。，，的，，"))
+    assert any("broken characters" in p for p in answer_problems("你好", "\ufffd所"))
+    assert answer_problems("你好", "你好，我是助手\ufffd") == []  # the last character cut by the token limit
+    assert any("a loop" in p for p in answer_problems("What can you do?", "I can do it, do it, do it, do it"))
+    for prompt, short in (("What is the capital of France?", "Paris"), ("话说天下大势，[MASK]", "分"),
+                          ("How many legs has a spider?", "8"), ("What is the capital of France?", "Paris.")):
+        assert answer_problems(prompt, short) == [], short  # a one-word answer is an answer, not noise
     with pytest.raises(RuntimeError, match="final check failed"):
         check_answers({"chat: 你好": "，，，", "fill: 话说天下大势，[MASK]": "分久必合"})
     check_answers({"chat: 你好": "你好，我是人工智能助手。", "fill: 话说天下大势，[MASK]": "分久必合"})

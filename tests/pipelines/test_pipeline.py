@@ -193,7 +193,17 @@ def test_a_killed_pipeline_resumes_a_changed_config_trains_anew_and_the_same_con
     train_runs = {r.info.run_name: r.info.run_id for r in runs if r.info.run_name.startswith("change-pretrain-")}
     assert set(train_runs) == {first.run_name, second.run_name}  # a new MLflow run for the new config
 
-    run(pipeline(**changed))  # the same config again
+    # the same config again, now with the final check on: the two-step model answers noise, so the
+    # pipeline fails before registering it and its MLflow run is marked failed
+    versions = len(client.search_model_versions("name='glm-chat'"))
+    checked = pipeline(**changed)
+    checked.check.require_sensible = True
+    with pytest.raises(RuntimeError, match="final check failed, the model's answers are noise"):
+        run(checked)
     out = capsys.readouterr().out
     assert "== pretrain: complete output for config" in out and ": skipped" in out, out
     assert step_log(second) == log
+    assert len(client.search_model_versions("name='glm-chat'")) == versions  # nothing registered
+    [last] = client.search_runs([client.get_experiment_by_name("pipe").experiment_id], "attributes.run_name = 'change'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    assert last.info.status == "FAILED"

@@ -170,3 +170,37 @@ def test_tool_calls_train_only_the_assistant_call_and_answer(tokenizer):
     # the ChatGLM-6B format has no tools: such a row is rejected with the reason
     with pytest.raises(BadRow, match="unsupported_by_format"):
         conversation_samples(conv, tokenizer, 256, use_2d=True)
+
+
+def test_long_replies_are_cut_at_a_sentence_end_within_the_limit(tokenizer):
+    from stages.sft.formatting import cut_reply, shorten_replies
+
+    first, second = "今天天气很好。", "我们去公园散步，然后回家吃饭，晚上看一会儿书再睡觉。"
+    limit = len(tokenizer.encode(first)) + 1
+    assert cut_reply(first + second, limit, tokenizer) == first
+    assert cut_reply(first, limit, tokenizer) == first  # fits: whole
+    assert cut_reply("Yes. " + "and more " * 20, 4, tokenizer) == "Yes."
+    assert cut_reply("no sentence end at all " * 5, 4, tokenizer) is None
+    conv = Conversation.of_rounds([("q1", first + second), ("q2", "OK.")])
+    assert shorten_replies(conv, limit, tokenizer).rounds == [("q1", first), ("q2", "OK.")]
+    with pytest.raises(BadRow) as e:
+        shorten_replies(Conversation.of_rounds([("q", "word " * 40)]), 4, tokenizer)
+    assert e.value.reason == "reply_too_long"
+
+
+def test_prepare_cuts_replies_and_keeps_heldout_prompts(tmp_path, tokenizer):
+    rows = [{"instruction": f"question {i}", "output": f"Answer {i}. " + "More words here. " * 30} for i in range(40)]
+    rows.append({"instruction": "q", "output": "x " * 80})  # no sentence end within the limit
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = SFTDataConfig(sources=[SFTSource(uri=str(path), name="long")], seq_len=128, reply_max_tokens=16,
+                        validation_fraction=0.3, output=str(tmp_path / "prepared"))
+    manifest = prepare(cfg, tokenizer, use_2d=True, fingerprint="f", log=lambda _: None)
+    assert manifest["sources"]["long"]["rejected"] == {"reply_too_long": 1}
+    source = ShardSource(cfg.output, "train")
+    rows = source.rows(np.arange(source.size))
+    for labels, seg in zip(rows["labels"], rows["segment_ids"]):
+        for s in set(seg.tolist()) - {0}:  # each sample's targets: the cut reply + [eop]
+            assert 0 < int(((labels != IGNORE_INDEX) & (seg == s)).sum()) <= 17
+    held = manifest["heldout_prompts"]
+    assert held and all(p["query"].startswith("question ") and p["history"] == [] for p in held)

@@ -84,3 +84,7 @@ def test_frozen_base_gets_no_optimizer_state(setup):
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     names = [n for n, p in model.named_parameters() if id(p) in in_optimizer]
     assert names and all("lora_" in n for n in names)
+    # the roles chat format: LoRA trains the role tokens' embedding rows too (merged at export)
+    with_roles = build_model(base, MethodConfig(kind="lora", lora_rank=2), {}, role_ids=(5, 6))
+    assert [n for n, p in with_roles.named_parameters() if p.requires_grad and "lora_" not in n] == \
+        ["word_embeddings.rows", "lm_head.rows"]  # the tiny preset has a separate output head

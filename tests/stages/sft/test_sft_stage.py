@@ -35,7 +35,8 @@ def sft_config(tmp, name: str, **engine) -> SFTConfig:
         output=str(tmp / name / "model"), base=str(tmp / "base"),
         data=SFTDataConfig(sources=[SFTSource(uri=str(SAMPLE / "sft/zh_oasst1.jsonl")),
                                     SFTSource(uri=str(SAMPLE / "sft/en_dpo_demo_messages.jsonl"))],
-                           seq_len=128, max_samples=30, output=str(tmp / "data")),
+                           seq_len=128, max_samples=30, validation_fraction=0.2, reply_max_tokens=48,
+                           output=str(tmp / "data")),
         method=MethodConfig(kind="ptuning", pre_seq_len=4, prefix_projection=True),
         engine=EngineConfig(run_name=name, storage_path=str(tmp / "ray"), num_workers=2, micro_batch_size=2,
                             train_steps=STEPS, zero_stage=2, optim=OptimConfig(lr=1e-2, warmup_steps=1),
@@ -93,6 +94,15 @@ def test_mlflow_run_has_data_counts_losses_and_sample_generations(base, uninterr
     samples = json.load(open(local))
     assert samples[0]["prompt"] == "你好" and isinstance(samples[0]["response"], str)
     assert "loss_curve.png" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    # the chat behaviour measured on the held-out prompts the data manifest kept
+    held = json.loads((base / "data" / "manifest.json").read_text())["heldout_prompts"]
+    effects = json.loads(open(cfg.output + "_effects.json").read())
+    assert held and effects["chat_prompts"] == len(held) and [a["prompt"] for a in effects["chat_answers"]] == \
+        [p["query"] for p in held]
+    for a in effects["chat_answers"]:
+        assert a["ended"] == (a["tokens"] < cfg.max_new_tokens)
+    assert effects["chat_ended_rate"] == sum(a["ended"] for a in effects["chat_answers"]) / len(held)
+    assert r.data.metrics["effect.chat_good_rate"] == effects["chat_good_rate"]
 
 
 def test_roles_format_sft_on_tool_calls_is_recorded_in_the_checkpoint(base, ray_instance, tmp_path):
