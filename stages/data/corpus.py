@@ -201,7 +201,7 @@ def plan(meta: pa.Table, cfg, task_names: list[str] | None = None, sample_size: 
         size = sizes[root]
         if size > 1:
             cluster_rows.append({"source": cfg.sources[int(source[doc])].name, "path": path[doc], "line": line[doc],
-                                 "cluster": int(keys[kept[root]]), "cluster_size": size, "kept": n == root})
+                                 "cluster": int(exact[root]), "cluster_size": size, "kept": n == root})
         if n == root:
             first_hashes[root].add(int(exact[n]))
             continue
