@@ -80,7 +80,8 @@ class PPOModel(nn.Module):
         self.actor, self.critic = actor, critic
         self.reference = _freeze(reference)
         self.reward = _freeze(reward) if reward is not None else None
-        # read by the engine's build_optimizer        self.lr_scales = {"critic.": critic_lr_scale} if critic is not None else {}
+        # read by the engine's build_optimizer
+        self.lr_scales = {"critic.": critic_lr_scale} if critic is not None else {}
 
     def clip_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameter sets whose gradients are clipped separately (actor, critic)."""

@@ -257,3 +257,50 @@ def test_a_critic_free_iteration_trains_the_actor_and_resumes_exactly(tokenizer,
     again = iteration(resumed, 1)
     timing = ("generation_s", "scoring_s", "training_s", "generation_share")
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in second.items() if k not in timing}
+
+
+def test_validation_scores_seeded_samples_and_the_greedy_answer(tokenizer):
+    from stages.rlhf.config import RewardsConfig
+
+    engine = group_engine(tokenizer, 1)
+    cfg = PPOConfig(max_new_tokens=3, validation_samples=3, temperature=0.8)
+    rewards = RewardsConfig(model=1.0, length=0.5, min_tokens=0, max_tokens=2)
+    batch = prompt_batch(tokenizer, 2, seed=9)
+    with torch.no_grad():
+        out = ppo_validation_step(engine, batch, cfg, tokenizer, rewards)
+        again = ppo_validation_step(engine, batch, cfg, tokenizer, rewards)
+    assert {k: float(v) for k, v in out.items() if k != "samples"} == \
+        {k: float(v) for k, v in again.items() if k != "samples"}  # the same seeds every time
+    assert out["samples"] == again["samples"]
+    assert {"reward", "reward_std", "greedy_reward", "kl", "truncated", "loss"} <= set(out)
+    assert float(out["kl"]) == pytest.approx(0.0, abs=1e-5) and float(out["truncated"]) == 1.0
+    assert float(out["loss"]) == -float(out["reward"])
+    [first, _] = out["samples"]
+    assert isinstance(first["response"], str) and len(first["samples"]) == 3
+    scores = [s["score"] for item in out["samples"] for s in item["samples"]]
+    assert float(out["reward"]) == pytest.approx(np.mean(scores), abs=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["ppo", "rloo"])
+def test_the_stage_wires_a_policy_gradient_mode_with_rule_rewards_onto_the_engine(tokenizer, tmp_path, mode):
+    from glm.checkpoint import save_inference_checkpoint
+    from stages.rlhf.config import RewardsConfig, RLHFConfig
+    from stages.rlhf.stage import train_spec
+
+    save_inference_checkpoint(tiny_glm(tokenizer), tokenizer, tmp_path / "sft")
+    cfg = RLHFConfig(mode=mode, base=str(tmp_path / "sft"), output=str(tmp_path / "out"),
+                     rewards=RewardsConfig(model=0.0, length=1.0, max_tokens=2, format=0.5),
+                     ppo=PPOConfig(max_new_tokens=3, samples_per_prompt=2, minibatches=2, validation_samples=2))
+    cfg.data.output = str(tmp_path / "prompts")
+    spec = train_spec(cfg, {"splits": {}, "sources": {}})
+    assert spec.optimizer_steps_per_step == 2 and spec.clips_gradients == (mode == "ppo")
+    model = spec.model_factory()
+    assert model.reward is None and (model.critic is None) == (mode != "ppo")
+    engine = LocalEngine(model, EngineConfig(train_steps=1, optim=OptimConfig(lr=1e-3, warmup_steps=1)), 2,
+                         clips_gradients=spec.clips_gradients)
+    out = spec.iteration_fn(engine, prompt_batch(tokenizer, 2), IterationContext(0, 0, 1, 0, {}))
+    assert out["reward_length"] == 0.0 and out["reward_format"] == 0.0 and out["truncated"] == 1.0  # all cut at 3
+    assert out["reward_model"] == 0.0 and np.isfinite(out["loss"])
+    with torch.no_grad():
+        val = spec.step_fn(engine, prompt_batch(tokenizer, 2, seed=1))
+    assert float(val["reward"]) == 0.0 and len(val["samples"][0]["samples"]) == 2
