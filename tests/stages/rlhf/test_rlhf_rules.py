@@ -28,3 +28,16 @@ def test_rules_scores_and_weights():
     assert list(RewardsConfig(model=0, format=1).rules) == ["format"]
     with pytest.raises(ConfigError):
         RewardsConfig(model=0.0)
+
+
+def test_the_policy_modes_and_their_config_checks():
+    from stages.rlhf.config import PPOConfig, RLHFChainConfig, RLHFConfig
+
+    for mode in ("ppo", "grpo", "rloo", "dpo"):
+        RLHFChainConfig(policy=RLHFConfig(output="x", mode=mode))
+    with pytest.raises(ConfigError, match="rlhf.policy.mode"):
+        RLHFChainConfig(policy=RLHFConfig(output="x", mode="reward"))
+    assert RLHFConfig(output="x", mode="grpo").data_fingerprint("b") == RLHFConfig(output="x", mode="ppo").data_fingerprint("b")
+    for bad in ({"samples_per_prompt": 1}, {"top_k": 5}, {"top_p": 0.9}, {"truncated": "drop"}, {"temperature": 0}):
+        with pytest.raises(ConfigError):
+            PPOConfig(**bad)
