@@ -152,7 +152,8 @@ def clip_grad_groups(groups: dict[str, list[torch.nn.Parameter]], max_norm: floa
         return torch.stack([sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=device)) for gs in grads])
 
     partial = squares(parted)
-    if dist.is_available() and dist.is_initialized() and any(parted):
+    partitioned = any(hasattr(p, "_hp_mapping") for params in groups.values() for p in params)  # alike on every rank
+    if partitioned and dist.is_available() and dist.is_initialized():
         dist.all_reduce(partial)
     norms = (squares(whole) + partial).sqrt()
     for i, norm in enumerate(norms.tolist()):
