@@ -1,5 +1,5 @@
-"""python -m stages.rlhf --config FILE [--set KEY=VALUE ...] [--mode reward|ppo|grpo|rloo|dpo] [--base DIR] [--reward-model DIR]
-                         [--output DIR] [--run-name NAME] [--track]
+"""python -m stages.rlhf --config FILE [--set KEY=VALUE ...] [--mode reward|ppo|grpo|rloo|dpo] [--base DIR]
+                         [--reward-model DIR] [--output DIR] [--run-name NAME] [--track]
 
 RLHF after SFT, on the training engine (Ray Train + DeepSpeed; rerunning the same run name
 resumes from the last checkpoint; a crashed worker restarts the run automatically):

@@ -116,7 +116,8 @@ def build_ppo_model(base: str, reward_model: str, rule_token_ids: list[int], ove
         reward = RuleReward(rule_token_ids, actor.config.vocab_size)
     value = None
     if critic:  # from the reward model; without one, the SFT backbone and a new head
-        value = load_scalar_model(reward_model, overrides) if reward_model else ScalarHeadModel(load_glm(base, overrides))
+        value = (load_scalar_model(reward_model, overrides) if reward_model
+                 else ScalarHeadModel(load_glm(base, overrides)))
     return PPOModel(actor, value, reference, reward, critic_lr_scale).train()
 
 

@@ -222,8 +222,9 @@ def ppo_iteration(engine, batch: dict, ctx, cfg: PPOConfig, special: SpecialToke
                   grad_clip: float = 1.0) -> dict:
     """One PPO iteration (the engine's iteration_fn); returns this rank's metrics. A response cut
     at max_new_tokens has not ended: it gets no sequence score, and GAE bootstraps its return
-    from the critic's value at the cut (cfg.truncated "bootstrap"; "score": scored as ended). Actor and critic gradients are clipped separately to
-    grad_clip (the engine's clip is off: TrainSpec.clips_gradients)."""
+    from the critic's value at the cut (cfg.truncated "bootstrap"; "score": scored as ended).
+    Actor and critic gradients are clipped separately to grad_clip (the engine's clip is off:
+    TrainSpec.clips_gradients)."""
     model = engine.module
     state = ctx.state
     state.setdefault("kl_coef", cfg.kl_coef)

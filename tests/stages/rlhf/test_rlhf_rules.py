@@ -37,7 +37,8 @@ def test_the_policy_modes_and_their_config_checks():
         RLHFChainConfig(policy=RLHFConfig(output="x", mode=mode))
     with pytest.raises(ConfigError, match="rlhf.policy.mode"):
         RLHFChainConfig(policy=RLHFConfig(output="x", mode="reward"))
-    assert RLHFConfig(output="x", mode="grpo").data_fingerprint("b") == RLHFConfig(output="x", mode="ppo").data_fingerprint("b")
+    fingerprints = {RLHFConfig(output="x", mode=m).data_fingerprint("b") for m in ("ppo", "grpo", "rloo")}
+    assert len(fingerprints) == 1  # the same prompt rows
     for bad in ({"samples_per_prompt": 1}, {"top_k": 5}, {"top_p": 0.9}, {"truncated": "drop"}, {"temperature": 0}):
         with pytest.raises(ConfigError):
             PPOConfig(**bad)
