@@ -262,7 +262,8 @@ def ppo_iteration(engine, batch: dict, ctx, cfg: PPOConfig, special: SpecialToke
         logprobs = token_logprobs(logits, labels[mb], cfg.temperature)
         pl, clip_frac, approx_kl = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], cfg.clip_range)
         vl = value_loss(engine("critic", **mb_inputs), old_values[mb], returns[mb], mask[mb], cfg.value_clip)
-        entropy = masked_mean(token_entropy(logits, cfg.temperature), mask[mb])
+        with torch.set_grad_enabled(cfg.entropy_coef != 0):  # a metric only: no (B, T, V) buffers kept for it
+            entropy = masked_mean(token_entropy(logits, cfg.temperature), mask[mb])
         loss = pl + cfg.vf_coef * vl - cfg.entropy_coef * entropy
         metrics = {"policy_loss": pl, "value_loss": vl, "clip_frac": clip_frac, "approx_kl": approx_kl,
                    "entropy": entropy}
