@@ -1,6 +1,6 @@
 """The RLHF objectives as pure tensor functions (no model, no engine), tested on hand-computed
 values: pairwise reward loss, DPO, GAE, PPO's clipped policy and value losses, entropy, the
-adaptive KL controller and running reward moments.
+adaptive KL controller and running reward moments, GRPO / RLOO group advantages, the k3 KL.
 
 Shapes: B rows, T positions; `mask` (B, T) is 1 at action (response-token) positions.
 """
