@@ -252,6 +252,21 @@ def generate_spans(
     """Generate one span per query (greedy or sampled, batched); returns tokens without the stop token."""
     if config.num_beams > 1:
         return [beam_search(model, q, special, config, vocab_limit) for q in queries]
+    return generate_spans_with_stops(model, queries, special, config, vocab_limit)[0]
+
+
+@torch.no_grad()
+def generate_spans_with_stops(
+    model: GLMModel,
+    queries: list[SpanQuery],
+    special: SpecialTokens,
+    config: GenerationConfig,
+    vocab_limit: int | None = None,
+) -> tuple[list[list[int]], list[int | None]]:
+    """`generate_spans` without beam search, also returning the stop token that ended each span
+    (None for a span cut at max_new_tokens): what RL rollouts score as the last action."""
+    if config.num_beams > 1:
+        raise ValueError("generate_spans_with_stops does not do beam search")
     device = next(model.parameters()).device
     batch = PartBBatch(queries, special, model.config.uses_2d_positions, device)
     stop_ids = _stop_ids(special, config)
@@ -261,6 +276,7 @@ def generate_spans(
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
     histories = [q.part_a + [special.sop] for q in queries]
     outputs: list[list[int]] = [[] for _ in queries]
+    stops: list[int | None] = [None] * len(queries)
     done = [False] * len(queries)
     segment_ids, prefix_mask = batch.segment_ids, batch.prefix_mask
     out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, segment_ids, prefix_mask, use_cache=True)
@@ -271,7 +287,7 @@ def generate_spans(
             if done[row]:
                 continue
             if token in stop_ids:
-                done[row] = True
+                done[row], stops[row] = True, token
             else:
                 outputs[row].append(token)
                 histories[row].append(token)
@@ -283,7 +299,7 @@ def generate_spans(
         prefix_mask = torch.cat((prefix_mask, torch.zeros_like(ones)), dim=1)
         out = model(next_tokens[:, None], pos, block, segment_ids, prefix_mask,
                     past_key_values=out.past_key_values, use_cache=True)
-    return outputs
+    return outputs, stops
 
 
 def _length_penalty(length: int, lp: float) -> float:

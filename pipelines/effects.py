@@ -62,9 +62,10 @@ def _line(stage: str, e: dict[str, Any]) -> str:
                 f"(loss {f('val_loss_before')} -> {f('val_loss_after')})")
     if kind == "dpo":
         return f"held-out reward accuracy {f('val_reward_accuracy_before', '.3f')} -> {f('val_reward_accuracy_after', '.3f')}"
-    if kind == "ppo":
-        return (f"validation reward {f('val_reward_before')} -> {f('val_reward_after')}, "
-                f"KL to the reference {f('val_kl_after')}")
+    if kind in ("ppo", "grpo", "rloo"):
+        return (f"validation reward {f('val_reward_before')} -> {f('val_reward_after')} (std "
+                f"{f('val_reward_std_after')}), greedy {f('val_greedy_reward_before')} -> "
+                f"{f('val_greedy_reward_after')}, KL to the reference {f('val_kl_after')}")
     if kind == "quantize":
         return (f"perplexity on held-out text ({e.get('gate_text')}, {f('gate_tokens', 'd')} tokens): fp "
                 f"{f('ppl_fp', '.2f')}, int8 {f('ppl_int8', '.2f')}, int4 {f('ppl_int4', '.2f')} "

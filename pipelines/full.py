@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pipeline name override (default: the config's `name`, or $GLM_RUN_NAME); "
                              "the same name skips finished stages and resumes an interrupted one")
     parser.add_argument("--resume-from-run", action="append", default=[], metavar="RUN=NAME",
-                        help="start the engine run RUN (pretrain, sft, reward, ppo, dpo) from the newest "
+                        help="start the engine run RUN (pretrain, sft, reward, ppo, grpo, rloo, dpo) from the newest "
                              "checkpoint of run NAME (an engine run name under <work_dir>/ray, or a run or "
                              "checkpoint directory path / URI) when it has none of its own: continue an "
                              "earlier run after changing the config (by default a changed config trains "

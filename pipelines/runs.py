@@ -20,7 +20,7 @@ HASH_CHARS = 8
 
 @dataclass
 class EngineRun:
-    """One engine run of a stage: `label` (pretrain, sft, reward, ppo, dpo), its engine config
+    """One engine run of a stage: `label` (pretrain, sft, reward, ppo, grpo, rloo, dpo), its engine config
     (run_name and storage_path set), the config hash it is keyed by."""
 
     label: str
@@ -86,7 +86,7 @@ def _other_runs(run: EngineRun) -> list[str]:
 
 def apply_resume_from(p: PipelineConfig, requests: list[str]) -> None:
     """`--resume-from-run RUN=NAME` (repeatable): set engine.resume_from of the engine run RUN
-    (pretrain, sft, reward, ppo or dpo) to NAME, an engine run name under that run's storage
+    (pretrain, sft, reward, ppo, grpo, rloo or dpo) to NAME, an engine run name under that run's storage
     (`<work_dir>/ray/NAME`) or a run / checkpoint directory path or URI."""
     for request in requests:
         label, sep, source = request.partition("=")
@@ -108,7 +108,7 @@ def _section(p: PipelineConfig, label: str) -> dict:
             raise ConfigError("--resume-from-run reward=...: this pipeline trains no reward model (rlhf.reward)")
         return p.rlhf["reward"]
     policy = p.rlhf.setdefault("policy", {})
-    if label in ("ppo", "dpo") and policy.get("mode", "ppo") == label:
+    if label in ("ppo", "grpo", "rloo", "dpo") and policy.get("mode", "ppo") == label:
         return policy
     raise ConfigError(f"--resume-from-run {label}=...: not an engine run of this pipeline; "
                       f"choose from pretrain, sft, reward, {policy.get('mode', 'ppo')}")

@@ -63,7 +63,7 @@ def _wire_rlhf(cfg: dict, outputs: dict, p: PipelineConfig) -> None:
         reward.setdefault("output", posixpath.join(p.work_dir, "rlhf", "reward_model"))
         _engine_defaults(reward, p, "reward")
         reward["tracking"] = {**tracking, **reward.get("tracking", {})}
-        if policy.get("mode", "ppo") == "ppo":
+        if policy.get("mode", "ppo") in ("ppo", "grpo", "rloo"):
             policy["reward_model"] = policy.get("reward_model") or reward["output"]
     policy.setdefault("mode", "ppo")
     policy["base"] = policy.get("base") or base

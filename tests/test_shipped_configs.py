@@ -55,6 +55,7 @@ LOADERS = {
     "stages/eval/tasks/zh/xcopa.yaml": TaskConfig,
     "stages/rlhf/configs/reward.yaml": RLHFConfig,
     "stages/rlhf/configs/ppo.yaml": RLHFConfig,
+    "stages/rlhf/configs/grpo.yaml": RLHFConfig,
     "stages/rlhf/configs/dpo.yaml": RLHFConfig,
 }
 # not our dataclass configs: sample data, third-party templates (test_mip_templates.py), environments,

@@ -17,7 +17,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The cosine decays to lr * this (GLM-130B: 10x decay)."""
     warmup_steps: int = 100
-    """Linear warm-up from 0 over this many optimizer steps."""
+    """Linear warm-up from 0 over this many steps (optimizer steps; engine steps, like train_steps,
+    for stages that take several optimizer steps per engine step: PPO, GRPO, RLOO)."""
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1

@@ -12,11 +12,12 @@ from stages.engine.loop import build_optimizer, lr_lambda
 
 
 class LocalEngine:
-    def __init__(self, model: torch.nn.Module, cfg: EngineConfig, steps_per_step: int = 1):
+    def __init__(self, model: torch.nn.Module, cfg: EngineConfig, steps_per_step: int = 1,
+                 clips_gradients: bool = False):
         self.module = model
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_step))
-        self.grad_clip = cfg.optim.grad_clip
+        self.grad_clip = 0.0 if clips_gradients else cfg.optim.grad_clip  # TrainSpec.clips_gradients
         self._grad_norm: float | None = None
 
     def __call__(self, *args, **kwargs):

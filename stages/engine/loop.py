@@ -61,7 +61,11 @@ class TrainSpec:
     Its `context.state` dict is checkpointed with the engine state. step_fn then only serves
     validation."""
     optimizer_steps_per_step: int = 1
-    """engine.step() calls per engine step (iteration_fn stages), so the LR schedule spans the run."""
+    """engine.step() calls per engine step (iteration_fn stages), so the LR schedule spans the run
+    (its warm-up too: optim.warmup_steps counts engine steps, like train_steps)."""
+    clips_gradients: bool = False
+    """The iteration_fn clips gradients itself (e.g. PPO: actor and critic separately) before
+    engine.step(); the engine's global clip (optim.grad_clip) is then off."""
     export_fn: Callable[[Any], dict | None] | None = None
     """Called on rank 0 with the trained (full, unsharded) module at the end; a returned dict
     (name -> JSON-serialisable object) is logged to the MLflow run as artifacts."""
@@ -136,14 +140,15 @@ def build_optimizer(model, cfg: EngineConfig):
 
 
 def lr_lambda(cfg: EngineConfig, steps_per_step: int = 1) -> Callable[[int], float]:
-    """Warm-up then cosine over the run's optimizer steps (train_steps x steps_per_step)."""
+    """Warm-up then cosine over the run's optimizer steps: train_steps and warmup_steps count
+    engine steps of steps_per_step optimizer steps each (iteration_fn stages)."""
     o = cfg.optim
-    total = cfg.train_steps * steps_per_step
+    total, warmup = cfg.train_steps * steps_per_step, o.warmup_steps * steps_per_step
 
     def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -252,7 +257,8 @@ def run_training(spec: TrainSpec, cfg: EngineConfig, rt) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, spec.optimizer_steps_per_step))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, elastic), mpu=mpu)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+        config={**deepspeed_config(cfg, elastic), **({"gradient_clipping": 0.0} if spec.clips_gradients else {})})
     _guard_plain_optimizer(engine)
     # dropout differs per replica; the ranks of a replica draw the same masks (their replicated
     # activations must stay identical)

@@ -1,5 +1,5 @@
-"""python -m stages.rlhf --config FILE [--set KEY=VALUE ...] [--mode reward|ppo|dpo] [--base DIR] [--reward-model DIR]
-                         [--output DIR] [--run-name NAME] [--track]
+"""python -m stages.rlhf --config FILE [--set KEY=VALUE ...] [--mode reward|ppo|grpo|rloo|dpo] [--base DIR]
+                         [--reward-model DIR] [--output DIR] [--run-name NAME] [--track]
 
 RLHF after SFT, on the training engine (Ray Train + DeepSpeed; rerunning the same run name
 resumes from the last checkpoint; a crashed worker restarts the run automatically):
@@ -11,6 +11,12 @@ resumes from the last checkpoint; a crashed worker restarts the run automaticall
   ppo     trains the SFT policy against the reward model (or a rule) with PPO: sampled
           rollouts (KV cache, batched), per-token KL penalty to the frozen SFT reference,
           GAE, clipped policy and value losses; writes the policy as an inference checkpoint.
+  grpo    critic-free: samples_per_prompt responses per prompt, group-normalised advantages,
+          clipped policy loss + k3 KL to the reference (DeepSeekMath).
+  rloo    critic-free: samples_per_prompt responses per prompt, leave-one-out baseline, KL
+          in the sequence reward (Ahmadian et al. 2024).
+          ppo / grpo / rloo: the reward is rewards.model x the reward model (or rule_reward)
+          plus weighted rule rewards (language, length, repetition, format).
   dpo     trains the SFT policy with DPO on the same pairs against the frozen SFT reference.
 
 Malformed pairs are counted per reason in the prepared data's manifest and skipped.
@@ -31,7 +37,7 @@ def main(argv=None) -> int:
     add_set_argument(parser)
     parser.add_argument("--mode", choices=MODES, help="override mode")
     parser.add_argument("--base", help="override the SFT inference checkpoint to start from")
-    parser.add_argument("--reward-model", help="override the reward checkpoint (ppo)")
+    parser.add_argument("--reward-model", help="override the reward checkpoint (ppo, grpo, rloo)")
     parser.add_argument("--output", help="override where the exported checkpoint goes")
     parser.add_argument("--run-name", help="override engine.run_name (same name = resume)")
     parser.add_argument("--track", action="store_true", help="log to MLflow")

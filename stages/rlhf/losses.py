@@ -1,6 +1,6 @@
 """The RLHF objectives as pure tensor functions (no model, no engine), tested on hand-computed
 values: pairwise reward loss, DPO, GAE, PPO's clipped policy and value losses, entropy, the
-adaptive KL controller and running reward moments.
+adaptive KL controller and running reward moments, GRPO / RLOO group advantages, the k3 KL.
 
 Shapes: B rows, T positions; `mask` (B, T) is 1 at action (response-token) positions.
 """
@@ -29,18 +29,38 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) log-probability of each label under (B, T, V) logits; 0 where labels == -100."""
+LOGPROB_CHUNK = 1024
+"""Positions per chunk of token_logprobs / token_entropy: the fp32 (chunk, V) intermediates
+replace one (B, T, V) fp32 log-softmax."""
+
+
+def _chunks(logits: torch.Tensor, *others: torch.Tensor):
+    """(n, V) logits and (n,) companions over all B x T positions, LOGPROB_CHUNK at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rest = [o.reshape(-1) for o in others]
+    for start in range(0, flat.shape[0], LOGPROB_CHUNK):
+        yield (flat[start:start + LOGPROB_CHUNK], *(o[start:start + LOGPROB_CHUNK] for o in rest))
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probability of each label under (B, T, V) logits / temperature (the distribution
+    rollouts sample from); 0 where labels == -100. Computed in chunks of positions."""
     valid = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
-    return picked * valid
+    index = labels.clamp(min=0).long()
+    out = []
+    for chunk, idx in _chunks(logits, index):
+        x = chunk.float() / temperature if temperature != 1.0 else chunk.float()
+        out.append(x.gather(-1, idx[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))
+    return torch.cat(out).reshape(labels.shape) * valid
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T) entropy of the next-token distribution."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) entropy of the next-token distribution (logits / temperature), in chunks."""
+    out = []
+    for (chunk,) in _chunks(logits):
+        logp = torch.log_softmax(chunk.float() / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -58,26 +78,58 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             (beta * (policy_rejected - ref_rejected)).detach())
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+        bootstrap: torch.Tensor | None = None):
     """Generalised advantage estimation over the action positions of each row.
 
     A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
-    zero after the last action (the episode ends with the response). Returns (advantages,
-    returns = advantages + values), both zero outside `mask`.
+    zero after the last action (the episode ends with the response), except that `bootstrap`
+    (B,), when given, is V after the last action: the critic's value of a response cut at
+    max_new_tokens (0 for one that ended by itself). Returns (advantages, returns = advantages
+    + values), both zero outside `mask`.
     """
     B, T = rewards.shape
     m = mask.to(values.dtype)
+    after_last = torch.zeros_like(values)
+    if bootstrap is not None:
+        positions = torch.arange(T, device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, -1).amax(dim=1)
+        rows = (last >= 0).nonzero().squeeze(-1)
+        after_last[rows, last[rows]] = bootstrap.to(values.dtype)[rows]
     advantages = torch.zeros_like(values)
     next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
     next_adv = torch.zeros_like(next_value)
     for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        delta = rewards[:, t] + gamma * (next_value + after_last[:, t]) - values[:, t]
         adv = delta + gamma * lam * next_adv
         advantages[:, t] = adv * m[:, t]
         # a non-action position passes nothing backwards (keeps rows independent of padding)
         next_value = values[:, t] * m[:, t]
         next_adv = advantages[:, t]
     return advantages, (advantages + values) * m
+
+
+def group_advantages(scores: torch.Tensor, k: int, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    """Sequence advantages (B,) from scores (B,) of consecutive groups of k samples of one prompt.
+    grpo: (r - group mean) / (group std + eps) (DeepSeekMath; identical scores give 0);
+    rloo: r - mean of the other k - 1 samples (Ahmadian et al. 2024), = k / (k - 1) (r - mean)."""
+    groups = scores.float().reshape(-1, k)
+    mean = groups.mean(dim=1, keepdim=True)
+    if mode == "grpo":
+        std = groups.std(dim=1, keepdim=True) if k > 1 else torch.ones_like(mean)
+        out = (groups - mean) / (std + eps)
+    elif mode == "rloo":
+        out = (groups - mean) * k / (k - 1)
+    else:
+        raise ValueError(f"group_advantages: mode must be 'grpo' or 'rloo', got {mode!r}")
+    return out.reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020, GRPO's loss term):
+    exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for samples of pi."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

@@ -4,6 +4,7 @@ stay in eval mode whatever the container's mode.
 
 - reward: ScalarHeadModel (the SFT backbone + a new scalar head)
 - ppo:    PPOModel(actor, critic | trainable; reference, reward | frozen)
+- grpo, rloo: PPOModel without a critic (actor | trainable; reference, reward | frozen)
 - dpo:    DPOModel(policy | trainable; reference | frozen)
 """
 
@@ -68,20 +69,32 @@ class RuleReward(nn.Module):
 
 class PPOModel(nn.Module):
     """Actor and critic (trained together: one backward and optimizer step, the critic's LR
-    scaled by critic_lr_scale), frozen reference and reward.
-    `forward(role, **row tensors)`: logits for actor / reference, values for critic / reward."""
+    scaled by critic_lr_scale, each one's gradient clipped on its own: `clip_groups`), frozen
+    reference and reward. critic None: the critic-free modes (grpo, rloo); reward None: rule
+    rewards only. `forward(role, **row tensors)`: logits for actor / reference, values for
+    critic / reward."""
 
-    def __init__(self, actor: GLMModel, critic: ScalarHeadModel, reference: GLMModel,
-                 reward: ScalarHeadModel | RuleReward, critic_lr_scale: float = 1.0):
+    def __init__(self, actor: GLMModel, critic: ScalarHeadModel | None, reference: GLMModel,
+                 reward: ScalarHeadModel | RuleReward | None, critic_lr_scale: float = 1.0):
         super().__init__()
         self.actor, self.critic = actor, critic
-        self.reference, self.reward = _freeze(reference), _freeze(reward)
-        self.lr_scales = {"critic.": critic_lr_scale}  # read by the engine's build_optimizer
+        self.reference = _freeze(reference)
+        self.reward = _freeze(reward) if reward is not None else None
+        # read by the engine's build_optimizer
+        self.lr_scales = {"critic.": critic_lr_scale} if critic is not None else {}
+
+    def clip_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameter sets whose gradients are clipped separately (actor, critic)."""
+        groups = {"actor": [p for p in self.actor.parameters() if p.requires_grad]}
+        if self.critic is not None:
+            groups["critic"] = [p for p in self.critic.parameters() if p.requires_grad]
+        return groups
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.reference.eval()
-        self.reward.eval()
+        if self.reward is not None:
+            self.reward.eval()
         return self
 
     def forward(self, role: str, input_ids, position_ids, block_position_ids=None, segment_ids=None,
@@ -92,14 +105,20 @@ class PPOModel(nn.Module):
 
 
 def build_ppo_model(base: str, reward_model: str, rule_token_ids: list[int], overrides: dict,
-                    critic_lr_scale: float = 1.0) -> PPOModel:
+                    critic_lr_scale: float = 1.0, critic: bool = True) -> PPOModel:
+    """The container of mode ppo (critic True) or grpo / rloo (critic False). Reward: the reward
+    model, else the token rule when rule_token_ids, else none (rule rewards only)."""
     actor, reference = load_glm(base, overrides), load_glm(base, overrides)
+    reward = None
     if reward_model:
-        critic, reward = load_scalar_model(reward_model, overrides), load_scalar_model(reward_model, overrides)
-    else:  # rule-based reward: the critic starts from the SFT backbone and a new head
-        critic = ScalarHeadModel(load_glm(base, overrides))
+        reward = load_scalar_model(reward_model, overrides)
+    elif rule_token_ids:
         reward = RuleReward(rule_token_ids, actor.config.vocab_size)
-    return PPOModel(actor, critic, reference, reward, critic_lr_scale).train()
+    value = None
+    if critic:  # from the reward model; without one, the SFT backbone and a new head
+        value = (load_scalar_model(reward_model, overrides) if reward_model
+                 else ScalarHeadModel(load_glm(base, overrides)))
+    return PPOModel(actor, value, reference, reward, critic_lr_scale).train()
 
 
 class DPOModel(nn.Module):

@@ -3,6 +3,8 @@
     reward  ScalarHeadModel(SFT backbone) on pair rows, pairwise loss  -> reward checkpoint
     ppo     PPOModel(actor, critic, reference, reward) on prompt rows, iteration_fn
             = one PPO iteration per engine step                        -> policy checkpoint
+    grpo    the same without a critic, k samples per prompt, group-normalised advantages
+    rloo    the same, leave-one-out baseline                           -> policy checkpoint
     dpo     DPOModel(policy, reference) on pair rows, DPO loss          -> policy checkpoint
 
 Checkpoints, restarts, exact resume, the data position and MLflow come from the engine.
@@ -18,7 +20,7 @@ from dataclasses import asdict
 from stages import storage
 from stages.effects import export_with_effects
 from stages.engine import TrainSpec, fit
-from stages.rlhf.config import RLHFConfig
+from stages.rlhf.config import POLICY_GRADIENT, RLHFConfig
 from stages.sft.stage import base_tokenizer
 from stages.tracking import active_run_id, default_tracking_uri
 
@@ -67,7 +69,8 @@ def prepare_data(cfg: RLHFConfig) -> dict:
     from stages.rlhf.data import prepare
 
     config, _ = read_checkpoint_config(cfg.base)
-    longest = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens + 1 if cfg.mode == "ppo" else cfg.data.max_len
+    prompts = cfg.mode in POLICY_GRADIENT
+    longest = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens + 1 if prompts else cfg.data.max_len
     if longest > config.max_seq_len:
         raise ValueError(f"rlhf config: sequences of {longest} tokens exceed the base model's max_seq_len "
                          f"{config.max_seq_len} (data.max_len, or data.max_prompt_len + ppo.max_new_tokens)")
@@ -75,7 +78,7 @@ def prepare_data(cfg: RLHFConfig) -> dict:
     fmt = chat_format(base_chat_format(cfg.base), tokenizer)
     identity = json.dumps({"tokenizer": hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
                            "positions": config.position_encoding, "chat_format": fmt.name})
-    return prepare(cfg.data, tokenizer, layout="prompts" if cfg.mode == "ppo" else "pairs",
+    return prepare(cfg.data, tokenizer, layout="prompts" if prompts else "pairs",
                    use_2d=config.uses_2d_positions, fingerprint=cfg.data_fingerprint(identity), fmt=fmt)
 
 
@@ -107,20 +110,30 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
         step_fn = functools.partial(steps.dpo_step, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
         export = policy_export
     else:
-        if not cfg.reward_model and not cfg.rule_reward.enabled:
-            raise ValueError("rlhf config: mode ppo needs `reward_model` (the reward stage's output) or `rule_reward`")
+        if cfg.rewards.model > 0 and not cfg.reward_model and not cfg.rule_reward.enabled:
+            raise ValueError(f"rlhf config: mode {cfg.mode} with rewards.model > 0 needs `reward_model` (the reward "
+                             f"stage's output) or `rule_reward`; or set rewards.model: 0 and weight rule rewards")
+        from glm.chat_format import chat_format
+
         rule_ids = list(cfg.rule_reward.token_ids) + (tokenizer.encode(cfg.rule_reward.text) if cfg.rule_reward.text else [])
+        stop_ids = chat_format(base_chat_format(cfg.base), tokenizer).stop_ids()  # as chat and serving stop replies
+        common = {"cfg": cfg.ppo, "rewards": cfg.rewards, "stop_ids": stop_ids}
         factory = functools.partial(models.build_ppo_model, cfg.base, cfg.reward_model, rule_ids, cfg.model_overrides,
-                                    cfg.ppo.critic_lr_scale)
-        step_fn = functools.partial(ppo.ppo_validation_step, cfg=cfg.ppo, tokenizer=tokenizer)
-        extra = {"iteration_fn": functools.partial(ppo.ppo_iteration, cfg=cfg.ppo, special=tokenizer.special,
-                                                   vocab_limit=len(tokenizer)),
-                 "optimizer_steps_per_step": cfg.ppo.ppo_epochs * cfg.ppo.minibatches}
+                                    cfg.ppo.critic_lr_scale, critic=cfg.mode == "ppo")
+        step_fn = functools.partial(ppo.ppo_validation_step, tokenizer=tokenizer, **common)
+        common.update(special=tokenizer.special, vocab_limit=len(tokenizer), tokenizer=tokenizer)
+        if cfg.mode == "ppo":
+            iteration = functools.partial(ppo.ppo_iteration, grad_clip=cfg.engine.optim.grad_clip, **common)
+        else:
+            iteration = functools.partial(ppo.group_iteration, mode=cfg.mode, **common)
+        extra = {"iteration_fn": iteration, "optimizer_steps_per_step": cfg.ppo.ppo_epochs * cfg.ppo.minibatches,
+                 "clips_gradients": cfg.mode == "ppo"}
         export = policy_export
     tracking_uri = (cfg.tracking.tracking_uri or default_tracking_uri()) if cfg.tracking.enabled else ""
-    # the stage's effect: held-out pair accuracy (reward, DPO), validation reward and KL (PPO)
+    # the stage's effect: held-out pair accuracy (reward, DPO), validation reward and KL (PPO, GRPO, RLOO)
+    policy_gradient = ["val_reward", "val_reward_std", "val_greedy_reward", "val_kl"]
     validation = {"reward": ["val_accuracy", "val_loss"], "dpo": ["val_reward_accuracy", "val_loss"],
-                  "ppo": ["val_reward", "val_kl"]}[cfg.mode]
+                  **{m: policy_gradient for m in POLICY_GRADIENT}}[cfg.mode]
     export = functools.partial(export_with_effects, export=export, output=cfg.output, stage=cfg.mode,
                                validation=validation, samples_artifact="rlhf/sample_generations.json")
     return TrainSpec(
@@ -128,6 +141,7 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
         tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, parent_run_id=active_run_id(),
         params={"stage": "rlhf", "mode": cfg.mode, "base": cfg.base, "reward_model": cfg.reward_model,
                 "output": cfg.output, "data": asdict(cfg.data), "ppo": asdict(cfg.ppo), "dpo": asdict(cfg.dpo),
+                "rewards": asdict(cfg.rewards),
                 "model_overrides": cfg.model_overrides},
         artifacts={"rlhf/data_manifest.json": manifest}, start_metrics=_data_metrics(manifest), **extra)
 

@@ -77,3 +77,43 @@ def test_token_logprobs_whiten_kl_controller_and_moments():
     m = update_moments(update_moments({}, values[:2]), values[2:])
     assert m["mean"] == pytest.approx(sum(values) / 5)
     assert moments_std(m) == pytest.approx(torch.tensor(values).std().item())
+
+
+def test_token_logprobs_and_entropy_are_at_the_sampling_temperature_in_chunks(monkeypatch):
+    from stages.rlhf import losses
+    from stages.rlhf.losses import token_entropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[1, 3:] = -100
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    expected = expected * (labels != -100)
+    monkeypatch.setattr(losses, "LOGPROB_CHUNK", 3)  # chunks cross row boundaries
+    assert torch.allclose(token_logprobs(logits, labels, temperature=0.7), expected, atol=1e-6)
+    logp = torch.log_softmax(logits / 0.7, -1)
+    assert torch.allclose(token_entropy(logits, temperature=0.7), -(logp.exp() * logp).sum(-1), atol=1e-6)
+
+
+def test_gae_bootstraps_a_cut_response_from_the_value_after_its_last_action():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0], [0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    plain, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    boot, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0, bootstrap=torch.tensor([0.0, 2.0]))
+    assert torch.equal(boot[0], plain[0])  # an ended response: V after it is 0
+    assert boot[1, :3].tolist() == pytest.approx([3 - 0.5, 3 - 0.4, 3 - 0.3])  # reward + bootstrap - V
+    assert boot[1, 3] == 0 and ret[1, 3] == 0
+
+
+def test_group_advantages_grpo_rloo_and_the_k3_kl():
+    from stages.rlhf.losses import group_advantages, k3_kl
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # two groups of 3
+    grpo = group_advantages(scores, 3, "grpo")
+    assert grpo[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)  # (r - 2) / std 1
+    assert grpo[3:].tolist() == [0.0, 0.0, 0.0]  # identical scores: no signal, no division by 0
+    rloo = group_advantages(scores, 3, "rloo")
+    assert rloo[:3].tolist() == pytest.approx([1 - 2.5, 2 - 2.0, 3 - 1.5])  # r - mean of the other two
+    assert rloo[3:].tolist() == [0.0, 0.0, 0.0]
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0])
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.0, math.exp(1) - 1 - 1])
