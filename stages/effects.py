@@ -86,8 +86,14 @@ _UNITS = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\u3400-\u4db
 """Without a tokenizer: each CJK character, each other word, each punctuation mark."""
 
 
+_SPECIAL = re.compile(r"<\|[^|]*\|>|\[[a-zA-Z]+\]")
+"""Role and control tokens as decoded text (<|user|>, [gMASK], [sop], ...): not language."""
+
+
 def language(text: str) -> str | None:
-    """'zh' or 'en' by which script has more characters (None: neither appears)."""
+    """'zh' or 'en' by which script has more characters (None: neither appears); role and
+    control tokens ignored."""
+    text = _SPECIAL.sub(" ", text)
     cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
     if not cjk and not latin:
         return None

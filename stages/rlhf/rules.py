@@ -3,23 +3,8 @@ reward (`RewardsConfig`): answer language, length window, repetition, format."""
 
 from __future__ import annotations
 
-import re
-
+from stages.effects import language
 from stages.rlhf.config import RewardsConfig
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-_SPECIAL = re.compile(r"<\|[^|]*\|>|\[[a-zA-Z]+\]")  # role tokens, [gMASK], [sop] ... as decoded text
-
-
-def language(text: str) -> str | None:
-    """zh where CJK characters outnumber Latin letters, en where there are Latin letters, else None
-    (role and special tokens ignored)."""
-    text = _SPECIAL.sub(" ", text)
-    cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
-    if cjk > latin:
-        return "zh"
-    return "en" if latin else None
 
 
 def same_language(prompt: str, reply: str) -> float:

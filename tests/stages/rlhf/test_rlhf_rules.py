@@ -10,7 +10,7 @@ from stages.rlhf.rules import combine, distinct_ngrams, language, rule_scores, s
 def test_language_is_the_dominant_script_ignoring_role_tokens():
     assert language("<|user|>你好，请介绍一下自己<|assistant|>") == "zh"
     assert language("<|user|>What can you do?") == "en"
-    assert language("用 Python 写") == "en" and language("用Py写一个程序") == "zh"
+    assert language("用 Python 写") == "zh" and language("Write it in 中文") == "en"  # a CJK character weighs a word
     assert language("123 !?") is None
     assert same_language("你好", "你好！") == 1.0 and same_language("你好", "Hello") == 0.0
     assert same_language("Hi", "") == 0.0
