@@ -8,8 +8,9 @@ is that reply spoiled in the family's way:
   `min_repeats` times, until the text is as long as the reply);
 - `truncated`: the reply's first 2 to `truncated_chars` characters.
 
-Everything is drawn from RNGs seeded by (config seed, the chat's JSONL line, the pair's draw),
-so the pairs depend on content and config only, never on paths, file order or the process.
+Everything is drawn from RNGs seeded by (config seed, the chat's JSONL line, the pair's draw)
+(the `language` family from the sorted replies of its split), so the pairs depend on content
+and config only, never on paths, file order or the process.
 The chats are read with the SFT stage's row parsing (`stages.sft.formatting.parse_row`).
 """
 
@@ -110,6 +111,7 @@ def synthetic_pairs(chats: list[tuple[str, str, Chat]], cfg: SyntheticPairsConfi
     others: dict[tuple[str, str], list[str]] = {}
     for split, _, chat in chats:
         others.setdefault((split, language(chat.reply)), []).append(chat.reply)
+    others = {k: sorted(v) for k, v in others.items()}  # independent of the order of the files
     for split, line, chat in chats:
         for draw in range(cfg.pairs_per_chat):
             rng = rng_of(seed, line, draw)
