@@ -65,14 +65,14 @@ def validation_before_after(names: list[str]) -> dict[str, float]:
 def export_with_effects(model, export: Callable[[Any], dict | None], output: str, stage: str,
                         validation: list[str], samples_artifact: str = "", measures_artifact: str = "") -> dict | None:
     """The stage's export, then its effect: validation metrics before / after training (and the
-    export's sample answers and measures: a dict artifact merged in), written beside the output
-    and logged to MLflow."""
+    export's sample answers, and the measures of its artifact `measures_artifact`, a dict such
+    as SFT's held-out chat behaviour or the reward model's accuracy per family), written beside
+    the output and logged to MLflow."""
     artifacts = export(model) or {}
-    effects: dict[str, Any] = {"stage": stage, **validation_before_after(validation)}
+    effects: dict[str, Any] = {"stage": stage, **validation_before_after(validation),
+                               **artifacts.get(measures_artifact, {})}
     if samples_artifact and samples_artifact in artifacts:
         effects["samples"] = artifacts[samples_artifact]
-    if measures_artifact and measures_artifact in artifacts:
-        effects.update(artifacts[measures_artifact])
     write_effects(output, effects)
     log_effect_metrics(effects)
     return artifacts

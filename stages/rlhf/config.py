@@ -9,12 +9,14 @@ from typing import Any, Literal
 
 from glm.config import ConfigError
 from stages.engine.config import EngineConfig
+from stages.sft.config import SFTSource
 from stages.tracking import TrackingConfig
 
 MODES = ("reward", "ppo", "grpo", "rloo", "dpo")
 POLICY_GRADIENT = ("ppo", "grpo", "rloo")
 """Modes that train the policy on its own sampled rollouts (prompt rows, iteration_fn)."""
 FORMATS = ("auto", "prompt", "conversation", "instruction")
+FAMILIES = ("language", "repetition", "truncated")
 
 
 @dataclass
@@ -38,19 +40,60 @@ class PreferenceSource:
 
 
 @dataclass
+class SyntheticPairsConfig:
+    """Preference pairs made from SFT chats (`stages/rlhf/families.py`): the chosen side is a
+    chat's last reply, the rejected side that reply spoiled in one of the families' ways. Their
+    signal is one a small model can learn; each pair carries its family as its tag."""
+
+    sources: list[SFTSource] = field(default_factory=list)
+    """SFT chat files (any shape `stages.sft.formatting.parse_row` reads: alpaca, ShareGPT,
+    OpenAI messages); chats with tool calls are skipped. Empty: no synthetic pairs."""
+    families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    """Family -> weight; each pair's family is drawn with probability weight / sum (0 = never):
+    `language` (rejected: the last reply of a chat in the other language, zh <-> en),
+    `repetition` (rejected: the reply's start, then one of its phrases looped until it is as
+    long as the reply), `truncated` (rejected: the reply's first `truncated_chars` characters
+    or fewer). A chat a family cannot spoil (too short, no reply in the other language) yields
+    no pair of it (counted as `skipped`)."""
+    pairs_per_chat: int = 1
+    """Pairs drawn from each chat (each its own family draw)."""
+    truncated_chars: int = 8
+    """`truncated`: the rejected reply keeps between 2 and this many characters; chats whose
+    reply is shorter than 4x this have no truncated pair, and a chosen reply cut to fit
+    max_len keeps at least 4x this many (a cut at a sentence end, `data.fit_reply`)."""
+    min_repeats: int = 4
+    """`repetition`: the looped phrase appears at least this many times in a row."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown or any(w < 0 for w in self.families.values()):
+            raise ConfigError(f"SyntheticPairsConfig.families: weights >= 0 of {FAMILIES}, got {self.families}")
+        if self.sources and not any(w > 0 for w in self.families.values()):
+            raise ConfigError("SyntheticPairsConfig: sources are set but every family weight is 0")
+        if self.pairs_per_chat < 1 or self.truncated_chars < 2 or self.min_repeats < 2:
+            raise ConfigError(f"SyntheticPairsConfig: pairs_per_chat must be >= 1, truncated_chars >= 2 and "
+                              f"min_repeats >= 2, got {self.pairs_per_chat}, {self.truncated_chars}, {self.min_repeats}")
+
+
+@dataclass
 class PreferenceDataConfig:
     """How preference pairs become rows: pair rows (reward, dpo) or prompt rows (ppo)."""
 
     sources: list[PreferenceSource] = field(default_factory=list)
+    """Files of real preference pairs; a pair's family tag is its source's name."""
+    synthetic: SyntheticPairsConfig = field(default_factory=SyntheticPairsConfig)
+    """Pairs made from SFT chats, tagged by family (reward and dpo; ppo takes their prompts)."""
     max_len: int = 256
     """Longest prompt + response of one side; a pair row holds both sides (2 x max_len).
-    Prompts are cut from the left; a response longer than 3/4 of it is cut (counted)."""
+    Prompts are cut from the left; a response longer than what is left (at least 3/4 of it) is
+    cut at its last sentence end that fits (counted as truncated)."""
     max_prompt_len: int = 128
     """PPO: longest prompt (cut from the left), [gMASK] included."""
     validation_fraction: float = 0.1
-    """Share of pairs held out (by content hash): accuracy / validation reward."""
+    """Share of pairs held out (by content hash; synthetic pairs by their chat's): accuracy /
+    validation reward. The reward stage reports held-out accuracy per family at export."""
     max_samples: int = 0
-    """Use at most this many pairs per source (0 = all)."""
+    """Use at most this many pairs per source, chats per synthetic source (0 = all)."""
     output: str = ""
     """Where the prepared rows go (default: `<stage output>_data`)."""
     seed: int = 0

@@ -8,6 +8,10 @@ ShardSource reads them unchanged.
   engine's per-row data position never separates the two sides.
 - Prompt rows (ppo): Part A only (prompt + [gMASK]), one per distinct prompt.
 
+Besides the sources' pairs, synthetic pairs made from SFT chats (`stages/rlhf/families.py`).
+Every pair carries a family tag (a real pair: its source's name); the manifest lists the tag
+of every held-out row (`validation_families`) for the per-family accuracy at export.
+
 Malformed pairs (missing side, empty chosen, not text, ...) are counted per reason and skipped.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +28,7 @@ from glm.chat_format import CHATGLM_6B, ChatFormat, Message, chat_format
 from glm.schema import COLUMNS, Sample, layout_prompted, pack_samples
 from glm.tokenizer import GLMTokenizer
 from stages import storage
+from stages.rlhf import families
 from stages.rlhf.config import PreferenceDataConfig
 from stages.sft.data import completed, read_jsonl_rows, split_of, write_prepared
 from stages.sft.formatting import ASSISTANT_ROLES, USER_ROLES, BadRow
@@ -93,8 +99,8 @@ def _rounds_from_turns(turns: list[tuple[str, str]]) -> tuple[str, list[tuple[st
     return turns[-1][1], history
 
 
-def parse_pair(row, fmt: str = "auto") -> PreferencePair:
-    """One JSON row -> PreferencePair, or BadRow naming why it does not fit."""
+def _context(row, fmt: str) -> tuple[str, list[tuple[str, str]], str]:
+    """(query, history, system) of a row whose shape is `fmt` ("auto": recognised)."""
     if not isinstance(row, dict):
         raise BadRow("not_an_object", f"row is {type(row).__name__}")
     if fmt == "auto":
@@ -102,6 +108,7 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
                else "prompt" if "prompt" in row else "")
         if not fmt:
             raise BadRow("unknown_shape", f"no prompt, conversation or instruction field (keys: {sorted(row)[:8]})")
+    system = ""
     if fmt == "prompt":
         if not isinstance(row.get("prompt"), str):
             raise BadRow("wrong_type", "prompt is not a string")
@@ -117,7 +124,6 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
             if not isinstance(text, str):
                 raise BadRow("wrong_type", "a turn's content is not a string")
             parsed.append(("user" if role in USER_ROLES else "assistant" if role in ASSISTANT_ROLES else role, text))
-        system = ""
         if len(parsed) > 1 and parsed[0][0] == "system" and parsed[1][0] == "user":
             system = parsed.pop(0)[1]  # the chat format renders it (ChatGLM-6B's: opening the first query)
         query, history = _rounds_from_turns(parsed)
@@ -131,10 +137,16 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
                                                 and all(isinstance(x, str) for x in h) for h in raw):
             raise BadRow("bad_history", "history is not a list of [query, response] pairs")
         history = [(q, r) for q, r in raw]
-    pair = PreferencePair(query.strip(), _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected"),
-                          history, system if fmt == "conversation" else "")
-    if not pair.query:
+    if not query.strip():
         raise BadRow("empty_query", "the prompt is empty")
+    return query.strip(), history, system
+
+
+def parse_pair(row, fmt: str = "auto") -> PreferencePair:
+    """One JSON row -> PreferencePair, or BadRow naming why it does not fit."""
+    query, history, system = _context(row, fmt)
+    pair = PreferencePair(query, _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected"),
+                          history, system)
     if not pair.chosen:
         raise BadRow("empty_chosen", "the chosen reply is empty")
     if not pair.rejected:
@@ -144,28 +156,82 @@ def parse_pair(row, fmt: str = "auto") -> PreferencePair:
     return pair
 
 
+def parse_prompt(row) -> PreferencePair:
+    """A row as a prompt to answer (a PreferencePair without replies): any shape `parse_pair`
+    reads, a `query` (with an optional `history` [[q, a], ...]) or OpenAI `messages` (a final
+    assistant turn, the reply of a chat, is dropped); replies in the row are ignored."""
+    if isinstance(row, dict) and "query" in row and "instruction" not in row:
+        row = {"instruction": row["query"], "history": row.get("history")}
+    elif isinstance(row, dict) and "messages" in row:
+        turns = row["messages"]
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
+                str(turns[-1].get("role", "")).lower() in ASSISTANT_ROLES:
+            turns = turns[:-1]
+        row = {"conversation": turns}
+    query, history, system = _context(row, "auto")
+    return PreferencePair(query, "", "", history, system)
+
+
 def prompt_ids(pair: PreferencePair, fmt: ChatFormat) -> list[int]:
     return fmt.prompt(pair.messages())
+
+
+def reply_room(prompt: list[int], max_len: int) -> int:
+    """Tokens a reply may take beside this prompt (the prompt keeps at most a quarter)."""
+    return max_len - 2 - min(len(prompt), max_len // 4)
 
 
 def side_sample(prompt: list[int], response: list[int], tokenizer: GLMTokenizer, max_len: int,
                 use_2d: bool) -> tuple[Sample, bool]:
     """prompt + [gMASK] [sop] response in max_len tokens; (sample, whether the response was cut)."""
-    room = max_len - 2 - min(len(prompt), max_len // 4)  # keep at least a quarter for the prompt
+    room = reply_room(prompt, max_len)
     cut = len(response) > room
     return layout_prompted(prompt, response[:room], tokenizer.special, use_2d=use_2d,
                            mask_token=tokenizer.special.gmask, max_len=max_len), cut
 
 
+SENTENCE_END = re.compile(r"[。！？!?…；;]+|\.(?=\s)|\n")
+CLAUSE_END = re.compile(r"[，,、：:）)]")
+
+
+def fit_reply(text: str, fmt: ChatFormat, room: int, min_chars: int = 0) -> tuple[list[int], bool]:
+    """The reply's tokens in the chat format and whether they were cut to fit `room` tokens: at
+    the last sentence end (。！？!?…；; a period before a space, a line break) that fits and
+    keeps at least `min_chars` characters, so a cut reply still ends like a finished one; else
+    at the last clause end (，,、:) that does; else after `room` tokens."""
+    def tokens(end: int) -> list[int]:
+        return fmt.reply(Message("assistant", text[:end].rstrip()))
+
+    ids = tokens(len(text))
+    if len(ids) <= room:
+        return ids, False
+    for boundary in (SENTENCE_END, CLAUSE_END):
+        ends = [m.end() for m in boundary.finditer(text) if m.end() >= max(min_chars, 1)]
+        lo, hi, best = 0, len(ends) - 1, None  # the last end whose prefix fits (token counts grow with it)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if len(fitted := tokens(ends[mid])) <= room:
+                best, lo = fitted, mid + 1
+            else:
+                hi = mid - 1
+        if best is not None:
+            return best, True
+    return ids[:room], True
+
+
 def pair_row(pair: PreferencePair, tokenizer: GLMTokenizer, max_len: int, use_2d: bool,
-             fmt: ChatFormat | None = None) -> tuple[dict, bool]:
+             fmt: ChatFormat | None = None, min_chars: int = 0) -> tuple[dict, bool]:
     """The pair as one row of 2 x max_len: segment 1 chosen, segment 2 rejected (in the chat
-    format `fmt`, default ChatGLM-6B's)."""
+    format `fmt`, default ChatGLM-6B's); a reply too long is cut by `fit_reply(min_chars)`.
+    Returns (row, whether a reply was cut)."""
     fmt = fmt or chat_format(CHATGLM_6B, tokenizer)
     prompt = prompt_ids(pair, fmt)
-    chosen, cut_c = side_sample(prompt, fmt.reply(Message("assistant", pair.chosen)), tokenizer, max_len, use_2d)
-    rejected, cut_r = side_sample(prompt, fmt.reply(Message("assistant", pair.rejected)), tokenizer, max_len, use_2d)
-    return pack_samples([chosen, rejected], 2 * max_len, tokenizer.special.pad), cut_c or cut_r
+    room, sides, cut = reply_room(prompt, max_len), [], False
+    for text in (pair.chosen, pair.rejected):
+        reply, cut_here = fit_reply(text, fmt, room, min_chars)
+        sides.append(side_sample(prompt, reply, tokenizer, max_len, use_2d)[0])
+        cut = cut or cut_here
+    return pack_samples(sides, 2 * max_len, tokenizer.special.pad), cut
 
 
 def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) -> dict:
@@ -177,6 +243,42 @@ def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) 
     return pack_samples([sample], max_prompt_len, tokenizer.special.pad)
 
 
+def _log_source(log, name: str, stats: dict, layout: str, kept: str) -> None:
+    log(f"[rlhf] {name}: {stats['rows_read']:,} rows, {stats[kept]:,} {kept} kept, {stats['rows']:,} "
+        f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
+        f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")
+    for example in stats["examples"]:
+        log(f"[rlhf]   rejected {example}")
+    stats["rejected"] = dict(stats["rejected"])
+
+
+def _new_stats(**extra) -> dict:
+    return {"rows_read": 0, **extra, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
+
+
+def _synthetic(cfg: PreferenceDataConfig, files: list, log):
+    """(split, family, pair) of the synthetic pairs; their sources' stats; the families' stats."""
+    chats, sources = [], {}
+    for source, (fs, paths) in zip(cfg.synthetic.sources, files):
+        stats = _new_stats(chats=0)
+        parse = functools.partial(families.parse_chat, fmt=source.format)
+        for line, chat in read_jsonl_rows(fs, paths, parse, stats, limit=cfg.max_samples):
+            stats["chats"] += 1
+            chats.append((split_of(line, cfg.validation_fraction), line, chat))
+        sources[source.name] = stats
+    made = {f: {"pairs": 0, "skipped": 0, "rows": 0, "truncated": 0} for f in cfg.synthetic.families}
+    pairs = []
+    for split, family, chat, rejected in families.synthetic_pairs(chats, cfg.synthetic, cfg.seed):
+        if not rejected:
+            made[family]["skipped"] += 1
+            continue
+        made[family]["pairs"] += 1
+        pairs.append((split, family, PreferencePair(chat.query, chat.reply, rejected, list(chat.history), chat.system)))
+    log(f"[rlhf] synthetic pairs from {sum(s['chats'] for s in sources.values()):,} chats: "
+        + ", ".join(f"{f} {m['pairs']:,} ({m['skipped']:,} chats skipped)" for f, m in made.items()))
+    return pairs, sources, made
+
+
 def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, use_2d: bool, fingerprint: str,
             log=print, fmt: ChatFormat | None = None) -> dict:
     """Write pair rows (layout "pairs") or prompt rows ("prompts") in the chat format `fmt`
@@ -186,52 +288,60 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
     if (manifest := completed(cfg.output, fingerprint)) is not None:
         log(f"[rlhf] prepared {layout} for {fingerprint} exist at {cfg.output}: reusing them")
         return manifest
-    if not cfg.sources:
-        raise ValueError("rlhf config: data.sources is empty: name at least one JSONL file of preference pairs")
+    if not cfg.sources and not cfg.synthetic.sources:
+        raise ValueError("rlhf config: data.sources and data.synthetic.sources are empty: name at least one JSONL "
+                         "file of preference pairs or of SFT chats")
     t0 = time.time()
-    files = {s.name: storage.expand(s.uri) for s in cfg.sources}  # fails early on a missing input
-    rows = {"train": [], "validation": []}
+    files = [storage.expand(s.uri) for s in cfg.sources]  # fails early on a missing input
+    chat_files = [storage.expand(s.uri) for s in cfg.synthetic.sources]
+    rows: dict[str, list[tuple[dict, str]]] = {"train": [], "validation": []}  # (row, family tag)
     seen_prompts: set[tuple[int, ...]] = set()
+    min_chars = 4 * cfg.synthetic.truncated_chars
+
+    def add(split: str, tag: str, pair: PreferencePair, stats: dict) -> None:
+        if layout == "pairs":
+            row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d, fmt, min_chars)
+            stats["truncated"] += int(cut)
+        else:
+            row = prompt_row(prompt_ids(pair, fmt), tokenizer, cfg.max_prompt_len)
+            key = tuple(row["input_ids"])
+            if key in seen_prompts:
+                return
+            seen_prompts.add(key)
+        rows[split].append((row, tag))
+        stats["rows"] += 1
+
     sources = {}
-    for source in cfg.sources:
-        fs, paths = files[source.name]
-        stats = {"rows_read": 0, "pairs": 0, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
+    for source, (fs, paths) in zip(cfg.sources, files):
+        stats = _new_stats(pairs=0)
         parse = functools.partial(parse_pair, fmt=source.format)
         for line, pair in read_jsonl_rows(fs, paths, parse, stats, limit=cfg.max_samples):
             stats["pairs"] += 1
-            split = split_of(line, cfg.validation_fraction)
-            if layout == "pairs":
-                row, cut = pair_row(pair, tokenizer, cfg.max_len, use_2d, fmt)
-                stats["truncated"] += int(cut)
-            else:
-                row = prompt_row(prompt_ids(pair, fmt), tokenizer, cfg.max_prompt_len)
-                key = tuple(row["input_ids"])
-                if key in seen_prompts:
-                    continue
-                seen_prompts.add(key)
-            rows[split].append(row)
-            stats["rows"] += 1
-        log(f"[rlhf] {source.name}: {stats['rows_read']:,} rows, {stats['pairs']:,} pairs kept, {stats['rows']:,} "
-            f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
-            f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")
-        for example in stats["examples"]:
-            log(f"[rlhf]   rejected {example}")
-        stats["rejected"] = dict(stats["rejected"])
+            add(split_of(line, cfg.validation_fraction), source.name, pair, stats)
+        _log_source(log, source.name, stats, layout, "pairs")
         sources[source.name] = stats
+    synthetic, chat_sources, made = _synthetic(cfg, chat_files, log)
+    for split, family, pair in synthetic:
+        add(split, family, pair, made[family])
+    for name, stats in chat_sources.items():
+        _log_source(log, f"chats {name}", stats, layout, "chats")
     if not rows["train"]:
-        raise ValueError(f"rlhf data: no usable pairs in {[s.uri for s in cfg.sources]} "
-                         f"(rejected: {[s['rejected'] for s in sources.values()]})")
+        raise ValueError(f"rlhf data: no usable pairs in {[s.uri for s in [*cfg.sources, *cfg.synthetic.sources]]} "
+                         f"(rejected: {[s['rejected'] for s in [*sources.values(), *chat_sources.values()]]})")
     if not rows["validation"] and len(rows["train"]) > 1:
         rows["validation"].append(rows["train"].pop())
 
     for split, items in rows.items():
         random.Random(f"{cfg.seed}-{split}").shuffle(items)
     seq_len = 2 * cfg.max_len if layout == "pairs" else cfg.max_prompt_len
-    manifest = write_prepared(cfg.output, {split: (items, len(items)) for split, items in rows.items()}, tokenizer, {
+    manifest = write_prepared(cfg.output, {split: ([r for r, _ in items], len(items)) for split, items in rows.items()},
+                              tokenizer, {
         "config_hash": fingerprint, "kind": f"rlhf_{layout}",
         "schema": {"columns": list(COLUMNS), "seq_len": seq_len,
                    "position_encoding": "rope_2d" if use_2d else "rope_1d", "extra": ["index"]},
-        "sources": sources})
+        "sources": sources, "synthetic": {"sources": chat_sources, "families": made},
+        "family_rows": {split: dict(Counter(tag for _, tag in items)) for split, items in rows.items()},
+        "validation_families": [tag for _, tag in rows["validation"]]})
     splits = manifest["splits"]
     log(f"[rlhf] prepared {splits['train']['rows']:,} train and {splits['validation']['rows']:,} validation "
         f"{layout[:-1]} rows in {time.time() - t0:.1f}s -> {cfg.output}")

@@ -25,13 +25,18 @@ from stages.sft.stage import base_tokenizer
 from stages.tracking import active_run_id, default_tracking_uri
 
 
-def export_reward_model(model, base: str, output: str, metadata: dict) -> dict:
-    """Write the reward checkpoint (backbone inference checkpoint + value_head.safetensors)."""
+def export_reward_model(model, base: str, output: str, metadata: dict, data_uri: str) -> dict:
+    """Write the reward checkpoint (backbone inference checkpoint + value_head.safetensors);
+    measure its accuracy on every held-out pair, per family (`stages.rlhf.score`)."""
     from glm.value_head import save_reward_checkpoint
+    from stages.rlhf.score import effects_of, heldout_accuracy
 
     save_reward_checkpoint(model, base_tokenizer(base), output, metadata=metadata)
     print(f"[rlhf] reward model written to {output}", flush=True)
-    return {"rlhf/reward_model.json": {"output": output, **metadata}}
+    report = heldout_accuracy(model, data_uri)
+    print(f"[rlhf] held-out accuracy {report['accuracy']:.3f} on {report['pairs']} pairs: "
+          + ", ".join(f"{f} {a:.3f} ({report['family_pairs'][f]})" for f, a in report["by_family"].items()), flush=True)
+    return {"rlhf/reward_model.json": {"output": output, **metadata}, "rlhf/heldout_accuracy.json": effects_of(report)}
 
 
 def export_policy(model, base: str, output: str, metadata: dict, prompts: list[str], max_new_tokens: int) -> dict:
@@ -88,6 +93,13 @@ def _data_metrics(manifest: dict) -> dict[str, float]:
         out[f"data.{name}.kept"] = s["pairs"]
         out[f"data.{name}.rejected"] = sum(s["rejected"].values())
         out[f"data.{name}.truncated"] = s["truncated"]
+    synthetic = manifest.get("synthetic", {})
+    for name, s in synthetic.get("sources", {}).items():
+        out[f"data.chats.{name}.kept"] = s["chats"]
+        out[f"data.chats.{name}.rejected"] = sum(s["rejected"].values())
+    for family, s in synthetic.get("families", {}).items():
+        for key in ("pairs", "skipped", "truncated"):
+            out[f"data.{family}.{key}"] = s[key]
     return out
 
 
@@ -104,7 +116,10 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
     if cfg.mode == "reward":
         factory = functools.partial(models.build_reward_model, cfg.base, cfg.model_overrides)
         step_fn = steps.reward_step
-        export = functools.partial(export_reward_model, base=cfg.base, output=cfg.output, metadata=metadata)
+        # the pair layout, so `stages.rlhf.score` renders pairs and replies as training did
+        pairs = {"max_len": cfg.data.max_len, "min_chars": 4 * cfg.data.synthetic.truncated_chars}
+        export = functools.partial(export_reward_model, base=cfg.base, output=cfg.output,
+                                   metadata={**metadata, "pairs": pairs}, data_uri=cfg.data.output)
     elif cfg.mode == "dpo":
         factory = functools.partial(models.build_dpo_model, cfg.base, cfg.model_overrides)
         step_fn = functools.partial(steps.dpo_step, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
@@ -135,7 +150,8 @@ def train_spec(cfg: RLHFConfig, manifest: dict) -> TrainSpec:
     validation = {"reward": ["val_accuracy", "val_loss"], "dpo": ["val_reward_accuracy", "val_loss"],
                   **{m: policy_gradient for m in POLICY_GRADIENT}}[cfg.mode]
     export = functools.partial(export_with_effects, export=export, output=cfg.output, stage=cfg.mode,
-                               validation=validation, samples_artifact="rlhf/sample_generations.json")
+                               validation=validation, samples_artifact="rlhf/sample_generations.json",
+                               measures_artifact="rlhf/heldout_accuracy.json")
     return TrainSpec(
         model_factory=factory, data_uri=cfg.data.output, step_fn=step_fn, export_fn=export,
         tracking_uri=tracking_uri, experiment=cfg.tracking.experiment, parent_run_id=active_run_id(),
@@ -157,7 +173,7 @@ def run(cfg: RLHFConfig):
     if cfg.ppo.ptx_data:
         cfg.ppo.ptx_data = storage.absolute(cfg.ppo.ptx_data)
     cfg.data.output = storage.absolute(cfg.data.output or f"{cfg.output}_data")
-    for source in cfg.data.sources:
+    for source in [*cfg.data.sources, *cfg.data.synthetic.sources]:
         source.uri = storage.absolute(source.uri)
     print(f"[rlhf] mode {cfg.mode}: base {cfg.base} -> {cfg.output}", flush=True)
     manifest = prepare_data(cfg)

@@ -12,12 +12,17 @@ from stages.rlhf.losses import dpo_loss, pairwise_loss, token_logprobs
 INPUTS = ("input_ids", "position_ids", "block_position_ids", "segment_ids", "prefix_mask")
 
 
+def side_rewards(model, batch: dict, segments: tuple[int, ...] = (1, 2)) -> list[torch.Tensor]:
+    """(B,) rewards of each segment's side: the values read at its last token (the reply's last
+    one). Pair rows: segment 1 the chosen side, 2 the rejected one."""
+    values = model(**{k: batch[k] for k in INPUTS})  # (B, T)
+    rows = torch.arange(values.shape[0], device=values.device)
+    return [values[rows, last_token_index(batch["segment_ids"], s)] for s in segments]
+
+
 def reward_step(engine, batch: dict) -> dict:
     """Pairwise loss on the rewards read at each side's last token; accuracy, margin, moments."""
-    values = engine(**{k: batch[k] for k in INPUTS})  # (B, T)
-    rows = torch.arange(values.shape[0], device=values.device)
-    chosen = values[rows, last_token_index(batch["segment_ids"], 1)]
-    rejected = values[rows, last_token_index(batch["segment_ids"], 2)]
+    chosen, rejected = side_rewards(engine, batch)
     both = torch.cat([chosen, rejected]).detach()
     return {"loss": pairwise_loss(chosen, rejected), "accuracy": (chosen > rejected).float().mean(),
             "margin": (chosen - rejected).mean().detach(), "reward_mean": both.mean(), "reward_std": both.std()}
