@@ -136,14 +136,14 @@ def train(args, tokenizer, docs, heldout, models, log) -> tuple[torch.nn.Module,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     budget = float("inf") if args.steps else args.minutes * 60  # --steps: a fixed schedule, no time limit
-    est_steps = args.steps or 10**9
+    step_limit = args.steps or 10**9
     curve: list[dict] = []
     t0, seen, step, next_eval = time.time(), 0, 0, 0.0
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    speed = None
+    speed, warm_end = None, 0.0
     while True:
         elapsed = time.time() - t0
-        if elapsed >= next_eval or step >= est_steps or elapsed >= budget:
+        if elapsed >= next_eval or step >= step_limit or elapsed >= budget:
             model.eval()
             s = score(model, tokenizer, models, heldout)
             model.train()
@@ -154,17 +154,19 @@ def train(args, tokenizer, docs, heldout, models, log) -> tuple[torch.nn.Module,
                 "  ".join(f"{lang} ppl {s[lang]['ppl']:.1f} ({s[lang]['ppl_over_unigram']:.3f}x unigram, "
                           f"{s[lang]['ppl_over_bigram']:.3f}x bigram)" for lang in s))
             next_eval = time.time() - t0 + args.eval_every
-            if step >= est_steps or elapsed >= budget:
+            if step >= step_limit or elapsed >= budget:
                 return model, curve
         if speed is None and step == 20:
             speed = step / (time.time() - t0)
-            if not args.steps:  # schedule length from the measured speed
-                est_steps = max(40, int(speed * budget * 0.97))
-                log(f"{speed:.2f} steps/s: schedule over about {est_steps} steps")
-        lr_steps = est_steps if est_steps < 10**9 else 2000
+            if not args.steps:
+                log(f"{speed:.2f} steps/s at the start; the schedule follows the wall clock")
         warm = args.warmup
-        f = (step + 1) / warm if step < warm else \
-            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, lr_steps - warm))))
+        if args.steps:  # cosine over the fixed number of steps
+            progress = (step - warm) / max(1, args.steps - warm)
+        else:  # cosine over the time left after the warm-up: the whole budget is used, whatever the speed
+            warm_end = warm_end if step > warm else elapsed
+            progress = (elapsed - warm_end) / max(1e-9, budget - warm_end)
+        f = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for g in opt.param_groups:
             g["lr"] = args.lr * f
         idx = order[(step * args.batch + torch.arange(args.batch)) % n]

@@ -112,6 +112,7 @@ class GLMBlock(nn.Module):
     def __init__(self, config: GLMConfig, layer_index: int):
         super().__init__()
         self.alpha = config.deepnorm_alpha
+        self.pre_ln = config.residual == "pre_ln"
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.attention = SelfAttention(config, layer_index)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
@@ -119,6 +120,10 @@ class GLMBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x, position_ids, block_position_ids, mask, past=None, prefix=None):
+        if self.pre_ln:
+            attn, present = self.attention(self.input_layernorm(x), position_ids, block_position_ids, mask, past, prefix)
+            x = x + self.dropout(attn)
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x))), present
         y = self.input_layernorm(x)
         attn, present = self.attention(y, position_ids, block_position_ids, mask, past, prefix)
         x = y * self.alpha + self.dropout(attn)

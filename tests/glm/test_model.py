@@ -81,9 +81,9 @@ def test_embedding_gradient_shrink():
     assert grads[1.0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("encoding", ["rope_1d", "rope_2d"])
-def test_kv_cache_decoding_equals_full_recompute(encoding):
-    model = tiny_model(position_encoding=encoding)
+@pytest.mark.parametrize("encoding, residual", [("rope_1d", "deepnorm"), ("rope_2d", "deepnorm"), ("rope_2d", "pre_ln")])
+def test_kv_cache_decoding_equals_full_recompute(encoding, residual):
+    model = tiny_model(position_encoding=encoding, residual=residual)
     use_2d = encoding == "rope_2d"
     n_a, n_b = 7, 6
     pos_b, block_b = part_b_positions(n_a - 1, n_a, n_b, is_gmask=True, use_2d=use_2d)
