@@ -42,7 +42,7 @@ from stages.data.baselines import CountModels, window_pairs  # noqa: E402
 from stages.quantize.quality import heldout_windows, perplexity  # noqa: E402
 
 LANGS = ("en", "zh")
-GOALS = {"ppl_over_unigram": {"en": 0.5, "zh": 0.75}, "beats_bigram": True}
+GOALS = {"ppl_over_unigram": {"en": 0.45, "zh": 0.65}, "beats_bigram": True}  # issue 31
 
 
 def _default_shared() -> str:
