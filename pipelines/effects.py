@@ -58,8 +58,13 @@ def _line(stage: str, e: dict[str, Any]) -> str:
                      f"tokens, {f('chat_sensible_rate', '.0%')} not noise (all three {f('chat_good_rate', '.0%')})")
         return line
     if kind == "reward":
-        return (f"held-out pair accuracy {f('val_accuracy_before', '.3f')} -> {f('val_accuracy_after', '.3f')} "
+        line = (f"held-out pair accuracy {f('val_accuracy_before', '.3f')} -> {f('val_accuracy_after', '.3f')} "
                 f"(loss {f('val_loss_before')} -> {f('val_loss_after')})")
+        families = sorted(k.split(".", 1)[1] for k in e if k.startswith("heldout_accuracy."))
+        if families:  # the exported model on every held-out pair, per family (stages.rlhf.score)
+            line += "; by family: " + ", ".join(
+                f"{name} {e[f'heldout_accuracy.{name}']:.3f} ({e.get(f'heldout_pairs.{name}', '?')} pairs)" for name in families)
+        return line
     if kind == "dpo":
         return f"held-out reward accuracy {f('val_reward_accuracy_before', '.3f')} -> {f('val_reward_accuracy_after', '.3f')}"
     if kind in ("ppo", "grpo", "rloo"):

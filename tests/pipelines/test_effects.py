@@ -39,3 +39,17 @@ def test_summary_reads_each_stage_effects(tmp_path, capsys):
     found = summary({"pretrain": {"model": model}, "sft": {"model": str(tmp_path / "sft" / "model")}})
     assert list(found) == ["pretrain"]
     assert "0.250x" in capsys.readouterr().out
+
+
+def test_summary_lines_of_sft_and_the_reward_model(tmp_path, capsys):
+    sft, reward = str(tmp_path / "sft" / "model"), str(tmp_path / "rlhf" / "reward")
+    write_effects(sft, {"stage": "sft", "val_loss_before": 6.0, "val_loss_after": 4.5, "chat_prompts": 20,
+                        "chat_max_new_tokens": 64, "chat_language_rate": 0.9, "chat_ended_rate": 0.85,
+                        "chat_sensible_rate": 0.8, "chat_good_rate": 0.75})
+    write_effects(reward, {"stage": "reward", "val_accuracy_before": 0.5, "val_accuracy_after": 0.95,
+                           "heldout_accuracy.language": 1.0, "heldout_pairs.language": 12,
+                           "heldout_accuracy.truncated": 0.9, "heldout_pairs.truncated": 10})
+    summary({"sft": {"model": sft}, "rlhf": {"reward_model": reward}})
+    out = capsys.readouterr().out
+    assert "6 -> 4.5 (-25.0%)" in out and "90% in the prompt's language, 85% ended within 64 tokens" in out
+    assert "by family: language 1.000 (12 pairs), truncated 0.900 (10 pairs)" in out
