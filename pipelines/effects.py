@@ -51,8 +51,10 @@ def _line(stage: str, e: dict[str, Any]) -> str:
     if kind == "sft":
         return f"held-out SFT loss {f('val_loss_before')} -> {f('val_loss_after')}"
     if kind == "reward":
+        families = ", ".join(f"{k.split('.', 1)[1]} {f(k, '.3f')}" for k in e if k.startswith("heldout_accuracy."))
         return (f"held-out pair accuracy {f('val_accuracy_before', '.3f')} -> {f('val_accuracy_after', '.3f')} "
-                f"(loss {f('val_loss_before')} -> {f('val_loss_after')})")
+                f"(loss {f('val_loss_before')} -> {f('val_loss_after')})"
+                + (f"; all {f('heldout_pairs', 'd')} held-out pairs: {families}" if families else ""))
     if kind == "dpo":
         return f"held-out reward accuracy {f('val_reward_accuracy_before', '.3f')} -> {f('val_reward_accuracy_after', '.3f')}"
     if kind == "ppo":
