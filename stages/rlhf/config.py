@@ -49,7 +49,8 @@ class SyntheticPairsConfig:
     """SFT chat files (any shape `stages.sft.formatting.parse_row` reads: alpaca, ShareGPT,
     OpenAI messages); chats with tool calls are skipped. Empty: no synthetic pairs."""
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
-    """Family -> weight; each pair's family is drawn with probability weight / sum (0 = never):
+    """Family -> weight; each pair's family is drawn with probability weight / sum (0 or not
+    listed = never):
     `language` (rejected: the last reply of a chat in the other language, zh <-> en),
     `repetition` (rejected: the reply's start, then one of its phrases looped until it is as
     long as the reply), `truncated` (rejected: the reply's first `truncated_chars` characters

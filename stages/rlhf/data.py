@@ -223,15 +223,16 @@ def pair_row(pair: PreferencePair, tokenizer: GLMTokenizer, max_len: int, use_2d
              fmt: ChatFormat | None = None, min_chars: int = 0) -> tuple[dict, bool]:
     """The pair as one row of 2 x max_len: segment 1 chosen, segment 2 rejected (in the chat
     format `fmt`, default ChatGLM-6B's); a reply too long is cut by `fit_reply(min_chars)`.
-    Returns (row, whether a reply was cut)."""
+    When the chosen reply is cut, the rejected one gets no more tokens than it kept: a length
+    that cutting made says nothing about which side is better. Returns (row, whether a reply
+    was cut)."""
     fmt = fmt or chat_format(CHATGLM_6B, tokenizer)
     prompt = prompt_ids(pair, fmt)
-    room, sides, cut = reply_room(prompt, max_len), [], False
-    for text in (pair.chosen, pair.rejected):
-        reply, cut_here = fit_reply(text, fmt, room, min_chars)
-        sides.append(side_sample(prompt, reply, tokenizer, max_len, use_2d)[0])
-        cut = cut or cut_here
-    return pack_samples(sides, 2 * max_len, tokenizer.special.pad), cut
+    room = reply_room(prompt, max_len)
+    chosen, cut_c = fit_reply(pair.chosen, fmt, room, min_chars)
+    rejected, cut_r = fit_reply(pair.rejected, fmt, len(chosen) if cut_c else room, min_chars)
+    sides = [side_sample(prompt, reply, tokenizer, max_len, use_2d)[0] for reply in (chosen, rejected)]
+    return pack_samples(sides, 2 * max_len, tokenizer.special.pad), cut_c or cut_r
 
 
 def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) -> dict:
@@ -243,28 +244,24 @@ def prompt_row(prompt: list[int], tokenizer: GLMTokenizer, max_prompt_len: int) 
     return pack_samples([sample], max_prompt_len, tokenizer.special.pad)
 
 
-def _log_source(log, name: str, stats: dict, layout: str, kept: str) -> None:
-    log(f"[rlhf] {name}: {stats['rows_read']:,} rows, {stats[kept]:,} {kept} kept, {stats['rows']:,} "
-        f"{layout[:-1]} rows, {stats['truncated']:,} responses cut, "
+def _log_source(log, name: str, stats: dict, made: str) -> None:
+    log(f"[rlhf] {name}: {stats['rows_read']:,} rows, {made}, "
         f"{sum(stats['rejected'].values()):,} rejected {dict(stats['rejected']) or ''}")
     for example in stats["examples"]:
         log(f"[rlhf]   rejected {example}")
     stats["rejected"] = dict(stats["rejected"])
 
 
-def _new_stats(**extra) -> dict:
-    return {"rows_read": 0, **extra, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
-
-
 def _synthetic(cfg: PreferenceDataConfig, files: list, log):
     """(split, family, pair) of the synthetic pairs; their sources' stats; the families' stats."""
     chats, sources = [], {}
     for source, (fs, paths) in zip(cfg.synthetic.sources, files):
-        stats = _new_stats(chats=0)
+        stats = {"rows_read": 0, "chats": 0, "rejected": Counter(), "examples": []}
         parse = functools.partial(families.parse_chat, fmt=source.format)
         for line, chat in read_jsonl_rows(fs, paths, parse, stats, limit=cfg.max_samples):
             stats["chats"] += 1
             chats.append((split_of(line, cfg.validation_fraction), line, chat))
+        _log_source(log, f"chats {source.name}", stats, f"{stats['chats']:,} chats kept")
         sources[source.name] = stats
     made = {f: {"pairs": 0, "skipped": 0, "rows": 0, "truncated": 0} for f in cfg.synthetic.families}
     pairs = []
@@ -313,18 +310,17 @@ def prepare(cfg: PreferenceDataConfig, tokenizer: GLMTokenizer, *, layout: str, 
 
     sources = {}
     for source, (fs, paths) in zip(cfg.sources, files):
-        stats = _new_stats(pairs=0)
+        stats = {"rows_read": 0, "pairs": 0, "rows": 0, "truncated": 0, "rejected": Counter(), "examples": []}
         parse = functools.partial(parse_pair, fmt=source.format)
         for line, pair in read_jsonl_rows(fs, paths, parse, stats, limit=cfg.max_samples):
             stats["pairs"] += 1
             add(split_of(line, cfg.validation_fraction), source.name, pair, stats)
-        _log_source(log, source.name, stats, layout, "pairs")
+        _log_source(log, source.name, stats, f"{stats['pairs']:,} pairs kept, {stats['rows']:,} {layout[:-1]} rows, "
+                                              f"{stats['truncated']:,} responses cut")
         sources[source.name] = stats
     synthetic, chat_sources, made = _synthetic(cfg, chat_files, log)
     for split, family, pair in synthetic:
         add(split, family, pair, made[family])
-    for name, stats in chat_sources.items():
-        _log_source(log, f"chats {name}", stats, layout, "chats")
     if not rows["train"]:
         raise ValueError(f"rlhf data: no usable pairs in {[s.uri for s in [*cfg.sources, *cfg.synthetic.sources]]} "
                          f"(rejected: {[s['rejected'] for s in [*sources.values(), *chat_sources.values()]]})")

@@ -27,9 +27,9 @@ from stages.sft.formatting import BadRow, parse_row
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 LETTER = re.compile(r"[^\W\d_]")
 WORD_UNITS = re.compile(r"\s*\S+")
-PREFIX_CHARS = 40
+PREFIX_CHARS = 12
 """`repetition`: the unspoiled start before the loop is at most this many characters (and half
-the reply), so the loop survives when the reply is cut to fit the row."""
+the reply), so the loop fills the reply however short the row cuts it."""
 
 
 @dataclass

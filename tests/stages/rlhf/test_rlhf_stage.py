@@ -1,5 +1,6 @@
 """The RLHF stage end to end with real Ray Train, DeepSpeed and MLflow on a tiny "SFT"
-checkpoint: a reward model from the shipped preference slices, then PPO against it; a PPO
+checkpoint: a reward model from the shipped preference slices and synthetic pairs (held-out
+accuracy per family in its effects), then PPO against it; a PPO
 worker killed mid-run restarts and reproduces the uninterrupted run's iterations exactly."""
 
 import json
@@ -15,7 +16,9 @@ from glm.model import GLMModel
 from glm.value_head import load_reward_checkpoint
 from stages.engine import EngineConfig, OptimConfig
 from stages.engine.trainer import final_steps, step_log
-from stages.rlhf.config import PPOConfig, PreferenceDataConfig, PreferenceSource, RLHFConfig
+from stages.sft.config import SFTSource
+from stages.effects import read_effects
+from stages.rlhf.config import PPOConfig, PreferenceDataConfig, PreferenceSource, RLHFConfig, SyntheticPairsConfig
 from stages.rlhf.stage import run
 from stages.tracking import TrackingConfig
 
@@ -44,6 +47,8 @@ def reward_model(base, ray_instance):
         mode="reward", base=str(base / "sft"), output=str(base / "rm"),
         data=PreferenceDataConfig(sources=[PreferenceSource(uri=str(SAMPLE / "preference/en_hh_rlhf_harmless_base.jsonl")),
                                            PreferenceSource(uri=str(SAMPLE / "preference/zh_oasst1_pairs.jsonl"))],
+                                  synthetic=SyntheticPairsConfig(sources=[SFTSource(uri=str(SAMPLE / "sft/zh_oasst1.jsonl")),
+                                                                          SFTSource(uri=str(SAMPLE / "sft/en_dpo_demo_messages.jsonl"))]),
                                   max_len=48, max_prompt_len=24, output=str(base / "pairs")),
         engine=engine(base, "rm", 2, validate_every=2, validation_batches=1))
     result = run(cfg)
@@ -76,6 +81,11 @@ def test_reward_stage_counts_bad_pairs_reports_accuracy_and_exports_a_reward_che
     assert manifest["sources"]["en_hh_rlhf_harmless_base"]["rejected"] == {"empty_chosen": 1}
     assert manifest["sources"]["zh_oasst1_pairs"]["rejected"] == {"identical_sides": 1}
     assert 0.0 <= result.metrics["val_accuracy"] <= 1.0 and "val_margin" in result.metrics
+    effects = read_effects(cfg.output)  # every held-out pair scored at export, per family
+    families = {"language", "repetition", "truncated", "en_hh_rlhf_harmless_base", "zh_oasst1_pairs"}
+    assert {f"heldout_accuracy.{f}" for f in families} <= set(effects)
+    assert sum(effects[f"heldout_pairs.{f}"] for f in families) == effects["heldout_pairs"] == \
+        manifest["splits"]["validation"]["rows"]
     model, _ = load_reward_checkpoint(cfg.output)
     sft, _ = load_inference_checkpoint(base / "sft")
     assert not torch.equal(model.backbone.layers[0].mlp.dense_h_to_4h.weight, sft.layers[0].mlp.dense_h_to_4h.weight)
