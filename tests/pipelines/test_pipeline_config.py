@@ -33,7 +33,7 @@ def test_each_stage_takes_the_previous_outputs_and_the_pipeline_defaults():
     assert c["quantize"].checkpoint == c["rlhf"].policy.output  # the last trained model
     assert c["serve"].checkpoint == c["quantize"].output
     assert (c["pretrain"].engine.run_name, c["sft"].engine.run_name, c["rlhf"].policy.engine.run_name) == \
-        ("exp1-pretrain", "exp1-sft", "exp1-ppo")
+        ("exp1-pretrain", "exp1-sft", "exp1-grpo")
     assert c["sft"].engine.storage_path == "runs/exp1/ray" and c["sft"].tracking.enabled
     e = eval_config(p, "quantize", c["quantize"].output)
     assert e.checkpoint == c["quantize"].output and e.run_name == "eval-quantize"
@@ -84,12 +84,12 @@ def test_engine_runs_are_named_by_their_config_hash():
     injected = wired(p)["pretrain"]  # fault injection and restarts: how a run gets there, not what it makes
     injected.engine.fail_at_steps, injected.engine.max_failures = [3], 0
     assert key_runs("pretrain", injected, "up")[0].engine.run_name == run.engine.run_name
-    reward, ppo = key_runs("rlhf", c["rlhf"], "up")
-    assert (reward.label, ppo.label) == ("reward", "ppo") and reward.engine.run_name.startswith("exp1-reward-")
+    reward, policy = key_runs("rlhf", c["rlhf"], "up")
+    assert (reward.label, policy.label) == ("reward", "grpo") and reward.engine.run_name.startswith("exp1-reward-")
     changed = wired(p)["rlhf"]
     changed.policy.engine.optim.lr *= 2  # a changed policy retrains the policy, not the reward model
-    reward2, ppo2 = key_runs("rlhf", changed, "up")
-    assert reward2.engine.run_name == reward.engine.run_name and ppo2.engine.run_name != ppo.engine.run_name
+    reward2, policy2 = key_runs("rlhf", changed, "up")
+    assert reward2.engine.run_name == reward.engine.run_name and policy2.engine.run_name != policy.engine.run_name
 
 
 def test_resume_from_run_is_explicit_and_changes_the_identity():
@@ -99,7 +99,7 @@ def test_resume_from_run_is_explicit_and_changes_the_identity():
     p = load_config(str(SMOKE), run_name="exp1")
     before = wired(p)["pretrain"]
     assert before.engine.resume_from == ""  # never the default
-    apply_resume_from(p, ["pretrain=exp1-pretrain-0123abcd", "ppo=s3://bucket/runs/old/ray/x-ppo-1"])
+    apply_resume_from(p, ["pretrain=exp1-pretrain-0123abcd", "grpo=s3://bucket/runs/old/ray/x-ppo-1"])
     c = wired(p)
     assert c["pretrain"].engine.resume_from.endswith("/runs/exp1/ray/exp1-pretrain-0123abcd")  # made absolute
     assert c["rlhf"].policy.engine.resume_from == "s3://bucket/runs/old/ray/x-ppo-1"
@@ -129,7 +129,7 @@ def test_set_overrides_change_the_run_identity_exactly_as_an_edited_yaml(tmp_pat
     edited = tmp_path / "edited.yaml"
     pretrain_lr = re.compile(r"(optim: \{lr: )[0-9.e-]+")  # the first optim section is pretraining's
     edited.write_text(pretrain_lr.sub(r"\g<1>1.0e-3", text, count=1)
-                      .replace("en_dpo_demo_messages.jsonl", "other.jsonl").replace("eval_after: [pretrain, sft, rlhf, quantize]", "eval_after: [sft]"))
+                      .replace("en_dpo_demo_messages.jsonl", "other.jsonl", 1).replace("eval_after: [pretrain, sft, rlhf, quantize]", "eval_after: [sft]"))
     assert edited.read_text() != text
     overrides = ["pretrain.engine.optim.lr=1e-3", "sft.data.sources[1].uri=data/sample/sft/other.jsonl", "eval_after=[sft]"]
     by_set, by_edit, plain = load_config(str(SMOKE), "x", overrides), load_config(str(edited), "x"), load_config(str(SMOKE), "x")
