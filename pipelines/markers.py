@@ -33,7 +33,10 @@ def fingerprint(cfg, upstream: str = "") -> str:
 def _hashed(value):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         skip = NOT_HASHED | (ENGINE_NOT_HASHED if type(value).__name__ == "EngineConfig" else set())
-        return {f.name: _hashed(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in skip}
+        out = {f.name: _hashed(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name not in skip}
+        if type(value).__name__ == "ModelSpec":  # what the preset name stands for: a changed preset retrains
+            out["resolved"] = value.build().to_dict()
+        return out
     if isinstance(value, dict):
         return {k: _hashed(v) for k, v in value.items() if k not in NOT_HASHED}
     if isinstance(value, (list, tuple)):

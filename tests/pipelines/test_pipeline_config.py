@@ -143,3 +143,17 @@ def test_a_bad_set_names_the_flag_and_the_key():
         load_config(str(SMOKE), None, ["name=y", "sft.engine.optim.lrr=1"])
     with pytest.raises(ConfigError, match=r"^--set stages=\[sft, data\]: .*must be in pipeline order"):
         load_config(str(SMOKE), None, ["stages=[sft, data]"])
+
+
+def test_a_changed_preset_changes_the_pretraining_hash(monkeypatch):
+    """The hash covers what the preset name stands for: pulling a change to `small` retrains."""
+    import dataclasses
+
+    from glm import config as glm_config
+    from pipelines.full import fingerprint
+
+    p = load_config(str(SMOKE))
+    before = fingerprint(wired(p)["pretrain"])
+    small = glm_config.PRESETS["small"]
+    monkeypatch.setitem(glm_config.PRESETS, "small", lambda: dataclasses.replace(small(), residual="deepnorm"))
+    assert fingerprint(wired(p)["pretrain"]) != before
