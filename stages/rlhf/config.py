@@ -130,8 +130,8 @@ class RewardsConfig:
     model: float = 1.0
     """Weight of the reward model's score (or of rule_reward's token share); 0 = no reward model."""
     language: float = 0.0
-    """Weight of: the reply is in the prompt's language (zh where CJK characters outnumber Latin
-    letters, else en)."""
+    """Weight of: the reply is in the prompt's language (`stages.effects.language`: zh where three
+    times the CJK characters reach the Latin letters, a character weighing a word; else en)."""
     length: float = 0.0
     """Weight of: the reply's token count is within [min_tokens, max_tokens]."""
     repetition: float = 0.0

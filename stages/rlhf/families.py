@@ -3,7 +3,7 @@ learn. The chosen side is a chat's last reply (its earlier turns the prompt); th
 is that reply spoiled in the family's way:
 
 - `language`: the last reply of another chat, in the other language (zh <-> en; the language
-  of a text is Chinese when at least a third of its letters are CJK characters);
+  of a text is the project's rule, `stages.effects.language`);
 - `repetition`: the reply's start up to a phrase of it, then that phrase looped (at least
   `min_repeats` times, until the text is as long as the reply);
 - `truncated`: the reply's first 2 to `truncated_chars` characters.
@@ -21,11 +21,10 @@ import random
 import re
 from dataclasses import dataclass
 
+from stages.effects import language as text_language
 from stages.rlhf.config import SyntheticPairsConfig
 from stages.sft.formatting import BadRow, parse_row
 
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-LETTER = re.compile(r"[^\W\d_]")
 WORD_UNITS = re.compile(r"\s*\S+")
 PREFIX_CHARS = 12
 """`repetition`: the unspoiled start before the loop is at most this many characters (and half
@@ -61,9 +60,8 @@ def parse_chat(row, fmt: str = "auto") -> Chat:
 
 
 def language(text: str) -> str:
-    """"zh" when at least a third of the letters are CJK characters, else "en"."""
-    letters = len(LETTER.findall(text))
-    return "zh" if letters and len(CJK.findall(text)) * 3 >= letters else "en"
+    """The project's language rule (`stages.effects.language`); text without letters counts as "en"."""
+    return text_language(text) or "en"
 
 
 def rng_of(seed: int, *keys) -> random.Random:
