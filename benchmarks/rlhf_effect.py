@@ -2,16 +2,27 @@
 checkpoint, in one process (the stage's own iteration and validation functions on a LocalEngine:
 the engine's optimizer, schedule and clipping without Ray / DeepSpeed).
 
-    python benchmarks/rlhf_effect.py --sft runs/smoke/sft/model --reward runs/smoke/rlhf/reward_model \
-        [--methods ppo,grpo,rloo] [--iterations 8] [--rollouts 16] [--samples-per-prompt 4] [--lr 1e-4]
+    python benchmarks/rlhf_effect.py --run runs/smoke [--methods ppo,grpo,rloo] [--iterations 8] \
+        [--rollouts 16] [--samples-per-prompt 4] [--lr 1e-4] [--rewards model=1,language=0.5,...]
+    python benchmarks/rlhf_effect.py --sft SFT_CHECKPOINT --reward REWARD_CHECKPOINT ...
+
+`--run` is a pipeline work dir (`make smoke` writes runs/smoke): its SFT and reward
+checkpoints are used, and the effects the earlier stages measured (pretraining's validation
+perplexity against unigram / bigram models; per language, with its goals, from `python
+benchmarks/learning.py --checkpoint RUN/pretrain/model`), SFT's held-out loss and chat behaviour, the reward
+model's held-out accuracy per family) go into the JSON beside RL's, each with its goal.
 
 Budget: every method samples `--rollouts` responses per iteration for `--iterations` iterations
 (PPO: that many prompts; GRPO / RLOO: rollouts / k prompts, k samples each), with the same
 optimizer steps per iteration (ppo_epochs x minibatches). Before and after training, each
 policy answers `--held-out` prompts of the last preference rows (never trained on): the
 greedy answers' mean reward (the headline), seeded samples' mean reward and its std, KL per
-token to the reference on those samples, and sample answers. Progress goes to stdout; the
-last line is one JSON object {method: {...}}.
+token to the reference on those samples, and sample answers. The rewards are weighted as
+`--rewards` says (default: the smoke config's, the reward model plus rule rewards). RL's goal:
+the greedy answers' mean reward rises by at least one standard deviation of the reward over
+the seeded samples before training, with KL per token to the reference <= 0.5
+(`greedy_gain_in_std`, `goal_met`). Progress goes to stdout; the last line is one JSON object
+{"rl": {method: {...}}, "stages": {...}, "goals": {...}}.
 """
 
 from __future__ import annotations
@@ -27,6 +38,34 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SOURCES = ("data/sample/preference/en_hh_rlhf_harmless_base.jsonl", "data/sample/preference/zh_oasst1_pairs.jsonl")
+
+
+RL_GOAL_STD, RL_GOAL_KL = 1.0, 0.5
+SMOKE_REWARDS = "model=1,language=0.5,format=0.5,repetition=0.5"
+STAGE_GOALS = {  # effect file of a pipeline work dir -> {measure: (goal, "min" | "max")}
+    "pretrain/model_effects.json": {},  # per language: `python benchmarks/learning.py --checkpoint RUN/pretrain/model`
+    "sft/model_effects.json": {"val_loss_drop": (0.20, "min"), "chat_good_rate": (0.80, "min")},
+    "rlhf/reward_model_effects.json": {f"heldout_accuracy.{f}": (0.9, "min")
+                                       for f in ("language", "repetition", "truncated")},
+}
+
+
+def stage_effects(run: str) -> tuple[dict, dict]:
+    """The scalar effects each earlier stage of a pipeline work dir measured, and each goal's
+    {value, goal, met} (a measure the stage did not record is reported as missing)."""
+    stages, goals = {}, {}
+    for name, wanted in STAGE_GOALS.items():
+        path = Path(run) / name
+        effects = json.loads(path.read_text()) if path.exists() else {}
+        if "val_loss_before" in effects and "val_loss_after" in effects:
+            effects["val_loss_drop"] = 1 - effects["val_loss_after"] / effects["val_loss_before"]
+        stages[name.split("/")[0] + "/" + name.split("/")[1].replace("_effects.json", "")] = {
+            k: v for k, v in effects.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for measure, (goal, sense) in wanted.items():
+            value = effects.get(measure)
+            goals[measure] = {"value": value, "goal": goal, "sense": sense,
+                              "met": value is not None and (value >= goal if sense == "min" else value <= goal)}
+    return stages, goals
 
 
 def prompt_rows(tokenizer, chat_format_name: str, sources: list[str], max_prompt_len: int) -> list[dict]:
@@ -81,7 +120,7 @@ def run_method(method: str, args, rows: list[dict], held_out: dict, tokenizer, s
     cfg = PPOConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, ppo_epochs=args.ppo_epochs,
                     minibatches=args.minibatches, kl_coef=args.kl_coef, samples_per_prompt=args.samples_per_prompt,
                     validation_samples=args.validation_samples)
-    rewards = RewardsConfig()
+    rewards = RewardsConfig(**args.reward_weights)
     overrides = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
     model = build_ppo_model(args.sft, args.reward, [], overrides, critic=method == "ppo")
     steps = cfg.ppo_epochs * cfg.minibatches
@@ -104,7 +143,11 @@ def run_method(method: str, args, rows: list[dict], held_out: dict, tokenizer, s
             f"truncated {m['truncated']:.2f} ({time.time() - t0:.0f}s)")
     after = evaluate(engine, held_out, cfg, tokenizer, rewards, stop_ids)
     log(f"[{method}] after: greedy reward {after['greedy_reward']}, sampled {after.get('reward')}")
+    std = before.get("reward_std") or 0.0
+    gain = (after["greedy_reward"] - before["greedy_reward"]) / std if std else None
     return {"greedy_reward_before": before["greedy_reward"], "greedy_reward_after": after["greedy_reward"],
+            "reward_std_before": std, "greedy_gain_in_std": None if gain is None else round(gain, 3),
+            "goal_met": gain is not None and gain >= RL_GOAL_STD and (after.get("kl") or 0.0) <= RL_GOAL_KL,
             "sampled_reward_before": before.get("reward"), "sampled_reward_after": after.get("reward"),
             "reward_std_after": after.get("reward_std"), "kl_per_token_after": after.get("kl"),
             "truncated_after": after.get("truncated"), "samples_after": after["samples"],
@@ -113,8 +156,12 @@ def run_method(method: str, args, rows: list[dict], held_out: dict, tokenizer, s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sft", required=True, help="the SFT stage's inference checkpoint")
-    parser.add_argument("--reward", required=True, help="the reward stage's checkpoint")
+    parser.add_argument("--run", default="", help="a pipeline work dir (e.g. runs/smoke): its SFT and reward "
+                        "checkpoints, and the earlier stages' measured effects")
+    parser.add_argument("--sft", default="", help="the SFT stage's inference checkpoint (default: RUN/sft/model)")
+    parser.add_argument("--reward", default="", help="the reward stage's checkpoint (default: RUN/rlhf/reward_model)")
+    parser.add_argument("--rewards", default=SMOKE_REWARDS,
+                        help="reward weights name=weight,... (model, language, length, repetition, format)")
     parser.add_argument("--methods", default="ppo,grpo,rloo")
     parser.add_argument("--sources", default=",".join(SOURCES), help="preference JSONL files (their prompts)")
     parser.add_argument("--iterations", type=int, default=8)
@@ -132,6 +179,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    args.sft = args.sft or (args.run and f"{args.run}/sft/model")
+    args.reward = args.reward or (args.run and f"{args.run}/rlhf/reward_model")
+    if not args.sft or not args.reward:
+        parser.error("give --run, or both --sft and --reward")
+    try:
+        args.reward_weights = {k.strip(): float(v) for k, v in (item.split("=") for item in args.rewards.split(","))}
+    except ValueError:
+        parser.error(f"--rewards must be name=weight,... got {args.rewards!r}")
 
     import torch
 
@@ -150,7 +205,11 @@ def main(argv=None) -> int:
     train, held_out = rows[:-args.held_out], batch_of(rows[-args.held_out:])
     print(f"{len(train)} training prompts, {args.held_out} held out; chat format {fmt_name}", flush=True)
     results = {m: run_method(m, args, train, held_out, tokenizer, stop_ids) for m in args.methods.split(",")}
-    print(json.dumps(results, ensure_ascii=False))
+    stages, goals = stage_effects(args.run) if args.run else ({}, {})
+    for m, r in results.items():
+        goals[f"rl.{m}"] = {"value": r["greedy_gain_in_std"], "goal": RL_GOAL_STD, "kl": r["kl_per_token_after"],
+                            "kl_goal": RL_GOAL_KL, "met": r["goal_met"]}
+    print(json.dumps({"rl": results, "stages": stages, "goals": goals}, ensure_ascii=False))
     return 0
 
 

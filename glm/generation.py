@@ -8,7 +8,9 @@ invisible to real tokens) and decoded with the KV cache.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -114,14 +116,80 @@ def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
+class Utf8Guard:
+    """Keeps generated text valid UTF-8 on a byte-fallback vocabulary. A character the pieces do
+    not cover is spelled as byte pieces (`<0xE4><0xBD><0xA0>`); a weak model can emit a lead
+    byte and then something else, or a continuation byte on its own, which decodes to U+FFFD.
+    While the span's last character is open, only the byte pieces that can continue it may
+    follow (no stop token, no other piece); between characters, no byte piece that cannot start
+    one (a continuation byte, 0xC0, 0xC1, 0xF5-0xFF). A span cut by max_new_tokens can still end
+    inside a character."""
+
+    def __init__(self, byte_pieces: dict[int, int]):
+        self.byte_of = dict(byte_pieces)
+        self._id_of = {b: i for i, b in self.byte_of.items()}
+        self.never_first = sorted(i for i, b in self.byte_of.items() if not self._valid(bytes([b])))
+
+    @classmethod
+    def of(cls, tokenizer: GLMTokenizer) -> "Utf8Guard | None":
+        """The guard for a tokenizer's byte pieces (None: it has none, nothing to guard)."""
+        return cls(tokenizer.byte_pieces) if tokenizer.byte_pieces else None
+
+    @staticmethod
+    def _valid(prefix: bytes) -> bool:
+        """Whether `prefix` starts valid UTF-8 (complete or not)."""
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(prefix, final=False)
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    def open_character(self, span: list[int]) -> bytes:
+        """The bytes of the span's last character while it is incomplete (b"" when it is not)."""
+        tail = []
+        for token in reversed(span[-3:]):
+            value = self.byte_of.get(token)
+            if value is None:
+                break
+            tail.append(value)
+            if value & 0xC0 != 0x80:  # a character's first byte
+                break
+        tail.reverse()
+        if not tail or tail[0] & 0xC0 == 0x80:
+            return b""
+        need = 2 if tail[0] >= 0xC0 else 1
+        need += tail[0] >= 0xE0
+        need += tail[0] >= 0xF0
+        return bytes(tail) if len(tail) < need else b""
+
+    @functools.lru_cache(maxsize=4096)
+    def continuations(self, prefix: bytes) -> list[int]:
+        """Ids of the byte pieces that can follow the open character `prefix`."""
+        return [self._id_of[b] for b in range(0x80, 0xC0) if b in self._id_of and self._valid(prefix + bytes([b]))]
+
+    def mask(self, logits: torch.Tensor, histories: list[list[int]], generated: int) -> None:
+        """Ban, in place on (B, V) logits, every token that would make a row's span invalid UTF-8."""
+        neg = torch.finfo(logits.dtype).min
+        for row, history in enumerate(histories):
+            prefix = self.open_character(history[len(history) - generated:] if generated else [])
+            if prefix:
+                allowed = self.continuations(prefix)
+                keep = logits[row, allowed].clone()
+                logits[row] = neg
+                logits[row, allowed] = keep
+            elif self.never_first:
+                logits[row, self.never_first] = neg
+
+
 def process_logits(
     logits: torch.Tensor, histories: list[list[int]], generated: int, stop_ids: list[int],
-    config: GenerationConfig, vocab_limit: int | None,
+    config: GenerationConfig, vocab_limit: int | None, utf8: Utf8Guard | None = None,
 ) -> torch.Tensor:
     """The distribution the next token is drawn from, on (B, V) fp32 logits, in place: first the
     penalties and the logit bias (`apply_penalties`), then the bans (vocabulary limit, minimum
-    length, no-repeat n-grams) set logits to the most negative float. `histories[b]` is row b's
-    whole sequence (Part A, [sop], the span so far), whose last `generated` tokens are the span."""
+    length, no-repeat n-grams, invalid UTF-8 with a `utf8` guard) set logits to the most
+    negative float. `histories[b]` is row b's whole sequence (Part A, [sop], the span so far),
+    whose last `generated` tokens are the span."""
     apply_penalties(logits, histories, generated, config)
     neg = torch.finfo(logits.dtype).min
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -133,6 +201,8 @@ def process_logits(
             banned = banned_ngram_tokens(history, config.no_repeat_ngram_size)
             if banned:
                 logits[row, list(banned)] = neg
+    if utf8 is not None:
+        utf8.mask(logits, histories, generated)
     if config.prefix_choices:
         force_prefix(logits, histories, generated, config.prefix_choices)
     return logits
@@ -247,12 +317,12 @@ def generate_spans(
     queries: list[SpanQuery],
     special: SpecialTokens,
     config: GenerationConfig,
-    vocab_limit: int | None = None,
+    vocab_limit: int | None = None, utf8: Utf8Guard | None = None,
 ) -> list[list[int]]:
     """Generate one span per query (greedy or sampled, batched); returns tokens without the stop token."""
     if config.num_beams > 1:
-        return [beam_search(model, q, special, config, vocab_limit) for q in queries]
-    return generate_spans_with_stops(model, queries, special, config, vocab_limit)[0]
+        return [beam_search(model, q, special, config, vocab_limit, utf8) for q in queries]
+    return generate_spans_with_stops(model, queries, special, config, vocab_limit, utf8)[0]
 
 
 @torch.no_grad()
@@ -261,7 +331,7 @@ def generate_spans_with_stops(
     queries: list[SpanQuery],
     special: SpecialTokens,
     config: GenerationConfig,
-    vocab_limit: int | None = None,
+    vocab_limit: int | None = None, utf8: Utf8Guard | None = None,
 ) -> tuple[list[list[int]], list[int | None]]:
     """`generate_spans` without beam search, also returning the stop token that ended each span
     (None for a span cut at max_new_tokens): what RL rollouts score as the last action."""
@@ -281,7 +351,7 @@ def generate_spans_with_stops(
     segment_ids, prefix_mask = batch.segment_ids, batch.prefix_mask
     out = model(batch.input_ids, batch.position_ids, batch.block_position_ids, segment_ids, prefix_mask, use_cache=True)
     for step in range(config.max_new_tokens):
-        logits = process_logits(out.logits[:, -1].float(), histories, step, stop_ids, config, vocab_limit)
+        logits = process_logits(out.logits[:, -1].float(), histories, step, stop_ids, config, vocab_limit, utf8)
         next_tokens = sample_next(logits, config, generator)
         for row, token in enumerate(next_tokens.tolist()):
             if done[row]:
@@ -308,10 +378,10 @@ def _length_penalty(length: int, lp: float) -> float:
 
 def beam_search(
     model: GLMModel, query: SpanQuery, special: SpecialTokens, config: GenerationConfig,
-    vocab_limit: int | None = None,
+    vocab_limit: int | None = None, utf8: Utf8Guard | None = None,
 ) -> list[int]:
     """Beam search for one span (see `beam_search_steps`); returns the best hypothesis's tokens."""
-    steps = beam_search_steps(model, query, special, config, vocab_limit)
+    steps = beam_search_steps(model, query, special, config, vocab_limit, utf8)
     while True:
         try:
             next(steps)
@@ -322,7 +392,7 @@ def beam_search(
 @torch.no_grad()  # applies to every resumption of the generator
 def beam_search_steps(
     model: GLMModel, query: SpanQuery, special: SpecialTokens, config: GenerationConfig,
-    vocab_limit: int | None = None,
+    vocab_limit: int | None = None, utf8: Utf8Guard | None = None,
 ):
     """Beam search for one span, beams as the batch dimension of one KV cache; a generator that
     yields after each forward step (so a server can interleave it with other work) and returns
@@ -345,7 +415,7 @@ def beam_search_steps(
     finished: list[tuple[float, list[int]]] = []  # (penalised score, tokens)
     logits = out.logits[:, -1].float()
     for step in range(config.max_new_tokens):
-        logits = process_logits(logits, [context + b[1] for b in beams], step, stop_ids, config, vocab_limit)
+        logits = process_logits(logits, [context + b[1] for b in beams], step, stop_ids, config, vocab_limit, utf8)
         logprobs = torch.log_softmax(logits, dim=-1) + torch.tensor([b[0] for b in beams], device=device)[:, None]
         top = torch.topk(logprobs.view(-1), min(2 * k, logprobs.numel()))
         vocab = logprobs.shape[-1]
@@ -435,7 +505,8 @@ def fill_blanks(
     while any(todo):
         pending = [(i, todo[i][0]) for i in range(len(states)) if todo[i]]
         queries = [SpanQuery(states[i].token_ids, j, states[i].token_ids[j] == special.gmask) for i, j in pending]
-        spans = generate_spans(model, queries, special, config, vocab_limit=len(tokenizer))
+        spans = generate_spans(model, queries, special, config, vocab_limit=len(tokenizer),
+                               utf8=Utf8Guard.of(tokenizer))
         for (i, j), span in zip(pending, spans):
             s = states[i]
             s.token_ids, todo[i] = splice_span(s.token_ids, todo[i], span)
@@ -474,6 +545,7 @@ def chat(
     if room <= 0:
         raise ValueError(f"max_new_tokens {config.max_new_tokens} leaves no room in max_seq_len {model.config.max_seq_len}")
     ids = ids[-room:] + [special.gmask]
-    [span] = generate_spans(model, [SpanQuery(ids, len(ids) - 1, True)], special, config, vocab_limit=len(tokenizer))
+    [span] = generate_spans(model, [SpanQuery(ids, len(ids) - 1, True)], special, config, vocab_limit=len(tokenizer),
+                             utf8=Utf8Guard.of(tokenizer))
     response = fmt.parse_reply(tokenizer.decode(span)).content.strip()
     return response, list(history or []) + [(query, response)]

@@ -14,6 +14,7 @@ k spaces -> `<|blank_k|>`), turned back on decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import re
 from pathlib import Path
@@ -41,6 +42,7 @@ WHITESPACE_PIECES = ("\n", "\t") + tuple("\u2581" * n for n in (16, 8, 4, 3, 2))
 CHATGLM_SOP, CHATGLM_EOP = "<sop>", "<eop>"
 CHATGLM_NEWLINE, CHATGLM_TAB = "<n>", "<|tab|>"
 _CHATGLM_BLANK_RE = re.compile(r"<\|blank_(\d+)\|>")
+_BYTE_PIECE_RE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 def chatglm_blank(n: int) -> str:
@@ -206,6 +208,13 @@ class GLMTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self)
+
+    @functools.cached_property
+    def byte_pieces(self) -> dict[int, int]:
+        """Id -> byte value of every byte-fallback piece (`<0xE4>`): the pieces whose text can be
+        part of a character (what keeps generated text valid UTF-8, `glm.generation.Utf8Guard`)."""
+        return {i: int(m.group(1), 16) for i in range(len(self))
+                if self.sp.is_byte(i) and (m := _BYTE_PIECE_RE.fullmatch(self.sp.id_to_piece(i)))}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as plain text: never a special id.

@@ -129,7 +129,7 @@ def answer_problems(prompt: str, answer: str, tokenize=None) -> list[str]:
     if not text:
         return ["the answer is empty"]
     problems = []
-    body = text[:-1] if text.endswith("\ufffd") else text  # a character the token limit cut
+    body = text.rstrip("\ufffd")  # a character the token limit cut (its bytes may decode one by one)
     words, marks = len(_WORD.findall(body)), len(_MARK.findall(body))
     if not words:
         problems.append(f"the answer has no words, only punctuation or symbols ({text[:16]!r})")
@@ -151,12 +151,12 @@ def answer_problems(prompt: str, answer: str, tokenize=None) -> list[str]:
 
 
 def chat_behaviour(model, tokenizer, fmt, prompts: list[dict], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers (no repetition blocking) to held-out chat prompts ({query, history}), one
+    """Greedy answers as served (no repetition blocking, valid UTF-8) to held-out chat prompts ({query, history}), one
     batch: the share in the prompt's language, the share that ended the turn by themselves within
     max_new_tokens, the share that is not noise (`answer_problems`), and the share that is all
     three (`chat_good_rate`), with the answers."""
     from glm.chat_format import Message
-    from glm.generation import GenerationConfig, SpanQuery, generate_spans
+    from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, generate_spans
 
     if not prompts:
         return {}
@@ -169,7 +169,8 @@ def chat_behaviour(model, tokenizer, fmt, prompts: list[dict], max_new_tokens: i
         queries.append(SpanQuery(ids, len(ids) - 1, True))
     was_training = model.training
     model.eval()
-    spans = generate_spans(model, queries, tokenizer.special, config, vocab_limit=len(tokenizer))
+    spans = generate_spans(model, queries, tokenizer.special, config, vocab_limit=len(tokenizer),
+                           utf8=Utf8Guard.of(tokenizer))
     model.train(was_training)
     answers, counts = [], {"language": 0, "ended": 0, "sensible": 0, "good": 0}
     for p, span in zip(prompts, spans):

@@ -43,7 +43,7 @@ ROWS = [
     ("mip/en_boolq_train.jsonl", "mip/en_boolq_train.jsonl", 0, 400),
     ("mip/en_openbookqa_train.jsonl", "mip/en_openbookqa_train.jsonl", 0, 1000),
     ("eval/zh_cmrc2018_dev.jsonl", "mip/zh_cmrc2018_train.jsonl", 0, 600),
-    ("sft/zh_oasst1.jsonl", "sft/zh_oasst1.jsonl", 0, 300),
+    ("sft/zh_oasst1.jsonl", "sft/zh_oasst1.jsonl", 0, 689),  # all of it: the smoke SFT needs every chat
     ("preference/zh_oasst1_pairs.jsonl", "preference/zh_oasst1_pairs.jsonl", 0, 200),
     ("preference/en_dpo_llamafactory_demo.jsonl", "preference/en_dpo_demo.jsonl", 150, 150),
     ("preference/en_hh_rlhf_harmless_base_test.jsonl", "preference/en_hh_rlhf_harmless_base.jsonl", 0, 150),

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from glm.generation import GenerationConfig, SpanQuery, PartBBatch, beam_search_steps, process_logits, sample_next
+from glm.generation import (GenerationConfig, PartBBatch, SpanQuery, Utf8Guard, beam_search_steps, process_logits,
+                            sample_next)
 from glm.model import GLMModel, KVCache, concat_caches, left_pad, model_device, select_cache
 from glm.schema import part_b_positions
 from glm.tokenizer import GLMTokenizer
@@ -153,7 +154,7 @@ class _Beam:
         stop_ids = sorted({*engine._base_stop_ids, *request.config.stop_token_ids})
         self.row = _Row(request, engine.tokenizer, stop_ids, engine.device)
         self.steps = beam_search_steps(engine.model, request.query, engine.tokenizer.special, request.config,
-                                       engine.vocab_limit)
+                                       engine.vocab_limit, engine.utf8)
 
 
 class EngineObserver:
@@ -190,6 +191,7 @@ class DecodeEngine:
         self.device = model_device(model)
         self.use_2d = model.config.uses_2d_positions
         self.vocab_limit = len(tokenizer)
+        self.utf8 = Utf8Guard.of(tokenizer)  # replies are valid UTF-8 text, never a broken character
         special = tokenizer.special
         self._base_stop_ids = [special.eop, special.eos]
         self._waiting: collections.deque[SpanRequest] = collections.deque()
@@ -340,7 +342,7 @@ class DecodeEngine:
         for i, row in enumerate(self._rows):
             try:
                 logits = process_logits(self._logits[i:i + 1], [row.history], len(row.generated), row.stop_ids,
-                                        row.config, self.vocab_limit)
+                                        row.config, self.vocab_limit, self.utf8)
                 if row.request.grammar is not None:
                     row.request.grammar.mask(logits)
                 if row.request.logprobs is not None:

@@ -122,8 +122,8 @@ def prepare(cfg: SFTDataConfig, tokenizer: GLMTokenizer, *, use_2d: bool, finger
             stats["samples"] += len(made)
             split = split_of(line, cfg.validation_fraction)
             samples[split] += made
-            if split == "validation" and (prompt := heldout_prompt(conv)) is not None:
-                heldout.append(prompt)
+            if split == "validation" and (prompt := heldout_prompt(conv)) is not None and prompt not in heldout:
+                heldout.append(prompt)  # threads that share a first turn ask it once
         rejected = sum(stats["rejected"].values())
         log(f"[sft] {source.name}: {stats['rows_read']:,} rows, {stats['conversations']:,} conversations kept, "
             f"{stats['samples']:,} samples, {rejected:,} rejected {dict(stats['rejected']) or ''}")

@@ -144,7 +144,7 @@ def test_a_span_that_generates_a_mask_is_not_filled_again(tokenizer, monkeypatch
     s = tokenizer.special
     calls = []
 
-    def spans_with_masks(model, queries, special, config, vocab_limit=None):
+    def spans_with_masks(model, queries, special, config, vocab_limit=None, utf8=None):
         calls.append([q.mask_index for q in queries])
         return [[s.mask, 42, s.gmask] for _ in queries]
 
@@ -178,3 +178,35 @@ def test_config_validation():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=0)
+
+
+def test_utf8_guard_keeps_generated_text_valid(tokenizer):
+    """A model that prefers byte pieces (all of them raised by a logit bias) still writes valid
+    UTF-8: an open character is finished by its continuation bytes, no byte starts a character
+    it cannot, and U+FFFD appears nowhere (a span cut by the token limit may end mid-character)."""
+    from glm.generation import Utf8Guard
+
+    guard = Utf8Guard.of(tokenizer)
+    byte = {v: i for i, v in tokenizer.byte_pieces.items()}
+    assert guard.open_character([byte[0xE4]]) == b"\xe4"
+    assert guard.open_character([byte[0xE4], byte[0xBD]]) == b"\xe4\xbd"
+    assert guard.open_character([byte[0xE4], byte[0xBD], byte[0xA0]]) == b""
+    assert guard.open_character([byte[0xBD]]) == b"" and guard.open_character([byte[0x41]]) == b""
+    assert sorted(tokenizer.byte_pieces[i] for i in guard.continuations(b"\xe0")) == list(range(0xA0, 0xC0))
+    assert byte[0x80] in guard.never_first and byte[0xC1] in guard.never_first and byte[0xE4] not in guard.never_first
+
+    torch.manual_seed(0)
+    model = GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
+    special = tokenizer.special
+    bias = {i: 8.0 for i in tokenizer.byte_pieces}
+    ids = tokenizer.encode("你好") + [special.gmask]
+    query = SpanQuery(ids, len(ids) - 1, True)
+    for seed in range(4):
+        config = GenerationConfig(max_new_tokens=40, do_sample=True, seed=seed, logit_bias=bias, min_new_tokens=40)
+        unguarded = generate_spans(model, [query], special, config, vocab_limit=len(tokenizer))[0]
+        guarded = generate_spans(model, [query], special, config, vocab_limit=len(tokenizer), utf8=guard)[0]
+        assert sum(t in tokenizer.byte_pieces for t in guarded) > 20  # the bias made it spell bytes
+        text = tokenizer.decode(guarded)
+        assert "\ufffd" not in text.rstrip("\ufffd"), text  # the cut character's bytes may decode one by one
+        if seed == 0:
+            assert "\ufffd" in tokenizer.decode(unguarded)  # what the guard prevents

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glm.config import padded_vocab_size, preset
-from glm.generation import GenerationConfig, SpanQuery, beam_search, generate_spans, process_logits
+from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, beam_search, generate_spans, process_logits
 from glm.model import GLMModel
 from glm.schema import part_b_positions
 from stages.serve.engine import DecodeEngine, EngineOverloaded, SpanRequest, wait_for
@@ -54,7 +54,8 @@ def test_batched_greedy_equals_generate_spans(model, tokenizer):
         items = [(q, GenerationConfig(max_new_tokens=n)) for q, n in zip(queries(tokenizer), (12, 5, 20, 9))]
         events = run_concurrently(engine, items)
         for (q, config), event in zip(items, events):
-            expected = generate_spans(model, [q], tokenizer.special, config, vocab_limit=len(tokenizer))[0]
+            expected = generate_spans(model, [q], tokenizer.special, config, len(tokenizer),
+                                      Utf8Guard.of(tokenizer))[0]
             assert event.tokens == expected
             assert event.text == tokenizer.decode(expected)
             assert event.finish_reason == ("length" if len(expected) == config.max_new_tokens else "stop")
@@ -71,8 +72,9 @@ def test_seeded_sampling_and_beam_match_glm(model, tokenizer):
                                    seed=7, no_repeat_ngram_size=2)
         beam = GenerationConfig(max_new_tokens=10, num_beams=3, length_penalty=0.8)
         events = run_concurrently(engine, [(q, sampled), (q, beam), (queries(tokenizer)[0], sampled)])
-        assert events[0].tokens == generate_spans(model, [q], tokenizer.special, sampled, len(tokenizer))[0]
-        assert events[1].tokens == beam_search(model, q, tokenizer.special, beam, len(tokenizer))
+        utf8 = Utf8Guard.of(tokenizer)
+        assert events[0].tokens == generate_spans(model, [q], tokenizer.special, sampled, len(tokenizer), utf8)[0]
+        assert events[1].tokens == beam_search(model, q, tokenizer.special, beam, len(tokenizer), utf8)
     finally:
         engine.close()
 
@@ -106,7 +108,8 @@ def test_one_failing_row_leaves_the_others_decoding(model, tokenizer):
         events = run_concurrently(engine, good + bad)
         for (q, config), event in zip(good, events):
             assert event.finish_reason == "length" and event.error is None
-            assert event.tokens == generate_spans(model, [q], tokenizer.special, config, vocab_limit=len(tokenizer))[0]
+            assert event.tokens == generate_spans(model, [q], tokenizer.special, config, len(tokenizer),
+                                      Utf8Guard.of(tokenizer))[0]
         for event in events[3:]:
             assert event.finish_reason == "error" and event.error.startswith("generation failed: ")
         assert engine.stats["failed"] == 2
@@ -206,7 +209,7 @@ def test_a_seeded_row_samples_the_same_inside_a_batch_with_other_rows(model, tok
     finally:
         engine.close()
     assert batched[1].tokens == alone.tokens == generate_spans(model, [q[2]], tokenizer.special, seeded,
-                                                                len(tokenizer))[0]
+                                                                len(tokenizer), Utf8Guard.of(tokenizer))[0]
     assert len(alone.tokens) == 16 and len(batched[0].tokens) == len(batched[2].tokens) == 20
 
 
@@ -225,7 +228,7 @@ def reference_logprobs(model, tokenizer, query, tokens, config):
     for j in range(len(tokens)):
         history = query.part_a + [special.sop] + tokens[:j]
         logits = process_logits(out.logits[0, n + j:n + j + 1].float(), [history], j, [special.eop, special.eos],
-                                config, len(tokenizer))
+                                config, len(tokenizer), Utf8Guard.of(tokenizer))
         rows.append(torch.log_softmax(logits[0], -1))
     return rows
 

@@ -17,7 +17,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from glm.chat_format import ASSISTANT, ROLES, chat_format  # noqa: E402
 from glm.config import padded_vocab_size, preset  # noqa: E402
-from glm.generation import GenerationConfig, SpanQuery, generate_spans  # noqa: E402
+from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, generate_spans  # noqa: E402
 from glm.model import GLMModel  # noqa: E402
 from glm.tokenizer import GLMTokenizer  # noqa: E402
 from stages.serve.engine import DecodeEngine, SpanRequest, wait_for  # noqa: E402
@@ -150,7 +150,7 @@ def test_constrained_rows_give_valid_json_beside_unconstrained_rows(model, token
         engine.close()
     unconstrained = events.pop(1)
     assert unconstrained.tokens == generate_spans(model, [query(tokenizer, "Hello")], tokenizer.special, plain,
-                                                  len(tokenizer))[0]
+                                                  len(tokenizer), Utf8Guard.of(tokenizer))[0]
     for event in events:
         assert event.finish_reason == "stop", event
         jsonschema.validate(json.loads(event.text), SCHEMA)
