@@ -81,11 +81,6 @@ def test_dry_run_without_ray_deepspeed_mlflow(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_dry_run_part7_engine_in_one_process_with_deepspeed(tmp_path):
-    pytest.importorskip("deepspeed")
-    import stages.engine
-
-    if not hasattr(stages.engine, "fit_in_process"):
-        pytest.skip("engine in-process API not on this branch")
     proc, result = run_suite(tmp_path, ["--dry-run", "--parts", "7", "--out", str(tmp_path / "s.json"),
                                         "--budget-s", "900", "--part-limit-scale", "5"])
     [part] = result["parts"]

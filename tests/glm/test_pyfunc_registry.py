@@ -59,7 +59,7 @@ def registered(tmp_path, tokenizer, monkeypatch):
     with mlflow.start_run() as run:
         info = log_chat_model(ckpt)
     for _ in range(2):
-        version = client.create_model_version("tiny-chat", source=info.model_uri, run_id=run.info.run_id)
+        client.create_model_version("tiny-chat", source=info.model_uri, run_id=run.info.run_id)
     client.set_registered_model_alias("tiny-chat", "newest", "1")
     yield tmp_path, ckpt, client, run.info.run_id
     mlflow.set_tracking_uri(None)

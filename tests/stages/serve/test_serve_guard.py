@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-pytest.importorskip("ray.serve")
-
 
 def call(app, method="POST", path="/v1/completions", headers=(), body=b"", chunks=None):
     """Drive an ASGI app once; returns (status, parsed JSON body or None)."""

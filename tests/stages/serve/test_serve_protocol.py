@@ -7,10 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-pytest.importorskip("ray.serve")
-
-from glm.chat_format import CHATGLM_6B, ROLES, Message, chat_format  # noqa: E402
-from stages.serve.protocol import (  # noqa: E402
+from glm.chat_format import CHATGLM_6B, ROLES, Message, chat_format
+from stages.serve.protocol import (
     UNSUPPORTED, APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest, chat_messages, chat_prompt,
     tool_plan,
 )

@@ -9,19 +9,17 @@ import re
 import sys
 import threading
 
+import jsonschema
 import pytest
 import torch
 
-pytest.importorskip("llguidance")
-jsonschema = pytest.importorskip("jsonschema")
-
-from glm.chat_format import ASSISTANT, ROLES, chat_format  # noqa: E402
-from glm.config import padded_vocab_size, preset  # noqa: E402
-from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, generate_spans  # noqa: E402
-from glm.model import GLMModel  # noqa: E402
-from glm.tokenizer import GLMTokenizer  # noqa: E402
-from stages.serve.engine import DecodeEngine, SpanRequest, wait_for  # noqa: E402
-from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, tool_calls_lark, vocabulary  # noqa: E402
+from glm.chat_format import ASSISTANT, ROLES, chat_format
+from glm.config import padded_vocab_size, preset
+from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, generate_spans
+from glm.model import GLMModel
+from glm.tokenizer import GLMTokenizer
+from stages.serve.engine import DecodeEngine, SpanRequest, wait_for
+from stages.serve.structured import ANY_JSON_OBJECT, LLGUIDANCE, Grammars, tool_calls_lark, vocabulary
 
 SCHEMA = {
     "type": "object",
