@@ -172,11 +172,11 @@ class Utf8Guard:
         neg = torch.finfo(logits.dtype).min
         for row, history in enumerate(histories):
             prefix = self.open_character(history[len(history) - generated:] if generated else [])
-            if prefix:
+            if prefix:  # a continuation another ban removed stays possible: the character must end
                 allowed = self.continuations(prefix)
                 keep = logits[row, allowed].clone()
                 logits[row] = neg
-                logits[row, allowed] = keep
+                logits[row, allowed] = torch.where(keep > neg, keep, torch.zeros_like(keep))
             elif self.never_first:
                 logits[row, self.never_first] = neg
 

@@ -194,6 +194,9 @@ def test_utf8_guard_keeps_generated_text_valid(tokenizer):
     assert guard.open_character([byte[0xBD]]) == b"" and guard.open_character([byte[0x41]]) == b""
     assert sorted(tokenizer.byte_pieces[i] for i in guard.continuations(b"\xe0")) == list(range(0xA0, 0xC0))
     assert byte[0x80] in guard.never_first and byte[0xC1] in guard.never_first and byte[0xE4] not in guard.never_first
+    banned = torch.full((1, len(tokenizer)), torch.finfo(torch.float32).min)  # every token banned before the guard
+    guard.mask(banned, [[byte[0xE4]]], 1)
+    assert sorted(tokenizer.byte_pieces[i] for i in torch.nonzero(banned[0] == 0).flatten().tolist()) == list(range(0x80, 0xC0))
 
     torch.manual_seed(0)
     model = GLMModel(preset("tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
