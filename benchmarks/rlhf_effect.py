@@ -59,7 +59,7 @@ def stage_effects(run: str) -> tuple[dict, dict]:
         effects = json.loads(path.read_text()) if path.exists() else {}
         if "val_loss_before" in effects and "val_loss_after" in effects:
             effects["val_loss_drop"] = 1 - effects["val_loss_after"] / effects["val_loss_before"]
-        stages[name.split("/")[0] + "/" + name.split("/")[1].replace("_effects.json", "")] = {
+        stages[name.removesuffix("_effects.json")] = {
             k: v for k, v in effects.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for measure, (goal, sense) in wanted.items():
             value = effects.get(measure)
@@ -183,10 +183,15 @@ def main(argv=None) -> int:
     args.reward = args.reward or (args.run and f"{args.run}/rlhf/reward_model")
     if not args.sft or not args.reward:
         parser.error("give --run, or both --sft and --reward")
+    from glm.config import ConfigError
+    from stages.rlhf.config import RewardsConfig
+
     try:
         args.reward_weights = {k.strip(): float(v) for k, v in (item.split("=") for item in args.rewards.split(","))}
-    except ValueError:
-        parser.error(f"--rewards must be name=weight,... got {args.rewards!r}")
+        RewardsConfig(**args.reward_weights)  # an unknown name or a bad weight fails here, not after loading models
+    except (ValueError, TypeError, ConfigError) as e:
+        parser.error(f"--rewards must be name=weight,... (model, language, length, repetition, format): "
+                     f"got {args.rewards!r} ({e})")
 
     import torch
 

@@ -151,10 +151,10 @@ def answer_problems(prompt: str, answer: str, tokenize=None) -> list[str]:
 
 
 def chat_behaviour(model, tokenizer, fmt, prompts: list[dict], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers as served (no repetition blocking, valid UTF-8) to held-out chat prompts ({query, history}), one
-    batch: the share in the prompt's language, the share that ended the turn by themselves within
-    max_new_tokens, the share that is not noise (`answer_problems`), and the share that is all
-    three (`chat_good_rate`), with the answers."""
+    """Greedy answers as served (no repetition blocking, valid UTF-8) to held-out chat prompts
+    ({query, history}), one batch: the share in the prompt's language, the share that ended the
+    turn by themselves within max_new_tokens, the share that is not noise (`answer_problems`),
+    and the share that is all three (`chat_good_rate`), with the answers."""
     from glm.chat_format import Message
     from glm.generation import GenerationConfig, SpanQuery, Utf8Guard, generate_spans
 
